@@ -1,0 +1,160 @@
+"""``orthrus-export build``: checkpoint -> validated, packed, traced, self-checked engine directory.
+
+The engine is written to a temporary sibling directory and renamed into place only when complete.
+"""
+
+import json
+import os
+import platform
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from orthrus_export.checkpoint import ZOO, open_checkpoint
+from orthrus_export.engine_format import MANIFEST, SCHEMA, SCHEMA_VERSION, library_versions, write_manifest
+from orthrus_export.errors import OrthrusError
+from orthrus_export.exporter import PROGRAMS, custom_op_nodes, export_program, program_tokens, serialize_program
+from orthrus_export.profiles import DTYPES, check_device, device_description, load_profile
+
+WEIGHTS = "weights.safetensors"
+
+
+def engine_name(model: str, profile: str, precision: str) -> str:
+    if model == "tiny" or model.lower() in ZOO:
+        slug = model.lower()
+    else:
+        slug = Path(model).resolve().name.lower()
+        for prefix in ("orthrus-qwen3-", "orthrus-"):
+            slug = slug.removeprefix(prefix)
+    return f"orthrus-qwen3-{slug}.{profile}.{precision}"
+
+
+def build(model: str, gpu: str = "cpu", precision: str = "fp32", out: str | Path | None = None,
+          max_seq_len: int = 2048, force: bool = False, progress: bool = True, self_check: bool = True) -> Path:
+    profile = load_profile(gpu)
+    if precision not in DTYPES and precision != "fp8":
+        raise OrthrusError(f"unknown --precision {precision!r}: choose fp32, bf16, fp16 or fp8")
+    if precision not in profile.precisions:
+        raise OrthrusError(f"profile {profile.name} does not support --precision {precision} "
+                           f"(it supports {', '.join(profile.precisions)})")
+    if precision == "fp8":
+        raise OrthrusError("fp8 engines are not implemented yet: use --precision bf16")
+    device = check_device(profile, "build")
+    ckpt = open_checkpoint(model)
+    cfg = ckpt.config
+    if not cfg.block_size * 2 <= max_seq_len <= cfg.max_position_embeddings:
+        raise OrthrusError(f"--max-seq-len {max_seq_len} must be between {cfg.block_size * 2} (two blocks) and the "
+                           f"model's max_position_embeddings {cfg.max_position_embeddings}")
+    out = Path(out) if out else Path("engines") / engine_name(model, profile.name, precision)
+    if out.exists() and not force:
+        raise OrthrusError(f"{out} already exists: pass --force to replace it, or --out another directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        manifest = _build_into(tmp, ckpt, profile, precision, device, max_seq_len, progress, self_check)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    del manifest
+    return out
+
+
+def _build_into(tmp: Path, ckpt, profile, precision, device, max_seq_len, progress, self_check) -> dict:
+    cfg = ckpt.config
+    dtype = DTYPES[precision]
+    capacity = max_seq_len + cfg.block_size  # a cycle at the last position writes a whole block
+    steps = ["pack weights", *[f"trace {p}" for p in PROGRAMS], "write engine", "parity self-check"]
+    bar = tqdm(total=len(steps), desc="build", disable=not progress, unit="step", leave=False)
+    timings = {}
+
+    def step(name):
+        bar.set_description(name)
+        timings[name] = time.perf_counter()
+
+    def done(name):
+        timings[name] = round(time.perf_counter() - timings[name], 3)
+        bar.update(1)
+
+    step("pack weights")
+    weights = ckpt.packed_weights(dtype)
+    save_file(weights, str(tmp / WEIGHTS), metadata={"format": "orthrus-engine"})
+    weights = {k: v.to(device) for k, v in weights.items()}
+    from orthrus_export.model import rope_tables
+    cos, sin = rope_tables(cfg, capacity)
+    weights["rope.cos"], weights["rope.sin"] = cos.to(device), sin.to(device)
+    weights = dict(sorted(weights.items()))  # programs take the weights as a dict input, in name order
+    done("pack weights")
+
+    programs, nodes = {}, {}
+    (tmp / "programs").mkdir()
+    for name in PROGRAMS:
+        step(f"trace {name}")
+        ep = export_program(cfg, weights, name, capacity)
+        nodes[name] = custom_op_nodes(ep)
+        rel = f"programs/{name}.json"
+        (tmp / rel).write_bytes(serialize_program(ep))
+        programs[name] = {"file": rel, "view": PROGRAMS[name], "tokens": program_tokens(name, cfg),
+                          "custom_op_nodes": nodes[name]}
+        done(f"trace {name}")
+
+    step("write engine")
+    tok_files = ckpt.tokenizer_files()
+    if tok_files:
+        (tmp / "tokenizer").mkdir()
+        for f in tok_files:
+            shutil.copy2(f, tmp / "tokenizer" / f.name)
+    manifest = {
+        "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
+        "name": tmp.name.split(".tmp-")[0].lstrip("."),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": {"source": ckpt.spec, "checkpoint_path": str(ckpt.path), "config": cfg.to_dict()},
+        "precision": precision,
+        "gpu": {"profile": profile.name, **device_description(profile), "host": platform.node()},
+        "versions": library_versions(),
+        "build": {"max_seq_len": max_seq_len, "cache_capacity": capacity, "block_size": cfg.block_size,
+                  "kernels": "reference", "compile": {"backend": "none",
+                                                      "note": "traced programs run by the PyTorch interpreter"},
+                  "timings_s": timings},
+        "weights": WEIGHTS,
+        "programs": programs,
+        "tokenizer": "tokenizer" if tok_files else None,
+    }
+    write_manifest(tmp, manifest)
+    done("write engine")
+
+    step("parity self-check")
+    if self_check:
+        from orthrus_export.parity import pass_parity
+        from orthrus_export.reference import Reference
+        from orthrus_runtime.engine import Engine
+        engine = Engine.load(tmp)
+        ref = Reference(ckpt, torch.float32)
+        results = pass_parity(engine, ref, seed=0)
+        failed = [k for k, r in results.items() if not r["ok"]]
+        if failed:
+            worst = max(results.values(), key=lambda r: r["budget_used"])
+            raise OrthrusError(f"parity self-check failed for {', '.join(failed)} (max |Δlogits| "
+                               f"{worst['max_abs_diff']:.3g}, {worst['budget_used']:.1f}x the tolerance): "
+                               "the engine was not written")
+        manifest["self_check"] = {"reference": "transformers fp32", "passes": results}
+    else:
+        manifest["self_check"] = None
+    done("parity self-check")
+    bar.close()
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest

@@ -1,0 +1,123 @@
+"""The model configuration of an Orthrus-Qwen3 checkpoint, read from its ``config.json`` (never from remote code)."""
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from orthrus_export.errors import OrthrusError
+
+# keys of config.json that are read; everything else (auto_map, r, lora_alpha, architectures, ...) is ignored
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "block_size", "mask_token_id")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    block_size: int
+    mask_token_id: int
+    eos_token_ids: tuple[int, ...]
+    bos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["eos_token_ids"] = list(self.eos_token_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        d["eos_token_ids"] = tuple(d["eos_token_ids"])
+        return cls(**d)
+
+    def hf_config_dict(self) -> dict:
+        """The matching ``transformers`` Qwen3Config arguments (base model only)."""
+        return dict(vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                    intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
+                    num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
+                    head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps,
+                    rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+                    max_position_embeddings=self.max_position_embeddings,
+                    tie_word_embeddings=self.tie_word_embeddings, attention_bias=False, use_sliding_window=False,
+                    hidden_act="silu", bos_token_id=self.bos_token_id, eos_token_id=list(self.eos_token_ids),
+                    pad_token_id=self.pad_token_id)
+
+
+def _eos_list(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, list) else [value])]
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise OrthrusError(f"{path} is missing: a checkpoint directory needs config.json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise OrthrusError(f"{path} is not valid JSON ({e}): re-download or repair the file") from None
+    if not isinstance(data, dict):
+        raise OrthrusError(f"{path} must hold a JSON object")
+    return data
+
+
+def load_model_config(ckpt_dir: Path) -> ModelConfig:
+    path = ckpt_dir / "config.json"
+    cfg = read_json(path)
+    missing = [k for k in _REQUIRED if k not in cfg]
+    if missing:
+        hint = (" (block_size/mask_token_id mark an Orthrus checkpoint; is this a plain Qwen3 model?)"
+                if {"block_size", "mask_token_id"} & set(missing) else "")
+        raise OrthrusError(f"{path} lacks {', '.join(missing)}{hint}")
+    if cfg.get("attention_bias"):
+        raise OrthrusError(f"{path}: attention_bias=true is not a Qwen3 layout this exporter supports")
+    if cfg.get("use_sliding_window"):
+        raise OrthrusError(f"{path}: use_sliding_window=true is not supported; set it to false")
+    rope = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type != "default":
+        raise OrthrusError(f"{path}: rope type {rope_type!r} is not supported (only default RoPE)")
+    theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+    heads = int(cfg["num_attention_heads"])
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    if heads % kv_heads:
+        raise OrthrusError(f"{path}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    gen = ckpt_dir / "generation_config.json"
+    eos = _eos_list(cfg.get("eos_token_id"))
+    if gen.exists():  # its eos list is the one generation uses; use_cache=false there is ignored on purpose
+        eos = _eos_list(read_json(gen).get("eos_token_id")) or eos
+    mc = ModelConfig(
+        vocab_size=int(cfg["vocab_size"]), hidden_size=int(cfg["hidden_size"]),
+        intermediate_size=int(cfg["intermediate_size"]), num_layers=int(cfg["num_hidden_layers"]),
+        num_heads=heads, num_kv_heads=kv_heads,
+        head_dim=int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        block_size=int(cfg["block_size"]), mask_token_id=int(cfg["mask_token_id"]),
+        eos_token_ids=tuple(eos), bos_token_id=cfg.get("bos_token_id"), pad_token_id=cfg.get("pad_token_id"))
+    if not 0 <= mc.mask_token_id < mc.vocab_size:
+        raise OrthrusError(f"{path}: mask_token_id {mc.mask_token_id} is outside the vocabulary of {mc.vocab_size}")
+    if mc.block_size < 2:
+        raise OrthrusError(f"{path}: block_size must be >= 2, got {mc.block_size}")
+    return mc

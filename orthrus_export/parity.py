@@ -1,0 +1,72 @@
+"""Parity against the Hugging Face reference: per-pass logits within a dtype-derived tolerance, and tokens.
+
+Tolerance per element: ``K * eps(dtype) * (rms(ref) + |ref|)`` — an absolute part scaled to the logits' size
+plus a relative part, both in units of the engine dtype's machine epsilon. Reports give the max difference and
+the share of the budget it used.
+"""
+
+import random
+
+import torch
+
+from orthrus_export.reference import Reference
+
+EPS_MULTIPLIER = {torch.float32: 64.0, torch.bfloat16: 16.0, torch.float16: 32.0}
+
+
+def compare(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> dict:
+    actual, expected = actual.double(), expected.double()
+    eps = torch.finfo(dtype).eps
+    scale = expected.pow(2).mean().sqrt()
+    bound = EPS_MULTIPLIER[dtype] * eps * (scale + expected.abs())
+    diff = (actual - expected).abs()
+    finite = bool(torch.isfinite(actual).all())
+    used = float((diff / bound).max()) if finite else float("inf")
+    return {"max_abs_diff": float(diff.max()), "budget_used": used, "ok": finite and used <= 1.0,
+            "tolerance": f"{EPS_MULTIPLIER[dtype]:g} * eps({str(dtype).replace('torch.', '')}) * (rms(ref) + |ref|)"}
+
+
+@torch.no_grad()
+def pass_parity(engine, ref: Reference, seed: int = 0, prompt_len: int | None = None) -> dict:
+    """Prefill (verify program on a prompt chunk), draft and verify logits of the engine vs the reference."""
+    cfg, b = engine.config, engine.block_size
+    rng = random.Random(seed)
+    p = prompt_len or max(1, b // 2 + 3)
+    assert p <= b
+    prompt = [rng.randrange(cfg.vocab_size) for _ in range(p)]
+    dtype = engine.weights["embed"].dtype
+    loop = engine.loop
+    padded = torch.tensor(prompt + [cfg.mask_token_id] * (b - p), device=engine.device)
+    cache = ref.new_cache()
+    results = {"prefill": compare(loop._pass("verify", padded, 0)[:p].cpu(), ref.ar_pass(prompt, cache), dtype)}
+    x = rng.randrange(cfg.vocab_size)
+    block = [x] + [cfg.mask_token_id] * (b - 1)
+    results["draft"] = compare(loop._pass("draft", torch.tensor(block, device=engine.device), p).cpu(),
+                               ref.draft_pass(block, cache), dtype)
+    block = [x] + [rng.randrange(cfg.vocab_size) for _ in range(b - 1)]
+    results["verify"] = compare(loop._pass("verify", torch.tensor(block, device=engine.device), p).cpu(),
+                                ref.ar_pass(block, cache), dtype)
+    return results
+
+
+def random_prompts(vocab: int, n: int, seed: int, lengths=(1, 7, 33, 64)) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(lengths[i % len(lengths)])] for i in range(n)]
+
+
+@torch.no_grad()
+def token_parity(engine, ref: Reference, prompts: list[list[int]], max_new_tokens: int) -> list[dict]:
+    """Greedy tokens: engine Orthrus, engine AR and transformers' generate, per prompt."""
+    rows = []
+    for prompt in prompts:
+        expected = ref.generate_ar(prompt, max_new_tokens)
+        orthrus = engine.generate(prompt, max_new_tokens=max_new_tokens)
+        ar = engine.generate(prompt, max_new_tokens=max_new_tokens, use_drafts=False)
+        first_diff = next((i for i, (a, e) in enumerate(zip(orthrus.output_ids, expected)) if a != e), None)
+        rows.append({"prompt_tokens": len(prompt), "new_tokens": len(expected),
+                     "orthrus_equals_transformers": orthrus.output_ids == expected,
+                     "ar_equals_transformers": ar.output_ids == expected,
+                     "orthrus_equals_engine_ar": orthrus.output_ids == ar.output_ids,
+                     "first_divergence": first_diff,
+                     "acceptance_length": orthrus.stats.acceptance_length, "tpf": orthrus.stats.tpf})
+    return rows

@@ -1,0 +1,16 @@
+"""orthrus_plugins: the custom operators of Orthrus engines, in the ``orthrus`` namespace.
+
+Importing this package registers every op with ``torch.library``:
+
+- ``orthrus::diffusion_attention`` (:mod:`orthrus_plugins.diffusion_attention`)
+- ``orthrus::cached_attention``    (:mod:`orthrus_plugins.cached_attention`)
+- ``orthrus::accept``              (:mod:`orthrus_plugins.accept`)
+
+Each op has a plain reference implementation (the CPU kernel) and a fake implementation so that
+``torch.export`` keeps it as a single node. Each module's docstring is the op's contract.
+"""
+
+from orthrus_plugins import accept, cached_attention, diffusion_attention  # noqa: F401  (registers the ops)
+from orthrus_plugins.sampling import filter_logits, sample_token  # noqa: F401
+
+OPS = ("orthrus::diffusion_attention", "orthrus::cached_attention", "orthrus::accept")

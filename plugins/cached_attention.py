@@ -1,0 +1,42 @@
+"""``orthrus::cached_attention`` — causal block attention over the static cache, writing the block's K/V.
+
+Contract
+--------
+``cached_attention(q, k, v, k_cache, v_cache, cache_len, layer, scale) -> out``
+
+- ``q``: ``[B, Hq, D]``; ``k``, ``v``: ``[B, Hkv, D]`` — the AR view's projections of a block at positions
+  ``cache_len … cache_len+B-1`` (normed, rotated). ``Hq`` is a multiple of ``Hkv``. B = 1 is a decode step.
+- ``k_cache``, ``v_cache``: ``[L, Hkv, C, D]``, **mutated**: ``k``/``v`` are written to
+  ``cache[layer, :, cache_len:cache_len+B]`` before attending. Nothing else in the cache changes.
+- ``cache_len``: int64 scalar tensor, positions already valid (``cache_len + B <= C``).
+- ``layer`` (int attribute), ``scale`` (float attribute).
+- ``out``: ``[B, Hq, D]``, q's dtype. Query ``i`` attends to cache positions ``[0, cache_len + i]`` (causal).
+
+Rejected speculative K/V are not erased: the caller simply passes a smaller ``cache_len`` next time and the
+stale positions are overwritten. Dtypes: float32, bfloat16, float16; accumulation in float32.
+"""
+
+import torch
+
+from orthrus_plugins._attention import attend, check_shapes
+
+
+@torch.library.custom_op("orthrus::cached_attention", mutates_args=("k_cache", "v_cache"))
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, cache_len: torch.Tensor, layer: int, scale: float) -> torch.Tensor:
+    """Reference implementation (any device)."""
+    check_shapes("orthrus::cached_attention", q, k, v, k_cache, v_cache, layer)
+    n, b = int(cache_len), q.shape[0]
+    if n + b > k_cache.shape[2]:
+        raise ValueError(f"orthrus::cached_attention: cache_len {n} + block {b} exceeds cache capacity "
+                         f"{k_cache.shape[2]}")
+    k_cache[layer, :, n:n + b] = k.transpose(0, 1)
+    v_cache[layer, :, n:n + b] = v.transpose(0, 1)
+    # query i (absolute position n+i) sees keys at positions <= n+i
+    mask = torch.arange(n + b, device=q.device)[None, :] <= (n + torch.arange(b, device=q.device))[:, None]
+    return attend(q, k_cache[layer, :, :n + b], v_cache[layer, :, :n + b], scale, mask)
+
+
+@cached_attention.register_fake
+def _(q, k, v, k_cache, v_cache, cache_len, layer, scale):
+    return torch.empty_like(q)

@@ -1,0 +1,37 @@
+"""``orthrus::diffusion_attention`` — block queries over the shared AR cache plus the block's own K/V.
+
+Contract
+--------
+``diffusion_attention(q, k, v, k_cache, v_cache, cache_len, layer, scale) -> out``
+
+- ``q``: ``[B, Hq, D]``; ``k``, ``v``: ``[B, Hkv, D]`` — the block's diffusion-view projections, already
+  normed and rotated (RoPE at positions ``cache_len … cache_len+B-1``). ``Hq`` is a multiple of ``Hkv`` (GQA).
+- ``k_cache``, ``v_cache``: ``[L, Hkv, C, D]``, the AR view's static cache; **read only**.
+- ``cache_len``: int64 scalar tensor, number of valid cache positions (``0 <= cache_len``,
+  ``cache_len + B <= C``). A tensor, so one traced graph (and later one captured CUDA graph) serves every length.
+- ``layer`` (int attribute): which layer of the cache; ``scale`` (float attribute): softmax scale, usually D^-0.5.
+- ``out``: ``[B, Hq, D]``, q's dtype. Every query attends to cache positions ``[0, cache_len)`` and to all B block
+  keys — **no causal mask**. The block's K/V are never written to the cache.
+
+Dtypes: float32, bfloat16, float16 (cache in the same dtype as q). Accumulation in float32.
+"""
+
+import torch
+
+from orthrus_plugins._attention import attend, check_shapes
+
+
+@torch.library.custom_op("orthrus::diffusion_attention", mutates_args=())
+def diffusion_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                        v_cache: torch.Tensor, cache_len: torch.Tensor, layer: int, scale: float) -> torch.Tensor:
+    """Reference implementation (any device)."""
+    check_shapes("orthrus::diffusion_attention", q, k, v, k_cache, v_cache, layer)
+    n = int(cache_len)
+    keys = torch.cat([k_cache[layer, :, :n], k.transpose(0, 1)], dim=1)
+    values = torch.cat([v_cache[layer, :, :n], v.transpose(0, 1)], dim=1)
+    return attend(q, keys, values, scale, mask=None)
+
+
+@diffusion_attention.register_fake
+def _(q, k, v, k_cache, v_cache, cache_len, layer, scale):
+    return torch.empty_like(q)

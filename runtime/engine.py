@@ -1,0 +1,158 @@
+"""``Engine``: load a built engine (verified), own its static KV cache, and generate."""
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from orthrus_export.config import ModelConfig
+from orthrus_export.engine_format import verify_engine
+from orthrus_export.errors import OrthrusError
+from orthrus_export.exporter import deserialize_program
+from orthrus_export.profiles import check_device, load_profile
+from orthrus_export.model import rope_tables
+from orthrus_plugins.sampling import validate_sampling
+from orthrus_runtime.loop import Drafter, Loop, Sampling
+from orthrus_runtime.stats import GenerationStats
+from orthrus_runtime.text import TextDeltas
+
+
+@dataclass
+class GenerationResult:
+    prompt_ids: list[int]
+    output_ids: list[int]
+    text: str | None
+    stats: GenerationStats
+
+    def to_dict(self) -> dict:
+        return {"prompt_ids": self.prompt_ids, "output_ids": self.output_ids, "text": self.text,
+                "stats": self.stats.to_dict()}
+
+
+class TextStream:
+    """Iterator of text deltas (or token-id lists for an engine without tokenizer); ``.result`` once exhausted."""
+
+    def __init__(self, engine: "Engine", chunks: Iterator[list[int]], prompt_ids, stats):
+        self._engine, self._chunks, self._prompt, self._stats = engine, chunks, prompt_ids, stats
+        self._ids: list[int] = []
+        self._deltas = TextDeltas(engine.tokenizer) if engine.tokenizer is not None else None
+        self.result: GenerationResult | None = None
+
+    def __iter__(self):
+        for chunk in self._chunks:
+            self._ids += chunk
+            if self._deltas is None:
+                yield chunk
+            else:
+                delta = self._deltas.push(chunk)
+                if delta:
+                    yield delta
+        if self._deltas is not None:
+            tail = self._deltas.push([], final=True)
+            if tail:
+                yield tail
+        self.result = self._engine._result(self._prompt, self._ids, self._stats)
+
+
+class Engine:
+    def __init__(self, path: Path, manifest: dict, device: torch.device, weights: dict, programs: dict,
+                 tokenizer):
+        self.path, self.manifest, self.device = path, manifest, device
+        self.config = ModelConfig.from_dict(manifest["model"]["config"])
+        self.block_size = self.config.block_size
+        self.max_seq_len = manifest["build"]["max_seq_len"]
+        self.capacity = manifest["build"]["cache_capacity"]
+        self.tokenizer = tokenizer
+        self.weights = weights
+        self.programs = programs
+        dtype = weights["embed"].dtype
+        cfg = self.config
+        shape = (cfg.num_layers, cfg.num_kv_heads, self.capacity, cfg.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.loop = Loop(programs, weights, self.k_cache, self.v_cache, cfg.block_size, cfg.mask_token_id, device)
+
+    @classmethod
+    def load(cls, path, check_hashes: bool = True) -> "Engine":
+        path = Path(path)
+        manifest = verify_engine(path, check_hashes=check_hashes)
+        profile = load_profile(manifest["gpu"]["profile"])
+        device = check_device(profile, "load this engine")
+        weights = load_file(str(path / manifest["weights"]), device=str(device))
+        cfg = ModelConfig.from_dict(manifest["model"]["config"])
+        cos, sin = rope_tables(cfg, manifest["build"]["cache_capacity"])
+        weights["rope.cos"], weights["rope.sin"] = cos.to(device), sin.to(device)
+        weights = dict(sorted(weights.items()))  # the programs' input order (see builder)
+        programs = {}
+        for name, info in manifest["programs"].items():
+            ep = deserialize_program((path / info["file"]).read_bytes(), f"program {info['file']}")
+            programs[name] = ep.module()
+        tokenizer = None
+        if manifest.get("tokenizer"):
+            from transformers import AutoTokenizer
+            tokenizer = AutoTokenizer.from_pretrained(str(path / manifest["tokenizer"]), trust_remote_code=False)
+        return cls(path, manifest, device, weights, programs, tokenizer)
+
+    # ---- inputs ---------------------------------------------------------------------------------------------
+    def encode(self, prompt, chat: bool = False) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise OrthrusError(f"engine {self.path.name} has no tokenizer: pass token ids instead of text")
+            if chat:
+                if not getattr(self.tokenizer, "chat_template", None):
+                    raise OrthrusError(f"engine {self.path.name}'s tokenizer has no chat template: drop --chat")
+                prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                            add_generation_prompt=True, tokenize=False)
+            ids = list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        else:
+            ids = [int(t) for t in prompt]
+            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise OrthrusError(f"token id {bad[0]} is outside the vocabulary of {self.config.vocab_size}")
+        if not ids:
+            raise OrthrusError("the prompt is empty: give at least one token")
+        return ids
+
+    def _result(self, prompt_ids, ids, stats) -> GenerationResult:
+        stats.new_tokens = len(ids)
+        text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else None
+        return GenerationResult(prompt_ids, ids, text, stats)
+
+    # ---- generation -----------------------------------------------------------------------------------------
+    def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int = 0, stream: bool = False, use_drafts: bool = True,
+                 end_id: int | None = None, chat: bool = False, drafter: Drafter | None = None):
+        """Generate from ``prompt`` (text or token ids). Returns a GenerationResult, or with ``stream=True`` a
+        TextStream of text deltas whose ``.result`` is set once it is exhausted.
+
+        ``use_drafts=False`` decodes one token per pass (the AR baseline). ``end_id`` replaces the model's EOS
+        tokens. ``drafter`` replaces the diffusion drafter (experiments and tests)."""
+        try:
+            validate_sampling(float(temperature), top_k, float(top_p))
+        except ValueError as e:
+            raise OrthrusError(f"invalid sampling parameters: {e}") from None
+        if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
+            raise OrthrusError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
+        if end_id is not None and not 0 <= end_id < self.config.vocab_size:
+            raise OrthrusError(f"end_id {end_id} is outside the vocabulary of {self.config.vocab_size}")
+        ids = self.encode(prompt, chat)
+        if len(ids) + max_new_tokens > self.max_seq_len:
+            raise OrthrusError(f"prompt of {len(ids)} tokens + max_new_tokens {max_new_tokens} exceeds the engine's "
+                               f"max_seq_len {self.max_seq_len}: shorten the prompt, ask for fewer tokens, or rebuild "
+                               f"with a larger --max-seq-len")
+        eos = [end_id] if end_id is not None else list(self.config.eos_token_ids)
+        stats = GenerationStats(block_size=self.block_size, prompt_tokens=len(ids))
+        sampling = Sampling(float(temperature), int(top_k), float(top_p))
+        chunks = self.loop.run(ids, int(max_new_tokens), sampling, int(seed), eos, stats, use_drafts, drafter)
+        with torch.inference_mode():
+            if stream:
+                return TextStream(self, _inference(chunks), ids, stats)
+            out = [t for chunk in chunks for t in chunk]
+        return self._result(ids, out, stats)
+
+
+def _inference(chunks):
+    with torch.inference_mode():
+        yield from chunks
