@@ -1,0 +1,172 @@
+"""The ``orthrus-export`` command line: build, run, check, info.
+
+Every user error is one line on stderr and exit code 2; ``check`` exits 1 when parity fails.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from orthrus_export.errors import OrthrusError
+
+
+def _engine_arg(p):
+    p.add_argument("--engine", required=True, help="engine directory (from `orthrus-export build`)")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="orthrus-export", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="trace, pack and self-check an engine")
+    b.add_argument("--model", required=True, help="checkpoint directory, zoo name (1.7b, 4b, 8b) or tiny")
+    b.add_argument("--gpu", default="cpu", help="build profile from engines/profiles (cpu, h100, h200, ..., auto)")
+    b.add_argument("--precision", default="fp32", help="fp32 | bf16 (fp16 on GPU profiles)")
+    b.add_argument("--out", help="engine directory (default engines/orthrus-qwen3-<model>.<gpu>.<precision>)")
+    b.add_argument("--max-seq-len", type=int, default=2048, help="prompt + generated tokens the cache holds")
+    b.add_argument("--force", action="store_true", help="replace an existing engine")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    r = sub.add_parser("run", help="generate from a prompt")
+    _engine_arg(r)
+    src = r.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (raw; --chat applies the chat template)")
+    src.add_argument("--prompt-ids", help="comma-separated token ids instead of text")
+    r.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    r.add_argument("--max-new-tokens", type=int, default=64)
+    r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    r.add_argument("--top-k", type=int, default=0, help="0 = off")
+    r.add_argument("--top-p", type=float, default=1.0)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--no-drafts", action="store_true", help="plain AR decoding, one token per pass (baseline)")
+    r.add_argument("--stream", action="store_true", help="print text as it is generated")
+    r.add_argument("--json", action="store_true", help="print prompt_ids, output_ids, text and stats as JSON")
+
+    c = sub.add_parser("check", help="parity against the Hugging Face reference (exit 1 on failure)")
+    _engine_arg(c)
+    c.add_argument("--model", help="checkpoint to compare with (default: the one the engine was built from)")
+    c.add_argument("--prompts", type=int, default=4, help="number of random prompts for token parity")
+    c.add_argument("--max-new-tokens", type=int, default=48)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--json", action="store_true")
+
+    i = sub.add_parser("info", help="show an engine's manifest summary")
+    _engine_arg(i)
+    i.add_argument("--json", action="store_true", help="print the whole manifest")
+    return ap
+
+
+def cmd_build(a) -> int:
+    from orthrus_export.builder import build
+    out = build(a.model, gpu=a.gpu, precision=a.precision, out=a.out, max_seq_len=a.max_seq_len, force=a.force,
+                progress=not a.no_progress)
+    manifest = json.loads((out / "manifest.json").read_text())
+    checks = manifest["self_check"]["passes"]
+    worst = max(r["budget_used"] for r in checks.values())
+    print(f"engine written to {out} (self-check: {', '.join(checks)} within tolerance, "
+          f"worst {worst:.0%} of budget)")
+    return 0
+
+
+def _prompt_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise OrthrusError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+
+
+def cmd_run(a) -> int:
+    from orthrus_runtime import Engine
+    engine = Engine.load(a.engine)
+    prompt = a.prompt if a.prompt is not None else _prompt_ids(a.prompt_ids)
+    kwargs = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                  seed=a.seed, use_drafts=not a.no_drafts, chat=a.chat)
+    if a.stream and not a.json:
+        stream = engine.generate(prompt, stream=True, **kwargs)
+        for piece in stream:
+            print(piece if isinstance(piece, str) else " ".join(map(str, piece)), end="", flush=True)
+        print()
+        result = stream.result
+    else:
+        result = engine.generate(prompt, **kwargs)
+        if a.json:
+            print(json.dumps(result.to_dict(), indent=2))
+            return 0
+        print(result.text if result.text is not None else " ".join(map(str, result.output_ids)))
+    print(result.stats.summary(), file=sys.stderr)
+    return 0
+
+
+def cmd_check(a) -> int:
+    import torch
+
+    from orthrus_export.checkpoint import open_checkpoint
+    from orthrus_export.parity import pass_parity, random_prompts, token_parity
+    from orthrus_export.reference import Reference
+    from orthrus_runtime import Engine
+    engine = Engine.load(a.engine)
+    source = a.model or engine.manifest["model"]["checkpoint_path"]
+    if not Path(source).is_dir() and source != "tiny" and not a.model:
+        raise OrthrusError(f"the engine's checkpoint {source} is gone: pass --model with its new location")
+    ckpt = open_checkpoint(source)
+    if ckpt.config.to_dict() != engine.config.to_dict():
+        raise OrthrusError(f"checkpoint {ckpt.path} has a different config from engine {engine.path.name}")
+    ref = Reference(ckpt, torch.float32)
+    passes = pass_parity(engine, ref, seed=a.seed)
+    b = engine.block_size
+    prompts = random_prompts(engine.config.vocab_size, a.prompts, a.seed,
+                             lengths=tuple(n for n in (1, 7, b + 1, 3 * b + 5) if n + a.max_new_tokens
+                                           <= engine.max_seq_len))
+    rows = token_parity(engine, ref, prompts, a.max_new_tokens)
+    exact = engine.manifest["precision"] == "fp32"
+    ok = all(r["ok"] for r in passes.values()) and all(r["orthrus_equals_engine_ar"] for r in rows)
+    if exact:  # fp32: token-exact with transformers is required (DESIGN.md §2)
+        ok = ok and all(r["orthrus_equals_transformers"] and r["ar_equals_transformers"] for r in rows)
+    identical = sum(r["orthrus_equals_transformers"] for r in rows)
+    report = {"engine": str(engine.path), "precision": engine.manifest["precision"], "ok": ok, "passes": passes,
+              "prompts": rows, "identical_to_transformers": f"{identical}/{len(rows)}"}
+    if a.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for name, r in passes.items():
+            print(f"{name:8s} max|Δlogits| {r['max_abs_diff']:.3g}  {r['budget_used']:.0%} of tolerance  "
+                  f"{'ok' if r['ok'] else 'FAIL'}")
+        for r in rows:
+            print(f"prompt {r['prompt_tokens']:4d} tokens: orthrus==transformers {r['orthrus_equals_transformers']}, "
+                  f"orthrus==engine AR {r['orthrus_equals_engine_ar']}, acceptance {r['acceptance_length']:.2f}")
+        print(f"identical to transformers: {identical}/{len(rows)} — {'PASS' if ok else 'FAIL'}")
+    return 0 if ok else 1
+
+
+def cmd_info(a) -> int:
+    from orthrus_export.engine_format import verify_engine
+    m = verify_engine(Path(a.engine))
+    if a.json:
+        print(json.dumps(m, indent=2))
+        return 0
+    c = m["model"]["config"]
+    print(f"{m['name']}: {m['precision']} for {m['gpu']['profile']} ({m['gpu']['device_name']}), built {m['created']}")
+    print(f"model {m['model']['source']}: {c['num_layers']} layers, hidden {c['hidden_size']}, heads "
+          f"{c['num_heads']}/{c['num_kv_heads']}, vocab {c['vocab_size']}, block {c['block_size']}")
+    print(f"max_seq_len {m['build']['max_seq_len']}, kernels {m['build']['kernels']}, compile "
+          f"{m['build']['compile']['backend']}; programs {', '.join(m['programs'])}")
+    print("versions " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v))
+    if m.get("self_check"):
+        print("self-check " + ", ".join(f"{k} {r['budget_used']:.0%}" for k, r in m["self_check"]["passes"].items()))
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return {"build": cmd_build, "run": cmd_run, "check": cmd_check, "info": cmd_info}[args.command](args)
+    except OrthrusError as e:
+        print(f"orthrus-export: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""The attention plugins against an independent float64 loop implementation; tracing keeps them as single nodes."""
+
+import math
+
+import pytest
+import torch
+
+import orthrus_plugins  # noqa: F401
+
+
+def naive_attention(q, keys, values, scale, visible):
+    """Per query, per head loops in float64. keys/values: [S, Hkv, D]; visible(i) -> number of leading keys seen,
+    or a list of key indices."""
+    b, hq, d = q.shape
+    hkv = keys.shape[1]
+    out = torch.zeros(b, hq, d, dtype=torch.float64)
+    for i in range(b):
+        idx = visible(i)
+        for h in range(hq):
+            kh = keys[idx, h // (hq // hkv)].double()
+            vh = values[idx, h // (hq // hkv)].double()
+            s = (kh @ q[i, h].double()) * scale
+            out[i, h] = torch.softmax(s, 0) @ vh
+    return out
+
+
+def random_case(gen, b=5, hq=4, hkv=2, d=8, layers=3, cap=20, dtype=torch.float32):
+    q = torch.randn(b, hq, d, generator=gen).to(dtype)
+    k = torch.randn(b, hkv, d, generator=gen).to(dtype)
+    v = torch.randn(b, hkv, d, generator=gen).to(dtype)
+    kc = torch.randn(layers, hkv, cap, d, generator=gen).to(dtype)
+    vc = torch.randn(layers, hkv, cap, d, generator=gen).to(dtype)
+    return q, k, v, kc, vc
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2), (8, 2)])
+@pytest.mark.parametrize("length", [0, 1, 9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_diffusion_attention_matches_naive(hq, hkv, length, dtype):
+    gen = torch.Generator().manual_seed(hq * 100 + hkv * 10 + length)
+    q, k, v, kc, vc = random_case(gen, hq=hq, hkv=hkv, dtype=dtype)
+    kc0, vc0 = kc.clone(), vc.clone()
+    scale = 1 / math.sqrt(q.shape[-1])
+    out = torch.ops.orthrus.diffusion_attention(q, k, v, kc, vc, torch.tensor(length), 1, scale)
+    keys = torch.cat([kc[1, :, :length].transpose(0, 1), k])  # [S, Hkv, D]
+    values = torch.cat([vc[1, :, :length].transpose(0, 1), v])
+    expected = naive_attention(q, keys, values, scale, lambda i: list(range(length + q.shape[0])))  # no mask
+    tol = 2e-6 if dtype == torch.float32 else 2e-2
+    assert out.dtype == dtype and out.shape == q.shape
+    assert (out.double() - expected).abs().max() < tol
+    assert torch.equal(kc, kc0) and torch.equal(vc, vc0), "the diffusion view must not write the cache"
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2), (8, 2)])
+@pytest.mark.parametrize("length", [0, 3, 15])
+def test_cached_attention_writes_block_and_is_causal(hq, hkv, length):
+    gen = torch.Generator().manual_seed(hq + hkv + length)
+    q, k, v, kc, vc = random_case(gen, hq=hq, hkv=hkv)
+    before_k, before_v = kc.clone(), vc.clone()
+    scale = 0.3
+    out = torch.ops.orthrus.cached_attention(q, k, v, kc, vc, torch.tensor(length), 2, scale)
+    b = q.shape[0]
+    # the block landed at [length, length+b) of layer 2, nothing else changed
+    assert torch.equal(kc[2, :, length:length + b], k.transpose(0, 1))
+    assert torch.equal(vc[2, :, length:length + b], v.transpose(0, 1))
+    changed = torch.ones_like(kc, dtype=torch.bool)
+    changed[2, :, length:length + b] = False
+    assert torch.equal(kc[changed], before_k[changed]) and torch.equal(vc[changed], before_v[changed])
+    keys = kc[2, :, :length + b].transpose(0, 1)
+    values = vc[2, :, :length + b].transpose(0, 1)
+    expected = naive_attention(q, keys, values, scale, lambda i: list(range(length + i + 1)))
+    assert (out.double() - expected).abs().max() < 2e-6
+
+
+def test_cached_attention_rejects_overflow():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, kc, vc = random_case(gen, cap=8)
+    with pytest.raises(ValueError, match="exceeds cache capacity"):
+        torch.ops.orthrus.cached_attention(q, k, v, kc, vc, torch.tensor(4), 0, 1.0)
+
+
+def test_ops_survive_export_as_single_nodes():
+    gen = torch.Generator().manual_seed(1)
+    q, k, v, kc, vc = random_case(gen)
+
+    class Step(torch.nn.Module):
+        def forward(self, q, k, v, kc, vc, n):
+            a = torch.ops.orthrus.cached_attention(q, k, v, kc, vc, n, 0, 0.5)
+            return torch.ops.orthrus.diffusion_attention(a, k, v, kc, vc, n, 1, 0.5)
+
+    ep = torch.export.export(Step(), (q, k, v, kc.clone(), vc.clone(), torch.tensor(3)), strict=False)
+    targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    assert targets.count("orthrus.cached_attention.default") == 1
+    assert targets.count("orthrus.diffusion_attention.default") == 1
+    kc1, kc2 = kc.clone(), kc.clone()
+    vc1, vc2 = vc.clone(), vc.clone()
+    eager = Step()(q, k, v, kc1, vc1, torch.tensor(3))
+    traced = ep.module()(q, k, v, kc2, vc2, torch.tensor(3))
+    assert torch.equal(eager, traced) and torch.equal(kc1, kc2), "the traced step must mutate the cache like eager"
