@@ -5,6 +5,7 @@ and nothing is unpickled.
 """
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +32,8 @@ def resolve(spec: str) -> Path:
         repo = ZOO[spec.lower()]
         try:
             from huggingface_hub import snapshot_download
-            return Path(snapshot_download(repo, local_files_only=True))
+            cache = os.environ.get("HF_HUB_CACHE") or None  # read now, not at import
+            return Path(snapshot_download(repo, local_files_only=True, cache_dir=cache))
         except Exception:
             raise OrthrusError(f"model {spec} ({repo}) is not in the local Hugging Face cache: download it with "
                                f"`hf download {repo}` where there is internet, or pass --model /path/to/checkpoint"
@@ -65,14 +67,16 @@ def _weight_files(ckpt: Path) -> dict[str, Path]:
     raise OrthrusError(f"{ckpt} has no model.safetensors or model.safetensors.index.json")
 
 
-_HEADERS: dict[Path, dict] = {}
+_HEADERS: dict[tuple, dict] = {}
 
 
 def _header(path: Path) -> dict[str, tuple[list[int], str]]:
     """Name -> (shape, dtype) from a safetensors header, checking the file is complete."""
-    if path in _HEADERS:
-        return _HEADERS[path]
-    size = path.stat().st_size
+    st = path.stat()
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    if key in _HEADERS:
+        return _HEADERS[key]
+    size = st.st_size
     try:
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
@@ -89,7 +93,7 @@ def _header(path: Path) -> dict[str, tuple[list[int], str]]:
         end = max(end, int(info["data_offsets"][1]))
     if 8 + n + end > size:
         raise OrthrusError(f"{path} is truncated ({size} bytes, its header needs {8 + n + end}): re-download it")
-    _HEADERS[path] = out
+    _HEADERS[key] = out
     return out
 
 
