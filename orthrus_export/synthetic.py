@@ -69,11 +69,14 @@ def random_tensors(cfg: ModelConfig, seed: int, dtype=torch.bfloat16) -> dict[st
 def write_checkpoint(out: Path, *, vocab_size=384, hidden_size=128, intermediate_size=256, num_layers=4,
                      num_heads=4, num_kv_heads=2, head_dim=32, tie_word_embeddings=True, block_size=32,
                      seed=0, shards=1, tokenizer=True, dtype=torch.bfloat16, max_position_embeddings=4096,
-                     tensors: dict[str, torch.Tensor] | None = None) -> ModelConfig:
-    """Write a complete checkpoint folder and return its config."""
+                     tensors: dict[str, torch.Tensor] | None = None, special_ids: dict | None = None) -> ModelConfig:
+    """Write a complete checkpoint folder and return its config. ``special_ids`` ({"eos": [...], "pad": id,
+    "mask": id}) is for a folder whose tokenizer files were written by the caller."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if tokenizer:
+    if special_ids is not None:
+        eos, pad, mask = list(special_ids["eos"]), special_ids["pad"], special_ids["mask"]
+    elif tokenizer:
         if vocab_size < BYTE_VOCAB + len(SPECIALS):
             raise ValueError("a tokenizer needs vocab_size >= 260")
         specials = write_byte_tokenizer(out)
