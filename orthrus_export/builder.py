@@ -74,6 +74,11 @@ def build(model: str, gpu: str = "cpu", precision: str = "fp32", out: str | Path
     return out
 
 
+def _kernels(device) -> str:
+    import orthrus_plugins
+    return orthrus_plugins.GPU_KERNELS if device.type == "cuda" and orthrus_plugins.GPU_KERNELS else "reference"
+
+
 def _build_into(tmp: Path, ckpt, profile, precision, device, max_seq_len, progress, self_check) -> dict:
     cfg = ckpt.config
     dtype = DTYPES[precision]
@@ -127,7 +132,8 @@ def _build_into(tmp: Path, ckpt, profile, precision, device, max_seq_len, progre
         "gpu": {"profile": profile.name, **device_description(profile), "host": platform.node()},
         "versions": library_versions(),
         "build": {"max_seq_len": max_seq_len, "cache_capacity": capacity, "block_size": cfg.block_size,
-                  "kernels": "reference", "compile": {"backend": "none",
+                  "kernels": _kernels(device), "cuda_graphs": device.type == "cuda",
+                  "compile": {"backend": "none",
                                                       "note": "traced programs run by the PyTorch interpreter"},
                   "timings_s": timings},
         "weights": WEIGHTS,

@@ -13,4 +13,11 @@ Each op has a plain reference implementation (the CPU kernel) and a fake impleme
 from orthrus_plugins import accept, cached_attention, diffusion_attention  # noqa: F401  (registers the ops)
 from orthrus_plugins.sampling import filter_logits, sample_token  # noqa: F401
 
+try:  # GPU kernels where Triton is installed; the reference kernels serve every other device
+    from orthrus_plugins import triton_attention as _triton_attention
+    _triton_attention.register()
+    GPU_KERNELS = "triton"
+except ImportError:
+    GPU_KERNELS = None
+
 OPS = ("orthrus::diffusion_attention", "orthrus::cached_attention", "orthrus::accept")

@@ -73,6 +73,26 @@ class Engine:
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.loop = Loop(programs, weights, self.k_cache, self.v_cache, cfg.block_size, cfg.mask_token_id, device)
+        if device.type == "cuda":
+            import orthrus_plugins
+            from orthrus_runtime.graphs import GraphedSteps
+            if orthrus_plugins.GPU_KERNELS is None:
+                raise OrthrusError("this GPU engine needs Triton for its kernels: install triton")
+            with torch.inference_mode():
+                self.loop.graphs = GraphedSteps(self.loop, cfg.vocab_size)
+
+    @classmethod
+    def from_parts(cls, cfg: ModelConfig, weights: dict, programs: dict, device: torch.device, max_seq_len: int,
+                   precision: str, name: str = "in-memory") -> "Engine":
+        """An engine assembled in memory (benchmarks on random weights): same loop, programs and graphs."""
+        capacity = max_seq_len + cfg.block_size
+        cos, sin = rope_tables(cfg, capacity)
+        weights = dict(weights)
+        weights["rope.cos"], weights["rope.sin"] = cos.to(device), sin.to(device)
+        weights = dict(sorted(weights.items()))
+        manifest = {"name": name, "precision": precision, "model": {"config": cfg.to_dict()},
+                    "build": {"max_seq_len": max_seq_len, "cache_capacity": capacity}}
+        return cls(Path(name), manifest, device, weights, programs, None)
 
     @classmethod
     def load(cls, path, check_hashes: bool = True) -> "Engine":

@@ -41,6 +41,7 @@ class Loop:
         self.programs, self.w = programs, weights
         self.k_cache, self.v_cache = k_cache, v_cache
         self.b, self.mask, self.device = block_size, mask_token_id, device
+        self.graphs = None  # runtime.graphs.GraphedSteps on CUDA: whole greedy cycles as CUDA graphs
 
     def _pass(self, name: str, tokens: torch.Tensor, start: int) -> torch.Tensor:
         return self.programs[name](self.w, tokens, torch.tensor(start, device=self.device), self.k_cache, self.v_cache)
@@ -77,8 +78,13 @@ class Loop:
         out = [x]
         yield [x]
         s = len(prompt)
+        graphed = self.graphs is not None and sampling.greedy and drafter is None
+        if graphed:
+            self.graphs.start(x, s, eos_ids)
         while len(out) < max_new_tokens and x not in eos:
-            if use_drafts:
+            if graphed:
+                emitted = self._graphed_step(use_drafts, stats)
+            elif use_drafts:
                 emitted = self._cycle(x, s, sampling, gen, eos_t, stats, drafter, prompt + out)
             else:
                 logits = self._pass("decode", torch.tensor([x], device=self.device), s)
@@ -91,6 +97,18 @@ class Loop:
             stats.decode_s = time.perf_counter() - t0
             yield emitted
         stats.decode_s = time.perf_counter() - t0
+
+    def _graphed_step(self, use_drafts: bool, stats: GenerationStats) -> list[int]:
+        g = self.graphs
+        (g.cycle if use_drafts else g.decode).replay()
+        n = int(g.n)  # the one host read of the cycle
+        if use_drafts:
+            stats.draft_passes += 1
+            stats.verify_passes += 1
+            stats.record_cycle(n)
+        else:
+            stats.decode_passes += 1
+        return g.tokens[:n].tolist()
 
     def _cycle(self, x, s, sampling, gen, eos_t, stats, drafter, history) -> list[int]:
         b = self.b

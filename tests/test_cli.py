@@ -37,6 +37,13 @@ def cli_process(*args, cwd=None):
     return p.returncode, p.stdout, p.stderr
 
 
+def tiny_tokenizer():
+    from tokenizers import Tokenizer
+
+    from orthrus_export.checkpoint import TINY_DIR
+    return Tokenizer.from_file(str(TINY_DIR / "tokenizer.json"))
+
+
 def assert_user_error(rc, err, pattern):
     assert rc == 2, err
     assert "Traceback" not in err
@@ -78,7 +85,7 @@ def test_run_json_and_stream(tiny_engine):
     rc, out, err = cli("run", "--engine", tiny_engine, "--prompt", "def f(x):", "--max-new-tokens", "20", "--json")
     assert rc == 0, err
     r = json.loads(out)
-    assert len(r["output_ids"]) == 20 and r["prompt_ids"] == list(b"def f(x):")
+    assert len(r["output_ids"]) == 20 and r["prompt_ids"] == tiny_tokenizer().encode("def f(x):").ids
     assert r["stats"]["cycles"] >= 1 and len(r["stats"]["acceptance_hist"]) == 33
     rc, out2, err2 = cli("run", "--engine", tiny_engine, "--prompt", "def f(x):", "--max-new-tokens", "20", "--stream")
     assert rc == 0 and "acceptance length" in err2
@@ -92,7 +99,9 @@ def test_run_chat_template(tiny_engine):
     rc, out, err = cli("run", "--engine", tiny_engine, "--prompt", "hi", "--chat", "--max-new-tokens", "3", "--json")
     assert rc == 0, err
     ids = json.loads(out)["prompt_ids"]
-    assert ids[0] == 257 and ids[-len(b"assistant\n"):] == list(b"assistant\n")  # <|im_start|> ... assistant\n
+    tok = tiny_tokenizer()
+    assert ids == tok.encode("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n").ids
+    assert ids[0] == tok.token_to_id("<|im_start|>")
 
 
 def test_check_and_info(tiny_engine):

@@ -1,0 +1,146 @@
+"""GPU kernels (Triton) for ``orthrus::diffusion_attention`` and ``orthrus::cached_attention``.
+
+Split-K ("flash-decoding") attention for a block of B queries at batch 1. The cache length is read from device
+memory inside the kernel, so one launch configuration — and one captured CUDA graph — serves every length.
+
+- grid ``(Hkv, SPLITS + 1)``: each program takes one KV head and all its ``G = Hq / Hkv`` query heads for the B
+  block rows (``M = B·G`` rows, so each K/V tile is read once per group), and one slice of the key range; the last
+  split index handles the diffusion block's own keys (diffusion mode) and is idle in cached mode, whose block keys
+  are already in the cache.
+- a second kernel merges the splits' partial (max, sum, accumulator) with the usual log-sum-exp rescaling.
+
+Contracts are those of the ops (see their modules). Accumulation in float32; inputs fp32/bf16/fp16.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+SPLITS = 16
+BLOCK_N = 64
+
+
+@triton.jit
+def _split_kernel(Q, KC, VC, KB, VB, LEN, ACC, MS, LS, layer, scale,
+                  sq_b, sq_h, sc_l, sc_h, sc_s, sb_b, sb_h,
+                  B: tl.constexpr, G: tl.constexpr, D: tl.constexpr, M_PAD: tl.constexpr,
+                  BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, CAUSAL: tl.constexpr,
+                  PREC: tl.constexpr):
+    h = tl.program_id(0)
+    split = tl.program_id(1)
+    n_heads_kv = tl.num_programs(0)
+    rows = tl.arange(0, M_PAD)
+    row_ok = rows < B * G
+    i = rows // G                       # block position of the row
+    qh = h * G + rows % G               # query head of the row
+    d = tl.arange(0, D)
+    q = tl.load(Q + i[:, None] * sq_b + qh[:, None] * sq_h + d[None, :], mask=row_ok[:, None], other=0.0)
+    n = tl.max(tl.load(LEN + tl.arange(0, 1)), 0)  # scalar cache length from device memory
+    m_i = tl.full([M_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([M_PAD], tl.float32)
+    acc = tl.zeros([M_PAD, D], tl.float32)
+    cols = tl.arange(0, BLOCK_N)
+    if split < SPLITS:
+        total = n + B if CAUSAL else n
+        chunk = tl.cdiv(tl.cdiv(total, SPLITS), BLOCK_N) * BLOCK_N
+        start = split * chunk
+        end = tl.minimum(start + chunk, total)
+        base = KC + layer * sc_l + h * sc_h
+        vbase = VC + layer * sc_l + h * sc_h
+        for s0 in range(start, end, BLOCK_N):
+            kidx = s0 + cols
+            kok = kidx < end
+            k = tl.load(base + kidx[:, None] * sc_s + d[None, :], mask=kok[:, None], other=0.0)
+            v = tl.load(vbase + kidx[:, None] * sc_s + d[None, :], mask=kok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * scale
+            ok = kok[None, :]
+            if CAUSAL:
+                ok = ok & (kidx[None, :] <= (n + i)[:, None])
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.where(m_new == float("-inf"), 1.0, tl.exp(m_i - m_new))
+            p = tl.where(ok, tl.exp(s - m_new[:, None]), 0.0)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC).to(tl.float32)
+            m_i = m_new
+    elif not CAUSAL:  # the diffusion block's own keys, all visible
+        kok = cols < B
+        k = tl.load(KB + cols[:, None] * sb_b + h * sb_h + d[None, :], mask=kok[:, None], other=0.0)
+        v = tl.load(VB + cols[:, None] * sb_b + h * sb_h + d[None, :], mask=kok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * scale
+        s = tl.where(kok[None, :], s, float("-inf"))
+        m_i = tl.max(s, 1)
+        p = tl.where(kok[None, :], tl.exp(s - m_i[:, None]), 0.0)
+        l_i = tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, input_precision=PREC).to(tl.float32)
+    slot = h * (SPLITS + 1) + split
+    tl.store(MS + slot * M_PAD + rows, m_i)
+    tl.store(LS + slot * M_PAD + rows, l_i)
+    tl.store(ACC + (slot * M_PAD + rows[:, None]) * D + d[None, :], acc)
+
+
+@triton.jit
+def _merge_kernel(ACC, MS, LS, O, so_b, so_h,
+                  B: tl.constexpr, G: tl.constexpr, D: tl.constexpr, M_PAD: tl.constexpr, SPLITS: tl.constexpr):
+    h = tl.program_id(0)
+    rows = tl.arange(0, M_PAD)
+    d = tl.arange(0, D)
+    m = tl.full([M_PAD], float("-inf"), tl.float32)
+    for sp in range(SPLITS + 1):
+        m = tl.maximum(m, tl.load(MS + (h * (SPLITS + 1) + sp) * M_PAD + rows))
+    l_tot = tl.zeros([M_PAD], tl.float32)
+    acc = tl.zeros([M_PAD, D], tl.float32)
+    for sp in range(SPLITS + 1):
+        slot = h * (SPLITS + 1) + sp
+        ms = tl.load(MS + slot * M_PAD + rows)
+        w = tl.where(ms == float("-inf"), 0.0, tl.exp(ms - m))
+        l_tot += w * tl.load(LS + slot * M_PAD + rows)
+        acc += w[:, None] * tl.load(ACC + (slot * M_PAD + rows[:, None]) * D + d[None, :])
+    out = acc / l_tot[:, None]
+    i = rows // G
+    qh = h * G + rows % G
+    tl.store(O + i[:, None] * so_b + qh[:, None] * so_h + d[None, :], out.to(O.dtype.element_ty),
+             mask=(rows < B * G)[:, None])
+
+
+def attention(q, k, v, k_cache, v_cache, cache_len, layer: int, scale: float, causal: bool):
+    """Launch both kernels. Cached mode (``causal``) first writes the block's K/V at ``cache_len`` (device index,
+    no host read)."""
+    b, hq, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    if causal:
+        idx = cache_len.reshape(1) + torch.arange(b, device=q.device)
+        k_cache[layer].index_copy_(1, idx, k.transpose(0, 1).to(k_cache.dtype))
+        v_cache[layer].index_copy_(1, idx, v.transpose(0, 1).to(v_cache.dtype))
+    q = q.contiguous()
+    k, v = k.contiguous(), v.contiguous()
+    m_pad = max(16, triton.next_power_of_2(b * g))
+    slots = hkv * (SPLITS + 1)
+    acc = torch.empty(slots, m_pad, d, device=q.device, dtype=torch.float32)
+    ms = torch.empty(slots, m_pad, device=q.device, dtype=torch.float32)
+    ls = torch.empty(slots, m_pad, device=q.device, dtype=torch.float32)
+    out = torch.empty_like(q)
+    length = cache_len.reshape(1).to(torch.int32) if cache_len.dtype != torch.int32 else cache_len.reshape(1)
+    _split_kernel[(hkv, SPLITS + 1)](
+        q, k_cache, v_cache, k, v, length, acc, ms, ls, layer, scale,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k.stride(0), k.stride(1),
+        B=b, G=g, D=d, M_PAD=m_pad, BLOCK_N=BLOCK_N, SPLITS=SPLITS, CAUSAL=causal,
+        PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)  # fp32 engines stay exact
+    _merge_kernel[(hkv,)](acc, ms, ls, out, out.stride(0), out.stride(1), B=b, G=g, D=d, M_PAD=m_pad,
+                          SPLITS=SPLITS, num_warps=4)
+    return out
+
+
+def register() -> None:
+    """Make these kernels the CUDA implementations of the ops."""
+    from orthrus_plugins.cached_attention import cached_attention
+    from orthrus_plugins.diffusion_attention import diffusion_attention
+
+    @diffusion_attention.register_kernel("cuda")
+    def _(q, k, v, k_cache, v_cache, cache_len, layer, scale):
+        return attention(q, k, v, k_cache, v_cache, cache_len, layer, scale, causal=False)
+
+    @cached_attention.register_kernel("cuda")
+    def _(q, k, v, k_cache, v_cache, cache_len, layer, scale):
+        return attention(q, k, v, k_cache, v_cache, cache_len, layer, scale, causal=True)

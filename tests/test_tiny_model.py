@@ -1,0 +1,43 @@
+"""The embedded trained model ``tiny``: exact on held-out code, and its drafts are good (regression floor on the
+acceptance length, measured by scripts/eval_tiny.py with the same prompts and settings)."""
+
+import json
+
+import pytest
+
+from orthrus_export.checkpoint import TINY_DIR, open_checkpoint
+from orthrus_export.reference import Reference
+
+HELDOUT = json.loads((TINY_DIR / "heldout_prompts.json").read_text()) if (TINY_DIR / "heldout_prompts.json").exists() \
+    else []
+EVAL = json.loads((TINY_DIR / "eval.json").read_text()) if (TINY_DIR / "eval.json").exists() else None
+pytestmark = pytest.mark.skipif(EVAL is None, reason="tiny has not been trained and measured yet")
+
+
+def test_tiny_is_in_the_published_layout_and_small():
+    cfg = json.loads((TINY_DIR / "config.json").read_text())
+    assert cfg["architectures"] == ["OrthrusLM"] and cfg["model_type"] == "qwen3"
+    assert cfg["block_size"] == 32 and "mask_token_id" in cfg
+    total = sum(f.stat().st_size for f in TINY_DIR.iterdir())
+    assert total <= 25 * 1024 * 1024
+    ckpt = open_checkpoint("tiny")
+    assert ckpt.config.vocab_size >= 4096 and ckpt.config.num_kv_heads < ckpt.config.num_heads
+
+
+def test_greedy_orthrus_equals_ar_on_heldout_code_with_real_acceptance(models):
+    engine = models.engine("tiny")
+    ref = Reference(open_checkpoint("tiny"))
+    n_prompts, new = EVAL["test"]["prompts"], EVAL["test"]["max_new_tokens"]
+    assert n_prompts >= 20 and len(HELDOUT) >= n_prompts
+    cycles = tokens = 0
+    for p in HELDOUT[:n_prompts]:
+        ids = engine.encode(p["text"])
+        r = engine.generate(ids, max_new_tokens=new)
+        assert r.output_ids == engine.generate(ids, max_new_tokens=new, use_drafts=False).output_ids, p["file"]
+        assert r.output_ids == ref.generate_ar(ids, new), p["file"]
+        cycles += r.stats.cycles
+        tokens += r.stats.cycle_tokens
+    measured = EVAL["test"]["acceptance_length_token_weighted"]
+    floor = measured - 0.25
+    assert tokens / cycles >= floor, f"acceptance length {tokens / cycles:.2f} fell below {floor:.2f}"
+    assert tokens / cycles > 2.0  # real drafts: far above the ~1.0 of random weights
