@@ -51,6 +51,13 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--json", action="store_true")
 
+    be = sub.add_parser("bench", help="per-pass and per-cycle latency vs the memory-bandwidth floor")
+    _engine_arg(be)
+    be.add_argument("--contexts", default="512,1024", help="comma-separated cache lengths to time at")
+    be.add_argument("--iters", type=int, default=20, help="timed repetitions per measurement (median reported)")
+    be.add_argument("--acceptance", default="9.6,11.7", help="acceptance lengths to state tokens/s at")
+    be.add_argument("--json", action="store_true")
+
     i = sub.add_parser("info", help="show an engine's manifest summary")
     _engine_arg(i)
     i.add_argument("--json", action="store_true", help="print the whole manifest")
@@ -139,6 +146,30 @@ def cmd_check(a) -> int:
     return 0 if ok else 1
 
 
+def cmd_bench(a) -> int:
+    from orthrus_export.bench import bench_engine, copy_bandwidth
+    from orthrus_runtime import Engine
+    engine = Engine.load(a.engine)
+    try:
+        contexts = [int(c) for c in a.contexts.split(",")]
+        acceptance = [float(x) for x in a.acceptance.split(",")]
+    except ValueError:
+        raise OrthrusError("--contexts and --acceptance take comma-separated numbers") from None
+    too_long = [c for c in contexts if not 0 <= c <= engine.max_seq_len]
+    if too_long:
+        raise OrthrusError(f"context {too_long[0]} is outside 0..{engine.max_seq_len} (the engine's max_seq_len)")
+    if a.iters < 1:
+        raise OrthrusError("--iters must be >= 1")
+    bandwidth = copy_bandwidth(engine.device)
+    log = (lambda m: print(m, file=sys.stderr)) if a.json else print
+    log(f"{engine.path.name} on {engine.manifest['gpu']['device_name']}: copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    result = bench_engine(engine, engine.config, contexts, a.iters, bandwidth, acceptance, log=log)
+    result.update(engine=str(engine.path), copy_bandwidth_GBps=bandwidth / 1e9, iters=a.iters)
+    if a.json:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
 def cmd_info(a) -> int:
     from orthrus_export.engine_format import verify_engine
     m = verify_engine(Path(a.engine))
@@ -160,7 +191,8 @@ def cmd_info(a) -> int:
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
-        return {"build": cmd_build, "run": cmd_run, "check": cmd_check, "info": cmd_info}[args.command](args)
+        commands = {"build": cmd_build, "run": cmd_run, "check": cmd_check, "bench": cmd_bench, "info": cmd_info}
+        return commands[args.command](args)
     except OrthrusError as e:
         print(f"orthrus-export: error: {e}", file=sys.stderr)
         return 2

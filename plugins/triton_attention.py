@@ -103,7 +103,7 @@ def _merge_kernel(ACC, MS, LS, O, so_b, so_h,
              mask=(rows < B * G)[:, None])
 
 
-def attention(q, k, v, k_cache, v_cache, cache_len, layer: int, scale: float, causal: bool):
+def attention(q, k, v, k_cache, v_cache, cache_len, layer: int, scale: float, causal: bool, out=None):
     """Launch both kernels. Cached mode (``causal``) first writes the block's K/V at ``cache_len`` (device index,
     no host read)."""
     b, hq, d = q.shape
@@ -120,7 +120,7 @@ def attention(q, k, v, k_cache, v_cache, cache_len, layer: int, scale: float, ca
     acc = torch.empty(slots, m_pad, d, device=q.device, dtype=torch.float32)
     ms = torch.empty(slots, m_pad, device=q.device, dtype=torch.float32)
     ls = torch.empty(slots, m_pad, device=q.device, dtype=torch.float32)
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     length = cache_len.reshape(1).to(torch.int32) if cache_len.dtype != torch.int32 else cache_len.reshape(1)
     _split_kernel[(hkv, SPLITS + 1)](
         q, k_cache, v_cache, k, v, length, acc, ms, ls, layer, scale,

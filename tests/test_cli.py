@@ -67,8 +67,9 @@ def test_build_writes_a_complete_engine(tiny_engine):
     assert m["schema"] == "orthrus-engine" and m["precision"] == "fp32" and m["gpu"]["profile"] == "cpu"
     assert set(m["files"]) == {"weights.safetensors", "programs/draft.json", "programs/verify.json",
                                "programs/decode.json", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json"}
-    assert m["programs"]["draft"]["custom_op_nodes"] == {"diffusion_attention": 4}
-    assert m["programs"]["verify"]["custom_op_nodes"] == {"cached_attention": 4}
+    layers = m["model"]["config"]["num_layers"]
+    assert m["programs"]["draft"]["custom_op_nodes"] == {"diffusion_attention": layers}
+    assert m["programs"]["verify"]["custom_op_nodes"] == {"cached_attention": layers}
     assert all(r["ok"] for r in m["self_check"]["passes"].values())
     assert not list(tiny_engine.parent.glob(".*tmp*"))
     # the programs are plain JSON graphs: no pickles, no tensors

@@ -1,0 +1,218 @@
+"""Benchmark core: per-pass and per-cycle latency of an engine against the memory-bandwidth floor.
+
+On CUDA each measurement is a CUDA-graph replay timed with CUDA events; on the CPU a direct call timed with the host
+clock. Medians after warm-up. Floor of a pass = (weight bytes it reads + KV bytes of the context) / the device copy
+bandwidth measured in the same run (bytes read + written). Used by ``orthrus-export bench`` and
+``scripts/bench_gpu.py``.
+"""
+
+import statistics
+import time
+
+import torch
+
+from orthrus_export.config import ModelConfig
+from orthrus_export.exporter import PROGRAMS, export_program
+from orthrus_export.model import rope_tables
+from orthrus_export.weights import engine_shapes
+
+QWEN3 = {  # the published base shapes (vocabulary 151936, head_dim 128, 8 KV heads)
+    "1.7b": dict(hidden_size=2048, intermediate_size=6144, num_layers=28, num_heads=16, tie_word_embeddings=True),
+    "4b": dict(hidden_size=2560, intermediate_size=9728, num_layers=36, num_heads=32, tie_word_embeddings=True),
+    "8b": dict(hidden_size=4096, intermediate_size=12288, num_layers=36, num_heads=32, tie_word_embeddings=False),
+}
+
+
+def qwen3_config(name: str) -> ModelConfig:
+    return ModelConfig(vocab_size=151936, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6,
+                       max_position_embeddings=40960, block_size=32, mask_token_id=151669,
+                       eos_token_ids=(151645,), **QWEN3[name])
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes per second of a large device-to-device copy, counting bytes read and written."""
+    n = (1 << 30) if device.type == "cuda" else (1 << 28)
+    a = torch.empty(n, dtype=torch.uint8, device=device).random_()
+    b = torch.empty_like(a)
+    times = time_it(lambda: b.copy_(a), 20, device=device)
+    return 2 * n / (statistics.median(times) / 1e3)
+
+
+def time_it(fn, iters, warmup=5, device=torch.device("cuda")) -> list[float]:
+    """Milliseconds per call: CUDA events on a GPU, the host clock on the CPU."""
+    for _ in range(warmup):
+        fn()
+    if device.type != "cuda":
+        out = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) * 1e3)
+        return out
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(iters):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        out.append(s.elapsed_time(e))
+    return out
+
+
+def random_weights(cfg: ModelConfig, dtype) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = {}
+    for name, shape in engine_shapes(cfg).items():
+        if len(shape) == 1:
+            w[name] = torch.ones(shape, device="cuda", dtype=dtype)
+        else:
+            w[name] = (torch.randn(shape, device="cuda", generator=g, dtype=torch.float32) * 0.02).to(dtype)
+    return w
+
+
+def pass_bytes(cfg: ModelConfig, weights: dict, view: str) -> int:
+    """Weight bytes one pass reads (its view's attention set, the MLPs, norms and the head; one embedding row)."""
+    other = "diff" if view == "ar" else "ar"
+    total = 0
+    for name, t in weights.items():
+        if f".{other}." in name or name.startswith("rope.") or name == "embed" and not cfg.tie_word_embeddings:
+            continue
+        total += t.numel() * t.element_size()
+    return total
+
+
+def kv_bytes(cfg: ModelConfig, ctx: int, elem: int) -> int:
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * ctx * elem
+
+
+class PassGraphs:
+    """Standalone graphs of one draft pass and one verify pass (the cycle graph lives in the engine)."""
+
+    def __init__(self, engine):
+        lp = engine.loop
+        self.block = torch.randint(0, engine.config.vocab_size, (engine.block_size,), device="cuda")
+        self.s = engine.loop.graphs.s
+        self.graphs = {}
+        for name in ("draft", "verify"):
+            def body(name=name):
+                lp.programs[name](lp.w, self.block, self.s, lp.k_cache, lp.v_cache)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                body()
+            torch.cuda.current_stream().wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                body()
+            self.graphs[name] = g
+
+
+class EagerSteps:
+    """CPU stand-in for the graphs: the same calls, made directly."""
+
+    def __init__(self, engine):
+        lp = engine.loop
+        self.s = torch.zeros((), dtype=torch.int64)
+        block = torch.randint(0, engine.config.vocab_size, (engine.block_size,))
+        one = block[:1]
+        mask_tail = torch.full((engine.block_size - 1,), lp.mask)
+        no_eos = torch.empty(0, dtype=torch.int64)
+        u = torch.zeros(engine.block_size)
+
+        def cycle():
+            dl = lp.programs["draft"](lp.w, torch.cat([one, mask_tail]), self.s, lp.k_cache, lp.v_cache)
+            vin = torch.cat([one, dl[:-1].argmax(-1)])
+            vl = lp.programs["verify"](lp.w, vin, self.s, lp.k_cache, lp.v_cache)
+            torch.ops.orthrus.accept(vin, dl, vl, u, no_eos, 0.0, 0, 1.0)
+        self.run = {
+            "draft": lambda: lp.programs["draft"](lp.w, block, self.s, lp.k_cache, lp.v_cache),
+            "verify": lambda: lp.programs["verify"](lp.w, block, self.s, lp.k_cache, lp.v_cache),
+            "cycle": cycle,
+            "decode": lambda: lp.programs["decode"](lp.w, one, self.s, lp.k_cache, lp.v_cache)}
+
+
+def bench_engine(engine, cfg, contexts, iters, bandwidth, acceptance_lengths, tiny_acceptance=None, log=print):
+    elem = engine.k_cache.element_size()
+    engine.k_cache.normal_()
+    engine.v_cache.normal_()
+    w_ar, w_diff = pass_bytes(cfg, engine.weights, "ar"), pass_bytes(cfg, engine.weights, "diff")
+    g = engine.loop.graphs
+    if g is not None:
+        passes = PassGraphs(engine)
+        s_buf = g.s
+        run = {"draft": passes.graphs["draft"].replay, "verify": passes.graphs["verify"].replay,
+               "cycle": g.cycle.replay, "decode": g.decode.replay}
+    else:
+        steps = EagerSteps(engine)
+        s_buf, run = steps.s, steps.run
+    rows = []
+    for ctx in contexts:
+        def at(fn):
+            def go():
+                s_buf.fill_(ctx)
+                fn()
+            return go
+        if g is not None:
+            g.start(5, ctx, [])
+        with torch.inference_mode():
+            t = {k: statistics.median(time_it(at(run[k]), iters, device=engine.device)) for k in run}
+        kv = kv_bytes(cfg, ctx, elem)
+        floor = {"draft": (w_diff + kv) / bandwidth * 1e3, "verify": (w_ar + kv) / bandwidth * 1e3,
+                 "decode": (w_ar + kv) / bandwidth * 1e3}
+        floor["cycle"] = floor["draft"] + floor["verify"]
+        row = {"context": ctx, "ms": t, "floor_ms": floor,
+               "ratio_to_floor": {k: t[k] / floor[k] for k in t},
+               "cycle_over_single_pass_floor": t["cycle"] / floor["verify"],
+               "ar_decode_tokens_per_s": 1e3 / t["decode"],
+               "orthrus_tokens_per_s": {str(a): a * 1e3 / t["cycle"] for a in acceptance_lengths}}
+        if tiny_acceptance:
+            row["orthrus_tokens_per_s"][f"tiny {tiny_acceptance:.2f}"] = tiny_acceptance * 1e3 / t["cycle"]
+        rows.append(row)
+        log(f"  ctx {ctx:6d}: draft {t['draft']:.3f} ms ({t['draft'] / floor['draft']:.2f}x floor)  verify "
+            f"{t['verify']:.3f} ms ({t['verify'] / floor['verify']:.2f}x)  cycle {t['cycle']:.3f} ms "
+            f"({row['cycle_over_single_pass_floor']:.2f}x single-pass floor)  AR step {t['decode']:.3f} ms")
+    return {"weight_bytes": {"ar_pass": w_ar, "draft_pass": w_diff}, "contexts": rows}
+
+
+def hf_generate_tokens_per_s(cfg: ModelConfig, dtype, prompt_len=512, new=32) -> float:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    hf = Qwen3Config(**cfg.hf_config_dict())
+    hf._attn_implementation = "sdpa"
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    with torch.device("cuda"):
+        model = Qwen3ForCausalLM(hf).eval()
+    torch.set_default_dtype(old)
+    ids = torch.randint(0, cfg.vocab_size, (1, prompt_len), device="cuda")
+    kw = dict(do_sample=False, max_new_tokens=new, min_new_tokens=new, eos_token_id=None, pad_token_id=0)
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.generate(ids, **kw)
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+    del model
+    torch.cuda.empty_cache()
+    return new / dt
+
+
+def build_random(name, dtype, max_ctx):
+    cfg = qwen3_config(name)
+    weights = random_weights(cfg, dtype)
+    capacity = max_ctx + 2 * cfg.block_size
+    cos, sin = rope_tables(cfg, capacity + cfg.block_size)
+    full = dict(weights)
+    full["rope.cos"], full["rope.sin"] = cos.cuda(), sin.cuda()
+    full = dict(sorted(full.items()))
+    t0 = time.perf_counter()
+    programs = {p: export_program(cfg, full, p, capacity + cfg.block_size).module() for p in PROGRAMS}
+    export_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    from orthrus_runtime import Engine
+    engine = Engine.from_parts(cfg, weights, programs, torch.device("cuda"), capacity, "bf16", f"qwen3-{name}")
+    return cfg, engine, export_s, time.perf_counter() - t0
+
+
