@@ -32,6 +32,10 @@ def main():
     ap.add_argument("--no-hf", action="store_true")
     a = ap.parse_args()
     contexts = [int(c) for c in a.contexts.split(",")]
+    if a.tiny_acceptance is None:  # tiny's measured acceptance (scripts/eval_tiny.py), if it has been measured
+        ev = Path(__file__).resolve().parents[1] / "orthrus_export" / "assets" / "tiny" / "eval.json"
+        if ev.exists():
+            a.tiny_acceptance = json.loads(ev.read_text())["full"]["acceptance_length_token_weighted"]
     acc = [float(x) for x in a.acceptance.split(",")]
     import transformers
     import triton
@@ -62,7 +66,39 @@ def main():
                   flush=True)
         result["shapes"][name] = r
         Path(a.out).write_text(json.dumps(result, indent=1))
+    result["tiny"] = bench_tiny(a.iters, result["copy_bandwidth_GBps"] * 1e9, acc)
     Path(a.out).write_text(json.dumps(result, indent=1))
+
+
+def bench_tiny(iters, bandwidth, acc):
+    """The trained tiny model as a built bf16 GPU engine: real acceptance on its held-out prompts, real tokens/s."""
+    import tempfile
+
+    from orthrus_export.builder import build
+    from orthrus_export.checkpoint import TINY_DIR
+    from orthrus_runtime import Engine
+    prompts = json.loads((TINY_DIR / "heldout_prompts.json").read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = Engine.load(build("tiny", gpu="auto", precision="bf16", out=Path(tmp) / "e", max_seq_len=1024,
+                                   progress=False))
+        cycles = tokens = 0
+        decode_s = ar_s = 0.0
+        ar_tokens = 0
+        for p in prompts:
+            r = engine.generate(p["text"], max_new_tokens=128)
+            ar = engine.generate(p["text"], max_new_tokens=128, use_drafts=False)
+            cycles += r.stats.cycles
+            tokens += r.stats.cycle_tokens
+            decode_s += r.stats.decode_s
+            ar_s += ar.stats.decode_s
+            ar_tokens += ar.stats.new_tokens - 1
+        out = {"prompts": len(prompts), "acceptance_length": tokens / cycles,
+               "orthrus_decode_tokens_per_s": tokens / decode_s, "ar_decode_tokens_per_s": ar_tokens / ar_s}
+        print(f"tiny (bf16 engine): acceptance {out['acceptance_length']:.2f}, Orthrus "
+              f"{out['orthrus_decode_tokens_per_s']:.0f} tok/s vs AR {out['ar_decode_tokens_per_s']:.0f} tok/s "
+              "(host loop, one read per cycle)", flush=True)
+        out.update(bench_engine(engine, engine.config, [128, 512], iters, bandwidth, acc, out["acceptance_length"]))
+        return out
 
 
 if __name__ == "__main__":

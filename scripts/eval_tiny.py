@@ -56,9 +56,11 @@ def card(folder: Path, log: dict, data: dict, ev: dict) -> str:
     size_mb = sum(f.stat().st_size for f in folder.glob("model-*.safetensors")) / 1e6
     return f"""# tiny — a small Orthrus-Qwen3 trained for this project
 
-The embedded default model (`--model tiny`). Trained by `scripts/train_tiny.py` on one {log['device']}
+The embedded default model (`--model tiny`). Trained by
+`python scripts/train_tiny.py --out DIR --lm-seconds 150 --diff-seconds 250` on one {log['device']}
 ({log['total_seconds']:.0f} s wall-clock, torch {log['torch']}), fixed seed 0; stage lengths are wall-clock
-budgets, the step counts reached are below. Measured by `scripts/eval_tiny.py` with this project's runtime
+budgets, so step counts (below) can differ slightly between runs; the kept weights are those with the best
+held-out loss. Measured by `scripts/eval_tiny.py` with this project's runtime
 (CPU engine, fp32, greedy).
 
 ## Model
@@ -97,7 +99,12 @@ held-out files ({data['heldout_bytes'] / 1e6:.2f} MB); split: {data['split']}. E
 | {full['prompts']} | ≤ {full['max_new_tokens']} | {full['acceptance_length_token_weighted']:.2f} / {full['acceptance_length_per_prompt_mean']:.2f} | {full['tpf_token_weighted']:.2f} / {full['tpf_per_prompt_mean']:.2f} |
 | {test['prompts']} (test set) | ≤ {test['max_new_tokens']} | {test['acceptance_length_token_weighted']:.2f} / {test['acceptance_length_per_prompt_mean']:.2f} | {test['tpf_token_weighted']:.2f} / {test['tpf_per_prompt_mean']:.2f} |
 
-Target was acceptance length ≥ 4 on held-out code. Orthrus output equals the engine's AR output on every prompt:
+Target was acceptance length ≥ 4 on held-out code: **not reached** token-weighted ({full['acceptance_length_token_weighted']:.2f});
+the per-prompt mean passes it because prompts whose continuation settles into a repeating pattern accept whole
+blocks. The limit is the data: {data['train_tokens'] / 1e6:.1f} M tokens of standard library (the training machine's
+Python ships no test suite), on which the base model overfits after ~{log['lm']['best_step']} steps (held-out
+cross-entropy {log['heldout_lm_loss']:.2f} nats/token). A self-distillation variant (`--gen-seconds 90`) drafted
+worse (2.14 on the test prompts). Orthrus output equals the engine's AR output on every prompt:
 {full['all_equal_engine_ar']}; equals `transformers` `generate`: {full['all_equal_transformers']}.
 Measured {ev['date']} on {ev['host']} in {ev['seconds']:.0f} s.
 """
@@ -107,9 +114,16 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--card-only", action="store_true", help="rewrite README.md from the existing eval.json")
     a = ap.parse_args()
     ckpt = open_checkpoint(a.model)
     folder = ckpt.path
+    if a.card_only:
+        ev = json.loads((folder / "eval.json").read_text())
+        log = json.loads((folder / "train_log.json").read_text())
+        data = json.loads((folder / "data_manifest.json").read_text())
+        (folder / "README.md").write_text(card(folder, log, data, ev))
+        return
     prompts = json.loads((folder / "heldout_prompts.json").read_text())
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
