@@ -78,7 +78,7 @@ class Engine:
             from orthrus_runtime.graphs import GraphedSteps
             if orthrus_plugins.GPU_KERNELS is None:
                 raise OrthrusError("this GPU engine needs Triton for its kernels: install triton")
-            with torch.inference_mode():
+            with torch.no_grad():  # not inference_mode: the graph's buffers are updated outside it too
                 self.loop.graphs = GraphedSteps(self.loop, cfg.vocab_size)
 
     @classmethod
