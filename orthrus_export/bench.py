@@ -199,7 +199,7 @@ def hf_generate_tokens_per_s(cfg: ModelConfig, dtype, prompt_len=512, new=32) ->
     return new / dt
 
 
-def build_random(name, dtype, max_ctx):
+def build_random(name, dtype, max_ctx, compile=False):
     cfg = qwen3_config(name)
     weights = random_weights(cfg, dtype)
     capacity = max_ctx + 2 * cfg.block_size
@@ -212,7 +212,8 @@ def build_random(name, dtype, max_ctx):
     export_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     from orthrus_runtime import Engine
-    engine = Engine.from_parts(cfg, weights, programs, torch.device("cuda"), capacity, "bf16", f"qwen3-{name}")
+    engine = Engine.from_parts(cfg, weights, programs, torch.device("cuda"), capacity, "bf16", f"qwen3-{name}",
+                               compile=compile)
     return cfg, engine, export_s, time.perf_counter() - t0
 
 

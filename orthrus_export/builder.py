@@ -74,6 +74,15 @@ def build(model: str, gpu: str = "cpu", precision: str = "fp32", out: str | Path
     return out
 
 
+def _compile_choice(device, precision) -> dict:
+    if device.type == "cuda" and precision != "fp32":
+        return {"backend": "inductor", "note": "torch.compile(fullgraph) of the traced model code at load, then "
+                                               "CUDA-graph capture"}
+    note = ("fp32 stays uncompiled so that it stays token-exact with transformers" if device.type == "cuda"
+            else "traced programs run by the PyTorch interpreter")
+    return {"backend": "none", "note": note}
+
+
 def _kernels(device) -> str:
     import orthrus_plugins
     return orthrus_plugins.GPU_KERNELS if device.type == "cuda" and orthrus_plugins.GPU_KERNELS else "reference"
@@ -133,8 +142,7 @@ def _build_into(tmp: Path, ckpt, profile, precision, device, max_seq_len, progre
         "versions": library_versions(),
         "build": {"max_seq_len": max_seq_len, "cache_capacity": capacity, "block_size": cfg.block_size,
                   "kernels": _kernels(device), "cuda_graphs": device.type == "cuda",
-                  "compile": {"backend": "none",
-                                                      "note": "traced programs run by the PyTorch interpreter"},
+                  "compile": _compile_choice(device, precision),
                   "timings_s": timings},
         "weights": WEIGHTS,
         "programs": programs,

@@ -19,7 +19,7 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: flo
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     out = torch.matmul(probs, values.float().unsqueeze(1))  # [Hkv, G, T, D]
-    return out.permute(2, 0, 1, 3).reshape(t, hq, d).to(q.dtype)
+    return out.permute(2, 0, 1, 3).reshape(t, hq, d).to(q.dtype).contiguous()
 
 
 def check_shapes(name: str, q, k, v, k_cache, v_cache, layer: int) -> None:

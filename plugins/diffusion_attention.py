@@ -34,4 +34,4 @@ def diffusion_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
 
 @diffusion_attention.register_fake
 def _(q, k, v, k_cache, v_cache, cache_len, layer, scale):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # contiguous, like every real kernel

@@ -72,6 +72,8 @@ class Engine:
         shape = (cfg.num_layers, cfg.num_kv_heads, self.capacity, cfg.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        if manifest["build"].get("compile", {}).get("backend") == "inductor":
+            programs = compiled_passes(cfg, programs)
         self.loop = Loop(programs, weights, self.k_cache, self.v_cache, cfg.block_size, cfg.mask_token_id, device)
         if device.type == "cuda":
             import orthrus_plugins
@@ -83,7 +85,7 @@ class Engine:
 
     @classmethod
     def from_parts(cls, cfg: ModelConfig, weights: dict, programs: dict, device: torch.device, max_seq_len: int,
-                   precision: str, name: str = "in-memory") -> "Engine":
+                   precision: str, name: str = "in-memory", compile: bool = False) -> "Engine":
         """An engine assembled in memory (benchmarks on random weights): same loop, programs and graphs."""
         capacity = max_seq_len + cfg.block_size
         cos, sin = rope_tables(cfg, capacity)
@@ -91,7 +93,8 @@ class Engine:
         weights["rope.cos"], weights["rope.sin"] = cos.to(device), sin.to(device)
         weights = dict(sorted(weights.items()))
         manifest = {"name": name, "precision": precision, "model": {"config": cfg.to_dict()},
-                    "build": {"max_seq_len": max_seq_len, "cache_capacity": capacity}}
+                    "build": {"max_seq_len": max_seq_len, "cache_capacity": capacity,
+                              "compile": {"backend": "inductor" if compile else "none"}}}
         return cls(Path(name), manifest, device, weights, programs, None)
 
     @classmethod
@@ -171,6 +174,17 @@ class Engine:
                 return TextStream(self, _inference(chunks), ids, stats)
             out = [t for chunk in chunks for t in chunk]
         return self._result(ids, out, stats)
+
+
+def compiled_passes(cfg: ModelConfig, programs: dict) -> dict:
+    """Inductor-compiled passes (``torch.compile(fullgraph=True)`` of the model code the programs were traced
+    from; the attention plugins stay opaque custom ops). Compiled on first call, before graph capture."""
+    import functools
+
+    from orthrus_export.exporter import PROGRAMS
+    from orthrus_export.model import forward
+    return {name: torch.compile(functools.partial(forward, cfg, PROGRAMS[name]), fullgraph=True, dynamic=False)
+            for name in programs}
 
 
 def _inference(chunks):

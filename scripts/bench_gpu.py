@@ -30,6 +30,8 @@ def main():
     ap.add_argument("--acceptance", default="9.6,11.7")
     ap.add_argument("--tiny-acceptance", type=float, default=None, help="tiny's measured acceptance length")
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="Inductor-compile the passes before graph capture")
+    ap.add_argument("--no-tiny", action="store_true")
     a = ap.parse_args()
     contexts = [int(c) for c in a.contexts.split(",")]
     if a.tiny_acceptance is None:  # tiny's measured acceptance (scripts/eval_tiny.py), if it has been measured
@@ -50,7 +52,7 @@ def main():
     for name in a.shapes.split(","):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        cfg, engine, export_s, capture_s = build_random(name, torch.bfloat16, max(contexts))
+        cfg, engine, export_s, capture_s = build_random(name, torch.bfloat16, max(contexts), a.compile)
         print(f"qwen3-{name}: export {export_s:.1f} s, load+capture {capture_s:.1f} s", flush=True)
         r = bench_engine(engine, cfg, contexts, a.iters, result["copy_bandwidth_GBps"] * 1e9, acc,
                          a.tiny_acceptance)
@@ -66,7 +68,9 @@ def main():
                   flush=True)
         result["shapes"][name] = r
         Path(a.out).write_text(json.dumps(result, indent=1))
-    result["tiny"] = bench_tiny(a.iters, result["copy_bandwidth_GBps"] * 1e9, acc)
+    result["compile"] = "inductor" if a.compile else "none"
+    if not a.no_tiny:
+        result["tiny"] = bench_tiny(a.iters, result["copy_bandwidth_GBps"] * 1e9, acc)
     Path(a.out).write_text(json.dumps(result, indent=1))
 
 
