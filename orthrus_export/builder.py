@@ -35,13 +35,16 @@ def engine_name(model: str, profile: str, precision: str) -> str:
 
 
 def build(model: str, gpu: str = "cpu", precision: str = "fp32", out: str | Path | None = None,
-          max_seq_len: int = 2048, force: bool = False, progress: bool = True, self_check: bool = True) -> Path:
+          max_seq_len: int = 2048, force: bool = False, progress: bool = True, self_check: bool = True,
+          compile: str = "auto") -> Path:
     profile = load_profile(gpu)
     if precision not in DTYPES and precision != "fp8":
         raise OrthrusError(f"unknown --precision {precision!r}: choose fp32, bf16, fp16 or fp8")
     if precision not in profile.precisions:
         raise OrthrusError(f"profile {profile.name} does not support --precision {precision} "
                            f"(it supports {', '.join(profile.precisions)})")
+    if compile not in ("auto", "none", "inductor"):
+        raise OrthrusError(f"unknown --compile {compile!r}: choose auto, none or inductor")
     if precision == "fp8":
         raise OrthrusError("fp8 engines are not implemented yet: use --precision bf16")
     device = check_device(profile, "build")
@@ -59,7 +62,7 @@ def build(model: str, gpu: str = "cpu", precision: str = "fp32", out: str | Path
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        manifest = _build_into(tmp, ckpt, profile, precision, device, max_seq_len, progress, self_check)
+        manifest = _build_into(tmp, ckpt, profile, precision, device, max_seq_len, progress, self_check, compile)
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)
@@ -74,13 +77,14 @@ def build(model: str, gpu: str = "cpu", precision: str = "fp32", out: str | Path
     return out
 
 
-def _compile_choice(device, precision) -> dict:
-    if device.type == "cuda" and precision != "fp32":
-        return {"backend": "inductor", "note": "torch.compile(fullgraph) of the traced model code at load, then "
-                                               "CUDA-graph capture"}
-    note = ("fp32 stays uncompiled so that it stays token-exact with transformers" if device.type == "cuda"
-            else "traced programs run by the PyTorch interpreter")
-    return {"backend": "none", "note": note}
+def _compile_choice(device, precision, choice) -> dict:
+    """auto: Inductor for bf16/fp16 GPU engines; none for fp32 (kept bit-for-bit in step with transformers' eager
+    arithmetic, so that it stays token-exact) and for the CPU."""
+    if choice == "inductor" or (choice == "auto" and device.type == "cuda" and precision != "fp32"):
+        return {"backend": "inductor", "note": "torch.compile(fullgraph) of the traced model code when the engine "
+                                               "loads" + (", then CUDA-graph capture" if device.type == "cuda" else "")}
+    return {"backend": "none", "note": "traced programs run by the PyTorch interpreter"
+            + (" inside CUDA graphs" if device.type == "cuda" else "")}
 
 
 def _kernels(device) -> str:
@@ -88,7 +92,7 @@ def _kernels(device) -> str:
     return orthrus_plugins.GPU_KERNELS if device.type == "cuda" and orthrus_plugins.GPU_KERNELS else "reference"
 
 
-def _build_into(tmp: Path, ckpt, profile, precision, device, max_seq_len, progress, self_check) -> dict:
+def _build_into(tmp: Path, ckpt, profile, precision, device, max_seq_len, progress, self_check, compile) -> dict:
     cfg = ckpt.config
     dtype = DTYPES[precision]
     capacity = max_seq_len + cfg.block_size  # a cycle at the last position writes a whole block
@@ -142,7 +146,7 @@ def _build_into(tmp: Path, ckpt, profile, precision, device, max_seq_len, progre
         "versions": library_versions(),
         "build": {"max_seq_len": max_seq_len, "cache_capacity": capacity, "block_size": cfg.block_size,
                   "kernels": _kernels(device), "cuda_graphs": device.type == "cuda",
-                  "compile": _compile_choice(device, precision),
+                  "compile": _compile_choice(device, precision, compile),
                   "timings_s": timings},
         "weights": WEIGHTS,
         "programs": programs,

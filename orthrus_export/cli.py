@@ -26,6 +26,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="engine directory (default engines/orthrus-qwen3-<model>.<gpu>.<precision>)")
     b.add_argument("--max-seq-len", type=int, default=2048, help="prompt + generated tokens the cache holds")
     b.add_argument("--force", action="store_true", help="replace an existing engine")
+    b.add_argument("--compile", default="auto", help="auto | none | inductor (auto: inductor for bf16/fp16 on GPUs)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     r = sub.add_parser("run", help="generate from a prompt")
@@ -67,7 +68,7 @@ def parser() -> argparse.ArgumentParser:
 def cmd_build(a) -> int:
     from orthrus_export.builder import build
     out = build(a.model, gpu=a.gpu, precision=a.precision, out=a.out, max_seq_len=a.max_seq_len, force=a.force,
-                progress=not a.no_progress)
+                progress=not a.no_progress, compile=a.compile)
     manifest = json.loads((out / "manifest.json").read_text())
     checks = manifest["self_check"]["passes"]
     worst = max(r["budget_used"] for r in checks.values())

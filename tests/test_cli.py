@@ -222,3 +222,19 @@ def test_force_replaces_an_engine(tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     assert m["build"]["max_seq_len"] == 64 and first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]
+
+
+def test_inductor_compiled_cpu_engine(tmp_path):
+    """--compile inductor: the passes are compiled when the engine loads; the build's parity self-check ran on the
+    compiled passes, and greedy Orthrus output still equals the engine's AR output."""
+    from orthrus_runtime import Engine
+    out = builder.build("tiny", out=tmp_path / "c", max_seq_len=256, progress=False, compile="inductor")
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["build"]["compile"]["backend"] == "inductor" and all(r["ok"] for r in m["self_check"]["passes"].values())
+    engine = Engine.load(out)
+    r = engine.generate("def main():\n", max_new_tokens=24)
+    assert r.output_ids == engine.generate("def main():\n", max_new_tokens=24, use_drafts=False).output_ids
+
+
+def test_bad_compile_choice():
+    assert_user_error(*cli("build", "--model", "tiny", "--compile", "tensorrt")[::2], "unknown --compile 'tensorrt'")
