@@ -100,11 +100,11 @@ class PassGraphs:
                 lp.programs[name](lp.w, self.block, self.s, lp.k_cache, lp.v_cache)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            with torch.cuda.stream(side), torch.no_grad():  # the grad mode the engine's graphs were made in
                 body()
             torch.cuda.current_stream().wait_stream(side)
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
+            with torch.cuda.graph(g), torch.no_grad():
                 body()
             self.graphs[name] = g
 

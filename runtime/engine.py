@@ -183,6 +183,9 @@ def compiled_passes(cfg: ModelConfig, programs: dict) -> dict:
 
     from orthrus_export.exporter import PROGRAMS
     from orthrus_export.model import forward
+    # every pass of every engine in this process compiles the same code object (model.forward): raise Dynamo's
+    # per-code-object limit above its default of 8 so that several engines (benchmarks) can coexist
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return {name: torch.compile(functools.partial(forward, cfg, PROGRAMS[name]), fullgraph=True, dynamic=False)
             for name in programs}
 
