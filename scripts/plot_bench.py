@@ -38,9 +38,10 @@ def main():
         ax.set_title(f"Qwen3-{shape.upper()} shape, bf16, batch 1")
         ax.set_xlabel("context (tokens in the KV cache)")
         ax.set_ylabel("ms")
-        ax.legend(fontsize=7, loc="center right")
     fig.suptitle(f"{runs[0][1]['device']}: Orthrus cycle (draft + verify of 32 tokens) vs the bandwidth floor")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     fig.savefig(a.out, dpi=110)
 
 
