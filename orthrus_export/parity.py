@@ -54,9 +54,26 @@ def random_prompts(vocab: int, n: int, seed: int, lengths=(1, 7, 33, 64)) -> lis
     return [[rng.randrange(vocab) for _ in range(lengths[i % len(lengths)])] for i in range(n)]
 
 
+def near_tie_bound(passes: dict) -> float:
+    """Two logits whose fp32 values are closer than twice the engine's measured max |Δlogits| (per-pass parity)
+    can swap order in the engine's arithmetic: a divergence there is a near-tie."""
+    return 2 * max(r["max_abs_diff"] for r in passes.values())
+
+
 @torch.no_grad()
-def token_parity(engine, ref: Reference, prompts: list[list[int]], max_new_tokens: int) -> list[dict]:
-    """Greedy tokens: engine Orthrus, engine AR and transformers' generate, per prompt."""
+def divergence_margin(ref: Reference, prompt: list[int], common: list[int], bound: float) -> dict:
+    """fp32 re-score at the first divergence: the top-2 logit margin there and whether it is a near-tie."""
+    logits = ref.ar_pass(prompt + common, ref.new_cache())[-1].double()
+    top2 = torch.topk(logits, 2).values
+    margin = float(top2[0] - top2[1])
+    return {"fp32_top2_margin": margin, "near_tie_bound": bound, "near_tie": margin <= bound}
+
+
+@torch.no_grad()
+def token_parity(engine, ref: Reference, prompts: list[list[int]], max_new_tokens: int,
+                 near_tie: float = 0.0) -> list[dict]:
+    """Greedy tokens: engine Orthrus, engine AR and transformers' generate, per prompt. Where Orthrus differs
+    from transformers, the fp32 top-2 margin at the first divergence is compared with ``near_tie``."""
     rows = []
     for prompt in prompts:
         expected = ref.generate_ar(prompt, max_new_tokens)
@@ -68,5 +85,7 @@ def token_parity(engine, ref: Reference, prompts: list[list[int]], max_new_token
                      "ar_equals_transformers": ar.output_ids == expected,
                      "orthrus_equals_engine_ar": orthrus.output_ids == ar.output_ids,
                      "first_divergence": first_diff,
+                     "divergence": None if first_diff is None else
+                     divergence_margin(ref, prompt, expected[:first_diff], near_tie),
                      "acceptance_length": orthrus.stats.acceptance_length, "tpf": orthrus.stats.tpf})
     return rows

@@ -238,3 +238,18 @@ def test_inductor_compiled_cpu_engine(tmp_path):
 
 def test_bad_compile_choice():
     assert_user_error(*cli("build", "--model", "tiny", "--compile", "tensorrt")[::2], "unknown --compile 'tensorrt'")
+
+
+def test_check_bf16_reports_identical_rate_and_near_ties(tmp_path):
+    out = builder.build("tiny", precision="bf16", out=tmp_path / "b", max_seq_len=256, progress=False)
+    rc, text, err = cli("check", "--engine", out, "--prompts", "4", "--max-new-tokens", "40", "--json")
+    assert rc == 0, err
+    report = json.loads(text)
+    assert report["precision"] == "bf16" and report["ok"]
+    assert all(r["orthrus_equals_engine_ar"] for r in report["prompts"])
+    for r in report["prompts"]:
+        if not r["orthrus_equals_transformers"]:  # a divergence must come with its fp32 re-score
+            d = r["divergence"]
+            assert d["near_tie"] and d["fp32_top2_margin"] <= d["near_tie_bound"]
+    n = sum(r["orthrus_equals_transformers"] for r in report["prompts"])
+    assert report["identical_to_transformers"] == f"{n}/4"
