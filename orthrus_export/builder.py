@@ -160,7 +160,9 @@ def _build_into(tmp: Path, ckpt, profile, precision, device, max_seq_len, progre
         from orthrus_export.parity import pass_parity
         from orthrus_export.reference import Reference
         from orthrus_runtime.engine import Engine
-        engine = Engine.load(tmp)
+        t_load = time.perf_counter()
+        engine = Engine.load(tmp)  # compiles (--compile inductor) and captures CUDA graphs on GPUs
+        manifest["build"]["load_seconds"] = round(time.perf_counter() - t_load, 3)
         ref = Reference(ckpt, torch.float32)
         results = pass_parity(engine, ref, seed=0)
         failed = [k for k, r in results.items() if not r["ok"]]
