@@ -39,8 +39,11 @@ def main():
         ax.set_xlabel("context (tokens in the KV cache)")
         ax.set_ylabel("ms")
     fig.suptitle(f"{runs[0][1]['device']}: Orthrus cycle (draft + verify of 32 tokens) vs the bandwidth floor")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
+    legend = {}
+    for ax in axes[0]:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, h)
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=4, fontsize=8)
     fig.tight_layout(rect=(0, 0.14, 1, 1))
     fig.savefig(a.out, dpi=110)
 
