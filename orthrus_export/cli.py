@@ -59,6 +59,20 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--acceptance", default="9.6,11.7", help="acceptance lengths to state tokens/s at")
     be.add_argument("--json", action="store_true")
 
+    t = sub.add_parser("triton", help="write a Triton Inference Server model repository for an engine")
+    _engine_arg(t)
+    t.add_argument("--out", required=True, help="model repository directory to create")
+    t.add_argument("--instances", type=int, default=1, help="model instances (each owns an engine and its cache)")
+    t.add_argument("--env", help="Python environment the model runs in (default .triton/venv)")
+
+    sv = sub.add_parser("serve", help="write a model repository and run tritonserver on 127.0.0.1")
+    _engine_arg(sv)
+    sv.add_argument("--instances", type=int, default=1)
+    sv.add_argument("--http-port", type=int, default=8000)
+    sv.add_argument("--grpc-port", type=int, default=8001)
+    sv.add_argument("--metrics-port", type=int, default=8002)
+    sv.add_argument("--home", help="tritonserver installation (default: .triton in the checkout)")
+
     i = sub.add_parser("info", help="show an engine's manifest summary")
     _engine_arg(i)
     i.add_argument("--json", action="store_true", help="print the whole manifest")
@@ -178,6 +192,33 @@ def cmd_bench(a) -> int:
     return 0
 
 
+def cmd_triton(a) -> int:
+    from orthrus_export.triton_repo import write_repository
+    out = write_repository(Path(a.engine), Path(a.out), a.instances, Path(a.env) if a.env else None)
+    print(f"model repository written to {out} (model 'orthrus'); start it with `orthrus-export serve` or "
+          f"tritonserver --model-repository {out}")
+    return 0
+
+
+def cmd_serve(a) -> int:
+    import tempfile
+
+    from orthrus_export.triton_repo import Server, write_repository
+    with tempfile.TemporaryDirectory() as tmp:
+        from orthrus_export.triton_repo import HOME
+        home = Path(a.home) if a.home else HOME
+        repo = write_repository(Path(a.engine), Path(tmp) / "repo", a.instances, home=home)
+        server = Server(repo, a.http_port, a.grpc_port, a.metrics_port, home=home)
+        try:
+            server.wait_ready()
+            print(f"serving {a.engine} as model 'orthrus': HTTP 127.0.0.1:{a.http_port}, gRPC 127.0.0.1:"
+                  f"{a.grpc_port}, metrics 127.0.0.1:{a.metrics_port}/metrics (Ctrl-C stops)", flush=True)
+            server.proc.wait()
+        finally:
+            server.stop()
+    return 0
+
+
 def cmd_info(a) -> int:
     from orthrus_export.engine_format import verify_engine
     m = verify_engine(Path(a.engine))
@@ -199,7 +240,8 @@ def cmd_info(a) -> int:
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
-        commands = {"build": cmd_build, "run": cmd_run, "check": cmd_check, "bench": cmd_bench, "info": cmd_info}
+        commands = {"build": cmd_build, "run": cmd_run, "check": cmd_check, "bench": cmd_bench, "info": cmd_info,
+                    "triton": cmd_triton, "serve": cmd_serve}
         return commands[args.command](args)
     except OrthrusError as e:
         print(f"orthrus-export: error: {e}", file=sys.stderr)

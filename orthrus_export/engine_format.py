@@ -28,14 +28,15 @@ def sha256(path: Path) -> str:
 
 
 def library_versions() -> dict:
-    import transformers
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {"orthrus_export": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "triton": triton_version}
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+    return {"orthrus_export": __version__, "torch": torch.__version__, "transformers": installed("transformers"),
+            "triton": installed("triton")}
 
 
 def _minor(v: str) -> str:

@@ -114,8 +114,8 @@ class Engine:
             programs[name] = ep.module()
         tokenizer = None
         if manifest.get("tokenizer"):
-            from transformers import AutoTokenizer
-            tokenizer = AutoTokenizer.from_pretrained(str(path / manifest["tokenizer"]), trust_remote_code=False)
+            from orthrus_runtime.tokenizer import EngineTokenizer
+            tokenizer = EngineTokenizer(path / manifest["tokenizer"])
         return cls(path, manifest, device, weights, programs, tokenizer)
 
     # ---- inputs ---------------------------------------------------------------------------------------------
@@ -124,11 +124,10 @@ class Engine:
             if self.tokenizer is None:
                 raise OrthrusError(f"engine {self.path.name} has no tokenizer: pass token ids instead of text")
             if chat:
-                if not getattr(self.tokenizer, "chat_template", None):
+                if not self.tokenizer.chat_template:
                     raise OrthrusError(f"engine {self.path.name}'s tokenizer has no chat template: drop --chat")
-                prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                            add_generation_prompt=True, tokenize=False)
-            ids = list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+                prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+            ids = self.tokenizer.encode(prompt)
         else:
             ids = [int(t) for t in prompt]
             bad = [t for t in ids if not 0 <= t < self.config.vocab_size]

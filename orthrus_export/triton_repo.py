@@ -1,0 +1,154 @@
+"""Triton Inference Server deployment: install the real ``tritonserver`` (from the ``nvidia-pytriton`` wheel), write
+a model repository for an engine, start and stop the server.
+
+Layout of an installation (default ``.triton/`` in the checkout):
+``pytriton/`` (the wheel, installed with ``--no-deps --target``), ``backends/python/`` (symlinks to the Python
+backend and the stub for this Python), ``venv/`` (this Python's packages plus ``numpy<2``, which the backend's
+utilities need: the model runs there through ``EXECUTION_ENV_PATH``).
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from orthrus_export.errors import OrthrusError
+
+PYTRITON = "nvidia-pytriton==0.7.0"
+HOME = Path(__file__).resolve().parents[1] / ".triton"  # beside engines/ in the checkout
+MODEL = "orthrus"
+
+CONFIG = """name: "{name}"
+backend: "python"
+max_batch_size: 0
+model_transaction_policy {{ decoupled: true }}
+input [
+  {{ name: "text_input" data_type: TYPE_STRING dims: [ 1 ] }},
+  {{ name: "max_tokens" data_type: TYPE_INT32 dims: [ 1 ] }},
+  {{ name: "stream" data_type: TYPE_BOOL dims: [ 1 ] optional: true }},
+  {{ name: "temperature" data_type: TYPE_FP32 dims: [ 1 ] optional: true }},
+  {{ name: "top_k" data_type: TYPE_INT32 dims: [ 1 ] optional: true }},
+  {{ name: "top_p" data_type: TYPE_FP32 dims: [ 1 ] optional: true }},
+  {{ name: "end_id" data_type: TYPE_INT32 dims: [ 1 ] optional: true }},
+  {{ name: "random_seed" data_type: TYPE_UINT64 dims: [ 1 ] optional: true }}
+]
+output [
+  {{ name: "text_output" data_type: TYPE_STRING dims: [ -1 ] }},
+  {{ name: "output_tokens" data_type: TYPE_INT32 dims: [ 1 ] }},
+  {{ name: "cycles" data_type: TYPE_INT32 dims: [ 1 ] }},
+  {{ name: "acceptance_length" data_type: TYPE_FP32 dims: [ 1 ] }}
+]
+instance_group [ {{ count: {instances} kind: KIND_CPU }} ]
+parameters: {{ key: "ENGINE_PATH", value: {{ string_value: "{engine}" }} }}
+parameters: {{ key: "EXECUTION_ENV_PATH", value: {{ string_value: "{env}" }} }}
+"""
+
+
+def server_binary(home: Path) -> Path:
+    return home / "pytriton" / "pytriton" / "tritonserver" / "bin" / "tritonserver"
+
+
+def install(home: Path = HOME, quiet: bool = True) -> Path:
+    """Install tritonserver and the model's Python environment under ``home`` (idempotent)."""
+    home = home.resolve()
+    if not server_binary(home).exists():
+        subprocess.run([sys.executable, "-m", "pip", "install", *(["-q"] if quiet else []), "--no-deps",
+                        "--target", str(home / "pytriton"), PYTRITON], check=True)
+    ts = home / "pytriton" / "pytriton" / "tritonserver"
+    stub = ts / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}" / \
+        "triton_python_backend_stub"
+    if not stub.exists():
+        raise OrthrusError(f"{PYTRITON} has no Python backend stub for Python {sys.version.split()[0]}")
+    py = home / "backends" / "python"
+    py.mkdir(parents=True, exist_ok=True)
+    for src in (ts / "backends" / "python" / "libtriton_python.so",
+                ts / "backends" / "python" / "triton_python_backend_utils.py", stub):
+        link = py / src.name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(src)
+    venv = home / "venv"
+    if not (venv / "bin" / "python").exists():
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", *(["-q"] if quiet else []),
+                        "numpy<2"], check=True)
+    return home
+
+
+def write_repository(engine: Path, out: Path, instances: int = 1, env: Path | None = None,
+                     home: Path = HOME) -> Path:
+    """A model repository serving ``engine``; written to a temporary directory and renamed when complete."""
+    from orthrus_export.engine_format import read_manifest
+    engine = Path(engine).resolve()
+    read_manifest(engine)
+    if instances < 1:
+        raise OrthrusError("--instances must be >= 1")
+    env = Path(env).resolve() if env else (Path(home) / "venv").resolve()
+    if not (env / "bin" / "activate").exists():
+        raise OrthrusError(f"no Python environment at {env}: run `python scripts/install_tritonserver.py` first "
+                           "or pass --env")
+    out = Path(out)
+    if out.exists():
+        raise OrthrusError(f"{out} already exists: choose another --out or remove it")
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        (tmp / MODEL / "1").mkdir(parents=True)
+        shutil.copy2(Path(__file__).with_name("triton_model.py"), tmp / MODEL / "1" / "model.py")
+        (tmp / MODEL / "config.pbtxt").write_text(CONFIG.format(name=MODEL, instances=instances, engine=engine,
+                                                                env=env))
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+class Server:
+    """A running tritonserver on 127.0.0.1 ports; stop() ends it by its PID."""
+
+    def __init__(self, repo: Path, http: int, grpc: int, metrics: int, home: Path = HOME,
+                 log: Path | None = None):
+        home = Path(home).resolve()
+        binary = server_binary(home)
+        if not binary.exists():
+            raise OrthrusError(f"tritonserver is not installed under {home}: run "
+                               "`python scripts/install_tritonserver.py`")
+        self.http, self.grpc, self.metrics = http, grpc, metrics
+        env = dict(os.environ, LD_LIBRARY_PATH=str(home / "pytriton" / "nvidia_pytriton.libs"))
+        self.log = open(log, "w") if log else subprocess.DEVNULL
+        self.proc = subprocess.Popen(
+            [str(binary), "--model-repository", str(Path(repo).resolve()), "--backend-directory",
+             str(home / "backends"), "--http-address", "127.0.0.1", "--grpc-address", "127.0.0.1",
+             "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+             "--exit-timeout-secs", "5"], stdout=self.log, stderr=subprocess.STDOUT, env=env)
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise OrthrusError(f"tritonserver exited with code {self.proc.returncode} while starting")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.http}/v2/health/ready", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise OrthrusError(f"tritonserver was not ready within {timeout:.0f} s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.log is not subprocess.DEVNULL:
+            self.log.close()
