@@ -54,6 +54,10 @@ class TritonPythonModel:
                      for k in range(1, self.engine.block_size + 1)}
 
     def _params(self, request):
+        unknown = sorted(k for k in json.loads(request.parameters() or "{}") if not k.startswith("triton_"))
+        if unknown:
+            raise ValueError(f"unknown parameter {unknown[0]!r}: this model takes text_input, max_tokens, "
+                             f"{', '.join(OPTIONAL)}")
         text = pb_utils.get_input_tensor_by_name(request, "text_input").as_numpy().reshape(-1)
         if text.size != 1:
             raise ValueError("text_input must hold one string")

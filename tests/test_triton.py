@@ -1,0 +1,158 @@
+"""The tiny engine behind a real Triton Inference Server (CPU): streaming and not, HTTP and gRPC, concurrency,
+bad requests, metrics. The server runs on free 127.0.0.1 ports and is stopped by its PID whatever happens."""
+
+import json
+import queue
+import socket
+import threading
+import urllib.error
+import urllib.request
+from functools import partial
+
+import numpy as np
+import pytest
+
+from orthrus_export.builder import build
+from orthrus_export.triton_repo import Server, install, write_repository
+
+PROMPTS = ["def main(", "class Foo:\n    def __init__(self", "import os\nimport sys\n", "    return ",
+           "for i in range(", "if __name__ == ", "x = [", "    def __repr__(self):\n"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from orthrus_runtime import Engine
+    root = tmp_path_factory.mktemp("triton")
+    install()
+    engine_dir = build("tiny", out=root / "engine", max_seq_len=512, progress=False)
+    repo = write_repository(engine_dir, root / "repo")
+    server = Server(repo, free_port(), free_port(), free_port(), log=root / "server.log")
+    try:
+        server.wait_ready(timeout=120)
+        yield server, Engine.load(engine_dir)
+    finally:
+        server.stop()
+    assert server.proc.returncode is not None
+
+
+def post(server, path, body):
+    req = urllib.request.Request(f"http://127.0.0.1:{server.http}{path}", data=json.dumps(body).encode(),
+                                 method="POST", headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return r.read().decode()
+
+
+def generate(server, prompt, n, **kw):
+    return json.loads(post(server, "/v2/models/orthrus/generate", {"text_input": prompt, "max_tokens": n, **kw}))
+
+
+def grpc_stream(url, prompt, n):
+    import tritonclient.grpc as grpcclient
+    results = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    inputs = []
+    for name, value, dtype in (("text_input", np.array([prompt.encode()], dtype=object), "BYTES"),
+                               ("max_tokens", np.array([n], dtype=np.int32), "INT32"),
+                               ("stream", np.array([True]), "BOOL")):
+        t = grpcclient.InferInput(name, [1], dtype)
+        t.set_data_from_numpy(value)
+        inputs.append(t)
+    client.start_stream(callback=partial(lambda q, result, error: q.put((result, error)), results))
+    client.async_stream_infer("orthrus", inputs, enable_empty_final_response=True)
+    pieces = []
+    while True:
+        result, error = results.get(timeout=120)
+        if error is not None:
+            client.stop_stream()
+            raise RuntimeError(str(error))
+        response = result.get_response()
+        out = result.as_numpy("text_output")
+        if out is not None:
+            pieces.append(b"".join(out.reshape(-1)).decode())
+        if response.parameters.get("triton_final_response") and response.parameters["triton_final_response"].bool_param:
+            break
+    client.stop_stream()
+    client.close()
+    return pieces
+
+
+def test_non_streaming_equals_the_runtime(served):
+    server, engine = served
+    for prompt in PROMPTS[:3]:
+        r = generate(server, prompt, 40)
+        local = engine.generate(prompt, max_new_tokens=40)
+        assert r["text_output"] == local.text
+        assert r["output_tokens"] == len(local.output_ids) and r["cycles"] == local.stats.cycles
+
+
+def test_grpc_and_http_streams_concatenate_to_the_text(served):
+    server, engine = served
+    prompt = PROMPTS[3]
+    expected = engine.generate(prompt, max_new_tokens=48).text
+    pieces = grpc_stream(f"127.0.0.1:{server.grpc}", prompt, 48)
+    assert len([p for p in pieces if p]) > 1 and "".join(pieces) == expected
+    sse = post(server, "/v2/models/orthrus/generate_stream", {"text_input": prompt, "max_tokens": 48, "stream": True})
+    events = [json.loads(line[len("data: "):]) for line in sse.splitlines() if line.startswith("data: ")]
+    assert len(events) > 2 and "".join(e["text_output"] for e in events) == expected
+
+
+def test_eight_concurrent_streaming_clients(served):
+    server, engine = served
+    expected = {p: engine.generate(p, max_new_tokens=32).text for p in PROMPTS}
+    got, errors = {}, []
+
+    def client(p):
+        try:
+            got[p] = "".join(grpc_stream(f"127.0.0.1:{server.grpc}", p, 32))
+        except Exception as e:  # surfaced below
+            errors.append(e)
+    threads = [threading.Thread(target=client, args=(p,)) for p in PROMPTS]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors and got == expected
+
+
+@pytest.mark.parametrize("body,pattern", [
+    ({"text_input": "x", "max_tokens": 0}, "max_new_tokens must be an integer >= 1"),
+    ({"text_input": "x", "max_tokens": 100000}, "exceeds the engine's max_seq_len"),
+    ({"text_input": "x", "max_tokens": 4, "temperature": -1.0}, "temperature must be"),
+    ({"text_input": "x", "max_tokens": "many"}, ""),
+    ({"text_input": "x", "max_tokens": 4, "beam_width": 2}, "unknown parameter 'beam_width'"),
+])
+def test_bad_request_gets_an_error_and_the_model_keeps_serving(served, body, pattern):
+    server, engine = served
+    with pytest.raises(urllib.error.HTTPError) as e:
+        post(server, "/v2/models/orthrus/generate", body)
+    assert e.value.code in (400, 500) and pattern in e.value.read().decode()  # 500: the endpoint's own type check
+    assert generate(server, "x", 4)["output_tokens"] == 4
+
+
+def test_metrics_counters_move(served):
+    server, _ = served
+
+    def read():
+        text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics}/metrics", timeout=30).read().decode()
+        values = {}
+        for line in text.splitlines():
+            if line.startswith("orthrus_"):
+                name, value = line.rsplit(" ", 1)
+                values[name] = float(value)
+        return values
+    before = read()
+    r = generate(server, PROMPTS[4], 24)
+    after = read()
+    key = 'orthrus_generated_tokens_total{model="orthrus"}'
+    assert after[key] - before.get(key, 0) == r["output_tokens"]
+    cycles = 'orthrus_cycles_total{model="orthrus"}'
+    assert after[cycles] - before.get(cycles, 0) == r["cycles"]
+    hist = sum(v for k, v in after.items() if k.startswith("orthrus_acceptance_length_cycles_total"))
+    hist_before = sum(v for k, v in before.items() if k.startswith("orthrus_acceptance_length_cycles_total"))
+    assert hist - hist_before == r["cycles"]
