@@ -156,3 +156,16 @@ def test_metrics_counters_move(served):
     hist = sum(v for k, v in after.items() if k.startswith("orthrus_acceptance_length_cycles_total"))
     hist_before = sum(v for k, v in before.items() if k.startswith("orthrus_acceptance_length_cycles_total"))
     assert hist - hist_before == r["cycles"]
+
+
+def test_client_example_checks_its_own_answer(served):
+    import subprocess
+    import sys
+    from pathlib import Path
+    server, engine = served
+    script = Path(__file__).resolve().parents[1] / "scripts" / "triton_client.py"
+    p = subprocess.run([sys.executable, str(script), "--http", f"127.0.0.1:{server.http}", "--grpc",
+                        f"127.0.0.1:{server.grpc}", "--max-tokens", "24", "--engine", str(engine.path)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == engine.generate("def main(", max_new_tokens=24).text + "\n"

@@ -1,0 +1,84 @@
+"""Client example for the orthrus model on Triton Inference Server; checks its own answer.
+
+    python scripts/triton_client.py --prompt "def main(" [--http 127.0.0.1:8000] [--grpc 127.0.0.1:8001]
+                                    [--max-tokens 48] [--engine ENGINE]
+
+Asks three ways — HTTP `generate`, HTTP `generate_stream` (SSE) and gRPC streaming (tritonclient) — and exits 1
+unless all three texts agree, the streamed pieces concatenate to the whole, and (with --engine) the text equals
+the local runtime's greedy output.
+"""
+
+import argparse
+import json
+import queue
+import sys
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+
+def http_generate(http, prompt, n, stream):
+    path = "generate_stream" if stream else "generate"
+    body = {"text_input": prompt, "max_tokens": n, **({"stream": True} if stream else {})}
+    req = urllib.request.Request(f"http://{http}/v2/models/orthrus/{path}", data=json.dumps(body).encode(),
+                                 method="POST", headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+        text = r.read().decode()
+    if not stream:
+        return [json.loads(text)["text_output"]]
+    return [json.loads(line[6:])["text_output"] for line in text.splitlines() if line.startswith("data: ")]
+
+
+def grpc_stream(url, prompt, n):
+    import tritonclient.grpc as grpcclient
+    q = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    inputs = []
+    for name, value, dtype in (("text_input", np.array([prompt.encode()], dtype=object), "BYTES"),
+                               ("max_tokens", np.array([n], dtype=np.int32), "INT32"),
+                               ("stream", np.array([True]), "BOOL")):
+        t = grpcclient.InferInput(name, [1], dtype)
+        t.set_data_from_numpy(value)
+        inputs.append(t)
+    client.start_stream(callback=lambda result, error: q.put((result, error)))
+    client.async_stream_infer("orthrus", inputs, enable_empty_final_response=True)
+    pieces = []
+    while True:
+        result, error = q.get(timeout=300)
+        if error is not None:
+            raise RuntimeError(str(error))
+        out = result.as_numpy("text_output")
+        if out is not None:
+            pieces.append(b"".join(out.reshape(-1)).decode())
+        final = result.get_response().parameters.get("triton_final_response")
+        if final is not None and final.bool_param:
+            break
+    client.stop_stream()
+    return pieces
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompt", default="def main(")
+    ap.add_argument("--http", default="127.0.0.1:8000")
+    ap.add_argument("--grpc", default="127.0.0.1:8001")
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--engine", help="also compare with this engine run locally")
+    a = ap.parse_args()
+    whole = http_generate(a.http, a.prompt, a.max_tokens, stream=False)[0]
+    sse = "".join(http_generate(a.http, a.prompt, a.max_tokens, stream=True))
+    grpc = "".join(grpc_stream(a.grpc, a.prompt, a.max_tokens))
+    print(whole)
+    ok = whole == sse == grpc
+    if a.engine:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from orthrus_runtime import Engine
+        ok = ok and whole == Engine.load(a.engine).generate(a.prompt, max_new_tokens=a.max_tokens).text
+    print("OK: generate, generate_stream and gRPC streaming agree" + (" with the local engine" if a.engine else "")
+          if ok else "MISMATCH between the answers", file=sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
