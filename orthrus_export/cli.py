@@ -201,7 +201,9 @@ def cmd_triton(a) -> int:
 
 
 def cmd_serve(a) -> int:
+    import signal
     import tempfile
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so that the server below is stopped too
 
     from orthrus_export.triton_repo import Server, write_repository
     with tempfile.TemporaryDirectory() as tmp:
