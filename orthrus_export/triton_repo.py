@@ -48,6 +48,17 @@ parameters: {{ key: "EXECUTION_ENV_PATH", value: {{ string_value: "{env}" }} }}
 """
 
 
+LAUNCH = """#!/usr/bin/env bash
+# Start tritonserver on this model repository, on 127.0.0.1 (ports from HTTP_PORT, GRPC_PORT, METRICS_PORT).
+# Extra arguments go to tritonserver.
+here="$(cd "$(dirname "$0")" && pwd)"
+export LD_LIBRARY_PATH="{libs}${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}}"
+exec "{binary}" --model-repository "$here" --backend-directory "{backends}" \\
+  --http-address 127.0.0.1 --grpc-address 127.0.0.1 --http-port "${{HTTP_PORT:-8000}}" \\
+  --grpc-port "${{GRPC_PORT:-8001}}" --metrics-port "${{METRICS_PORT:-8002}}" "$@"
+"""
+
+
 def server_binary(home: Path) -> Path:
     return home / "pytriton" / "pytriton" / "tritonserver" / "bin" / "tritonserver"
 
@@ -101,6 +112,11 @@ def write_repository(engine: Path, out: Path, instances: int = 1, env: Path | No
         shutil.copy2(Path(__file__).with_name("triton_model.py"), tmp / MODEL / "1" / "model.py")
         (tmp / MODEL / "config.pbtxt").write_text(CONFIG.format(name=MODEL, instances=instances, engine=engine,
                                                                 env=env))
+        home = Path(home).resolve()
+        launch = tmp / "launch.sh"
+        launch.write_text(LAUNCH.format(libs=home / "pytriton" / "nvidia_pytriton.libs", binary=server_binary(home),
+                                        backends=home / "backends"))
+        launch.chmod(0o755)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -169,3 +169,29 @@ def test_client_example_checks_its_own_answer(served):
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert p.stdout == engine.generate("def main(", max_new_tokens=24).text + "\n"
+
+
+def test_repository_launch_script(served, tmp_path):
+    """The repository's own launch.sh starts a server that answers like the first one."""
+    import os
+    import subprocess
+    import time
+    server, engine = served
+    repo = write_repository(engine.path, tmp_path / "repo2")
+    ports = {"HTTP_PORT": free_port(), "GRPC_PORT": free_port(), "METRICS_PORT": free_port()}
+    proc = subprocess.Popen([str(repo / "launch.sh")], env={**os.environ, **{k: str(v) for k, v in ports.items()}},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "launch.sh did not bring a server up"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{ports['HTTP_PORT']}/v2/health/ready", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        other = type("S", (), {"http": ports["HTTP_PORT"]})
+        assert generate(other, "x = [", 16)["text_output"] == generate(server, "x = [", 16)["text_output"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
