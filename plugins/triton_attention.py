@@ -28,7 +28,6 @@ def _split_kernel(Q, KC, VC, KB, VB, LEN, ACC, MS, LS, layer, scale,
                   PREC: tl.constexpr):
     h = tl.program_id(0)
     split = tl.program_id(1)
-    n_heads_kv = tl.num_programs(0)
     rows = tl.arange(0, M_PAD)
     row_ok = rows < B * G
     i = rows // G                       # block position of the row
