@@ -13,7 +13,7 @@ import torch
 
 from orthrus_export.config import ModelConfig
 from orthrus_export.exporter import PROGRAMS, export_program
-from orthrus_export.model import rope_tables
+from orthrus_export.model import program_weights
 from orthrus_export.weights import engine_shapes
 
 QWEN3 = {  # the published base shapes (vocabulary 151936, head_dim 128, 8 KV heads)
@@ -203,10 +203,7 @@ def build_random(name, dtype, max_ctx, compile=False):
     cfg = qwen3_config(name)
     weights = random_weights(cfg, dtype)
     capacity = max_ctx + 2 * cfg.block_size
-    cos, sin = rope_tables(cfg, capacity + cfg.block_size)
-    full = dict(weights)
-    full["rope.cos"], full["rope.sin"] = cos.cuda(), sin.cuda()
-    full = dict(sorted(full.items()))
+    full = program_weights(cfg, weights, capacity + cfg.block_size)
     t0 = time.perf_counter()
     programs = {p: export_program(cfg, full, p, capacity + cfg.block_size).module() for p in PROGRAMS}
     export_s = time.perf_counter() - t0

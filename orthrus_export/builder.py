@@ -112,10 +112,8 @@ def _build_into(tmp: Path, ckpt, profile, precision, device, max_seq_len, progre
     weights = ckpt.packed_weights(dtype)
     save_file(weights, str(tmp / WEIGHTS), metadata={"format": "orthrus-engine"})
     weights = {k: v.to(device) for k, v in weights.items()}
-    from orthrus_export.model import rope_tables
-    cos, sin = rope_tables(cfg, capacity)
-    weights["rope.cos"], weights["rope.sin"] = cos.to(device), sin.to(device)
-    weights = dict(sorted(weights.items()))  # programs take the weights as a dict input, in name order
+    from orthrus_export.model import program_weights
+    weights = program_weights(cfg, weights, capacity)
     done("pack weights")
 
     programs, nodes = {}, {}

@@ -24,6 +24,14 @@ def rope_tables(cfg: ModelConfig, capacity: int) -> tuple[torch.Tensor, torch.Te
     return emb.cos(), emb.sin()
 
 
+def program_weights(cfg: ModelConfig, weights: dict, capacity: int) -> dict:
+    """The traced programs' ``weights`` input: the packed tensors plus the RoPE tables for ``capacity`` positions,
+    in name order (the order the programs were traced with)."""
+    device = weights["embed"].device
+    cos, sin = rope_tables(cfg, capacity)
+    return dict(sorted({**weights, "rope.cos": cos.to(device), "rope.sin": sin.to(device)}.items()))
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)

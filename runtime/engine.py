@@ -12,7 +12,7 @@ from orthrus_export.engine_format import verify_engine
 from orthrus_export.errors import OrthrusError
 from orthrus_export.exporter import deserialize_program
 from orthrus_export.profiles import check_device, load_profile
-from orthrus_export.model import rope_tables
+from orthrus_export.model import program_weights
 from orthrus_plugins.sampling import validate_sampling
 from orthrus_runtime.loop import Drafter, Loop, Sampling
 from orthrus_runtime.stats import GenerationStats
@@ -88,10 +88,7 @@ class Engine:
                    precision: str, name: str = "in-memory", compile: bool = False) -> "Engine":
         """An engine assembled in memory (benchmarks on random weights): same loop, programs and graphs."""
         capacity = max_seq_len + cfg.block_size
-        cos, sin = rope_tables(cfg, capacity)
-        weights = dict(weights)
-        weights["rope.cos"], weights["rope.sin"] = cos.to(device), sin.to(device)
-        weights = dict(sorted(weights.items()))
+        weights = program_weights(cfg, weights, capacity)
         manifest = {"name": name, "precision": precision, "model": {"config": cfg.to_dict()},
                     "build": {"max_seq_len": max_seq_len, "cache_capacity": capacity,
                               "compile": {"backend": "inductor" if compile else "none"}}}
@@ -105,9 +102,7 @@ class Engine:
         device = check_device(profile, "load this engine")
         weights = load_file(str(path / manifest["weights"]), device=str(device))
         cfg = ModelConfig.from_dict(manifest["model"]["config"])
-        cos, sin = rope_tables(cfg, manifest["build"]["cache_capacity"])
-        weights["rope.cos"], weights["rope.sin"] = cos.to(device), sin.to(device)
-        weights = dict(sorted(weights.items()))  # the programs' input order (see builder)
+        weights = program_weights(cfg, weights, manifest["build"]["cache_capacity"])
         programs = {}
         for name, info in manifest["programs"].items():
             ep = deserialize_program((path / info["file"]).read_bytes(), f"program {info['file']}")

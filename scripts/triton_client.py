@@ -42,19 +42,22 @@ def grpc_stream(url, prompt, n):
         t.set_data_from_numpy(value)
         inputs.append(t)
     client.start_stream(callback=lambda result, error: q.put((result, error)))
-    client.async_stream_infer("orthrus", inputs, enable_empty_final_response=True)
     pieces = []
-    while True:
-        result, error = q.get(timeout=300)
-        if error is not None:
-            raise RuntimeError(str(error))
-        out = result.as_numpy("text_output")
-        if out is not None:
-            pieces.append(b"".join(out.reshape(-1)).decode())
-        final = result.get_response().parameters.get("triton_final_response")
-        if final is not None and final.bool_param:
-            break
-    client.stop_stream()
+    try:
+        client.async_stream_infer("orthrus", inputs, enable_empty_final_response=True)
+        while True:
+            result, error = q.get(timeout=300)
+            if error is not None:
+                raise RuntimeError(str(error))
+            out = result.as_numpy("text_output")
+            if out is not None:
+                pieces.append(b"".join(out.reshape(-1)).decode())
+            final = result.get_response().parameters.get("triton_final_response")
+            if final is not None and final.bool_param:
+                break
+    finally:
+        client.stop_stream()
+        client.close()
     return pieces
 
 

@@ -1,19 +1,25 @@
 """The tiny engine behind a real Triton Inference Server (CPU): streaming and not, HTTP and gRPC, concurrency,
 bad requests, metrics. The server runs on free 127.0.0.1 ports and is stopped by its PID whatever happens."""
 
+import importlib.util
 import json
-import queue
 import socket
 import threading
 import urllib.error
 import urllib.request
-from functools import partial
+from pathlib import Path
 
-import numpy as np
 import pytest
 
 from orthrus_export.builder import build
 from orthrus_export.triton_repo import Server, install, write_repository
+
+# the client example's gRPC streaming function, so that the tests exercise the code users copy
+_spec = importlib.util.spec_from_file_location(
+    "triton_client", Path(__file__).resolve().parents[1] / "scripts" / "triton_client.py")
+triton_client = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(triton_client)
+grpc_stream = triton_client.grpc_stream
 
 PROMPTS = ["def main(", "class Foo:\n    def __init__(self", "import os\nimport sys\n", "    return ",
            "for i in range(", "if __name__ == ", "x = [", "    def __repr__(self):\n"]
@@ -50,36 +56,6 @@ def post(server, path, body):
 
 def generate(server, prompt, n, **kw):
     return json.loads(post(server, "/v2/models/orthrus/generate", {"text_input": prompt, "max_tokens": n, **kw}))
-
-
-def grpc_stream(url, prompt, n):
-    import tritonclient.grpc as grpcclient
-    results = queue.Queue()
-    client = grpcclient.InferenceServerClient(url)
-    inputs = []
-    for name, value, dtype in (("text_input", np.array([prompt.encode()], dtype=object), "BYTES"),
-                               ("max_tokens", np.array([n], dtype=np.int32), "INT32"),
-                               ("stream", np.array([True]), "BOOL")):
-        t = grpcclient.InferInput(name, [1], dtype)
-        t.set_data_from_numpy(value)
-        inputs.append(t)
-    client.start_stream(callback=partial(lambda q, result, error: q.put((result, error)), results))
-    client.async_stream_infer("orthrus", inputs, enable_empty_final_response=True)
-    pieces = []
-    while True:
-        result, error = results.get(timeout=120)
-        if error is not None:
-            client.stop_stream()
-            raise RuntimeError(str(error))
-        response = result.get_response()
-        out = result.as_numpy("text_output")
-        if out is not None:
-            pieces.append(b"".join(out.reshape(-1)).decode())
-        if response.parameters.get("triton_final_response") and response.parameters["triton_final_response"].bool_param:
-            break
-    client.stop_stream()
-    client.close()
-    return pieces
 
 
 def test_non_streaming_equals_the_runtime(served):
@@ -161,7 +137,6 @@ def test_metrics_counters_move(served):
 def test_client_example_checks_its_own_answer(served):
     import subprocess
     import sys
-    from pathlib import Path
     server, engine = served
     script = Path(__file__).resolve().parents[1] / "scripts" / "triton_client.py"
     p = subprocess.run([sys.executable, str(script), "--http", f"127.0.0.1:{server.http}", "--grpc",
