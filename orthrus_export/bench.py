@@ -134,6 +134,8 @@ class EagerSteps:
 
 
 def bench_engine(engine, cfg, contexts, iters, bandwidth, acceptance_lengths, tiny_acceptance=None, log=print):
+    import orthrus_plugins
+    orthrus_plugins.set_attention_splits(engine.loop.attention_splits)  # the pass graphs use the engine's setting
     elem = engine.k_cache.element_size()
     engine.k_cache.normal_()
     engine.v_cache.normal_()
@@ -199,7 +201,10 @@ def hf_generate_tokens_per_s(cfg: ModelConfig, dtype, prompt_len=512, new=32) ->
     return new / dt
 
 
-def build_random(name, dtype, max_ctx, compile=False):
+def build_random(name, dtype, max_ctx, compile=False, autotune_contexts=None, log=print):
+    """An in-memory engine at a published shape with random weights. With ``autotune_contexts`` the build-time
+    autotuner picks the backend (``compile`` ignored) and the attention splits, as ``orthrus-export build`` does;
+    returns ``(cfg, engine, export seconds, load seconds, tuning record or None)``."""
     cfg = qwen3_config(name)
     weights = random_weights(cfg, dtype)
     capacity = max_ctx + 2 * cfg.block_size
@@ -207,10 +212,15 @@ def build_random(name, dtype, max_ctx, compile=False):
     t0 = time.perf_counter()
     programs = {p: export_program(cfg, full, p, capacity + cfg.block_size).module() for p in PROGRAMS}
     export_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
     from orthrus_runtime import Engine
-    engine = Engine.from_parts(cfg, weights, programs, torch.device("cuda"), capacity, "bf16", f"qwen3-{name}",
-                               compile=compile)
-    return cfg, engine, export_s, time.perf_counter() - t0
 
-
+    def load(backend):
+        return Engine.from_parts(cfg, weights, programs, torch.device("cuda"), capacity, "bf16", f"qwen3-{name}",
+                                 compile=backend == "inductor")
+    t0 = time.perf_counter()
+    if autotune_contexts:
+        from orthrus_export.autotune import autotune
+        engine, tuning = autotune(load, ["none", "inductor"], autotune_contexts, log=log)
+        return cfg, engine, export_s, tuning["load_seconds"][tuning["backend"]], tuning
+    engine = load("inductor" if compile else "none")
+    return cfg, engine, export_s, time.perf_counter() - t0, None

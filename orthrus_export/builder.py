@@ -36,7 +36,7 @@ def engine_name(model: str, profile: str, precision: str) -> str:
 
 def build(model: str, gpu: str = "cpu", precision: str = "fp32", out: str | Path | None = None,
           max_seq_len: int = 2048, force: bool = False, progress: bool = True, self_check: bool = True,
-          compile: str = "auto") -> Path:
+          compile: str = "auto", autotune: bool = True) -> Path:
     profile = load_profile(gpu)
     if precision not in DTYPES and precision != "fp8":
         raise OrthrusError(f"unknown --precision {precision!r}: choose fp32, bf16, fp16 or fp8")
@@ -62,7 +62,8 @@ def build(model: str, gpu: str = "cpu", precision: str = "fp32", out: str | Path
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        manifest = _build_into(tmp, ckpt, profile, precision, device, max_seq_len, progress, self_check, compile)
+        manifest = _build_into(tmp, ckpt, profile, precision, device, max_seq_len, progress, self_check, compile,
+                               autotune)
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)
@@ -77,10 +78,19 @@ def build(model: str, gpu: str = "cpu", precision: str = "fp32", out: str | Path
     return out
 
 
-def _compile_choice(device, precision, choice) -> dict:
-    """auto: Inductor for bf16/fp16 GPU engines; none for fp32 (kept bit-for-bit in step with transformers' eager
-    arithmetic, so that it stays token-exact) and for the CPU."""
-    if choice == "inductor" or (choice == "auto" and device.type == "cuda" and precision != "fp32"):
+def _compile_backends(device, precision, choice) -> list[str]:
+    """The pass backends a build may choose from. auto on a GPU: both, for bf16/fp16 (the autotuner times them);
+    fp32 engines stay uncompiled (kept bit-for-bit in step with transformers' eager arithmetic, so that they stay
+    token-exact), as do CPU engines."""
+    if choice != "auto":
+        return [choice]
+    if device.type == "cuda" and precision != "fp32":
+        return ["none", "inductor"]
+    return ["none"]
+
+
+def _compile_record(backend, device) -> dict:
+    if backend == "inductor":
         return {"backend": "inductor", "note": "torch.compile(fullgraph) of the traced model code when the engine "
                                                "loads" + (", then CUDA-graph capture" if device.type == "cuda" else "")}
     return {"backend": "none", "note": "traced programs run by the PyTorch interpreter"
@@ -92,11 +102,15 @@ def _kernels(device) -> str:
     return orthrus_plugins.GPU_KERNELS if device.type == "cuda" and orthrus_plugins.GPU_KERNELS else "reference"
 
 
-def _build_into(tmp: Path, ckpt, profile, precision, device, max_seq_len, progress, self_check, compile) -> dict:
+def _build_into(tmp: Path, ckpt, profile, precision, device, max_seq_len, progress, self_check, compile,
+                autotune) -> dict:
     cfg = ckpt.config
     dtype = DTYPES[precision]
     capacity = max_seq_len + cfg.block_size  # a cycle at the last position writes a whole block
-    steps = ["pack weights", *[f"trace {p}" for p in PROGRAMS], "write engine", "parity self-check"]
+    backends = _compile_backends(device, precision, compile)
+    tune = device.type == "cuda" and autotune
+    steps = ["pack weights", *[f"trace {p}" for p in PROGRAMS], "write engine", *(["autotune"] if tune else []),
+             "parity self-check"]
     bar = tqdm(total=len(steps), desc="build", disable=not progress, unit="step", leave=False)
     timings = {}
 
@@ -144,7 +158,7 @@ def _build_into(tmp: Path, ckpt, profile, precision, device, max_seq_len, progre
         "versions": library_versions(),
         "build": {"max_seq_len": max_seq_len, "cache_capacity": capacity, "block_size": cfg.block_size,
                   "kernels": _kernels(device), "cuda_graphs": device.type == "cuda",
-                  "compile": _compile_choice(device, precision, compile),
+                  "compile": _compile_record(backends[-1], device), "tuning": None,
                   "timings_s": timings},
         "weights": WEIGHTS,
         "programs": programs,
@@ -153,14 +167,32 @@ def _build_into(tmp: Path, ckpt, profile, precision, device, max_seq_len, progre
     write_manifest(tmp, manifest)
     done("write engine")
 
+    engine = None
+    if tune:
+        step("autotune")
+        from orthrus_export.autotune import autotune as run_autotune
+        from orthrus_export.autotune import tuning_contexts
+        from orthrus_runtime.engine import Engine
+
+        def load(backend):
+            return Engine.load(tmp, check_hashes=False, build_overrides={"compile": _compile_record(backend, device)})
+        engine, tuning = run_autotune(load, backends, tuning_contexts(max_seq_len, cfg.block_size),
+                                      log=(lambda m: tqdm.write(m)) if progress else None)
+        manifest["build"]["compile"] = _compile_record(tuning.pop("backend"), device)
+        manifest["build"]["tuning"] = tuning
+        manifest["build"]["load_seconds"] = tuning["load_seconds"][manifest["build"]["compile"]["backend"]]
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        done("autotune")
+
     step("parity self-check")
     if self_check:
         from orthrus_export.parity import pass_parity
         from orthrus_export.reference import Reference
         from orthrus_runtime.engine import Engine
-        t_load = time.perf_counter()
-        engine = Engine.load(tmp)  # compiles (--compile inductor) and captures CUDA graphs on GPUs
-        manifest["build"]["load_seconds"] = round(time.perf_counter() - t_load, 3)
+        if engine is None:
+            t_load = time.perf_counter()
+            engine = Engine.load(tmp)  # compiles (--compile inductor) and captures CUDA graphs on GPUs
+            manifest["build"]["load_seconds"] = round(time.perf_counter() - t_load, 3)
         ref = Reference(ckpt, torch.float32)
         results = pass_parity(engine, ref, seed=0)
         failed = [k for k, r in results.items() if not r["ok"]]

@@ -26,7 +26,11 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="engine directory (default engines/orthrus-qwen3-<model>.<gpu>.<precision>)")
     b.add_argument("--max-seq-len", type=int, default=2048, help="prompt + generated tokens the cache holds")
     b.add_argument("--force", action="store_true", help="replace an existing engine")
-    b.add_argument("--compile", default="auto", help="auto | none | inductor (auto: inductor for bf16/fp16 on GPUs)")
+    b.add_argument("--compile", default="auto",
+                   help="auto | none | inductor (auto on a GPU: the autotuner times both for bf16/fp16)")
+    b.add_argument("--no-autotune", action="store_true",
+                   help="skip the GPU autotuner (default attention splits; --compile auto then means inductor "
+                        "for bf16/fp16)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     r = sub.add_parser("run", help="generate from a prompt")
@@ -82,12 +86,19 @@ def parser() -> argparse.ArgumentParser:
 def cmd_build(a) -> int:
     from orthrus_export.builder import build
     out = build(a.model, gpu=a.gpu, precision=a.precision, out=a.out, max_seq_len=a.max_seq_len, force=a.force,
-                progress=not a.no_progress, compile=a.compile)
+                progress=not a.no_progress, compile=a.compile, autotune=not a.no_autotune)
     manifest = json.loads((out / "manifest.json").read_text())
     checks = manifest["self_check"]["passes"]
     worst = max(r["budget_used"] for r in checks.values())
     print(f"engine written to {out} (self-check: {', '.join(checks)} within tolerance, "
           f"worst {worst:.0%} of budget)")
+    tuning = manifest["build"].get("tuning")
+    if tuning:
+        best = min(tuning["candidates"], key=lambda c: sum(c["cycle_ms"]))
+        print(f"autotuned: compile {manifest['build']['compile']['backend']}, attention splits "
+              f"{tuning['attention_splits']} (cycle {', '.join(f'{m:.3f} ms' for m in best['cycle_ms'])} at context "
+              f"{', '.join(map(str, tuning['contexts']))}; {len(tuning['candidates'])} candidates, "
+              f"{tuning['seconds']:.0f} s)")
     return 0
 
 
@@ -233,6 +244,11 @@ def cmd_info(a) -> int:
           f"{c['num_heads']}/{c['num_kv_heads']}, vocab {c['vocab_size']}, block {c['block_size']}")
     print(f"max_seq_len {m['build']['max_seq_len']}, kernels {m['build']['kernels']}, compile "
           f"{m['build']['compile']['backend']}; programs {', '.join(m['programs'])}")
+    tuning = m["build"].get("tuning")
+    if tuning:
+        print(f"autotuned on the build GPU: attention splits {tuning['attention_splits']}, "
+              f"{len(tuning['candidates'])} candidates timed at context {', '.join(map(str, tuning['contexts']))} "
+              f"in {tuning['seconds']:.0f} s; load {tuning['load_seconds']}")
     print("versions " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v))
     if m.get("self_check"):
         print("self-check " + ", ".join(f"{k} {r['budget_used']:.0%}" for k, r in m["self_check"]["passes"].items()))

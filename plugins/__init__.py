@@ -20,4 +20,15 @@ try:  # GPU kernels where Triton is installed; the reference kernels serve every
 except ImportError:
     GPU_KERNELS = None
 
+DEFAULT_ATTENTION_SPLITS = 16
+
+
+def set_attention_splits(n: int) -> None:
+    """Key-range splits of the GPU attention kernels for the launches that follow (an engine's tuned value; a
+    captured CUDA graph keeps the value it was captured with). No effect on the reference kernels."""
+    if n not in (4, 8, 16, 32, 64):
+        raise ValueError(f"attention splits must be one of 4, 8, 16, 32, 64, got {n}")
+    if GPU_KERNELS:
+        _triton_attention.SPLITS = n
+
 OPS = ("orthrus::diffusion_attention", "orthrus::cached_attention", "orthrus::accept")

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-SPLITS = 16
+SPLITS = 16  # set per engine through orthrus_plugins.set_attention_splits (build-time autotune)
 BLOCK_N = 64
 
 

@@ -77,27 +77,43 @@ class Engine:
         self.loop = Loop(programs, weights, self.k_cache, self.v_cache, cfg.block_size, cfg.mask_token_id, device)
         if device.type == "cuda":
             import orthrus_plugins
-            from orthrus_runtime.graphs import GraphedSteps
             if orthrus_plugins.GPU_KERNELS is None:
                 raise OrthrusError("this GPU engine needs Triton for its kernels: install triton")
-            with torch.no_grad():  # not inference_mode: the graph's buffers are updated outside it too
-                self.loop.graphs = GraphedSteps(self.loop, cfg.vocab_size)
+            tuning = manifest["build"].get("tuning") or {}
+            self.capture_graphs(tuning.get("attention_splits", orthrus_plugins.DEFAULT_ATTENTION_SPLITS))
+
+    def capture_graphs(self, attention_splits: int) -> None:
+        """(Re)capture the CUDA graphs of the greedy cycle and the AR step with the given attention-kernel setting
+        (compiles the Inductor passes on the first capture)."""
+        import orthrus_plugins
+        from orthrus_runtime.graphs import GraphedSteps
+        self.loop.graphs = None
+        orthrus_plugins.set_attention_splits(attention_splits)
+        self.loop.attention_splits = attention_splits
+        with torch.no_grad():  # not inference_mode: the graph's buffers are updated outside it too
+            self.loop.graphs = GraphedSteps(self.loop, self.config.vocab_size)
 
     @classmethod
     def from_parts(cls, cfg: ModelConfig, weights: dict, programs: dict, device: torch.device, max_seq_len: int,
-                   precision: str, name: str = "in-memory", compile: bool = False) -> "Engine":
+                   precision: str, name: str = "in-memory", compile: bool = False,
+                   attention_splits: int | None = None) -> "Engine":
         """An engine assembled in memory (benchmarks on random weights): same loop, programs and graphs."""
         capacity = max_seq_len + cfg.block_size
         weights = program_weights(cfg, weights, capacity)
         manifest = {"name": name, "precision": precision, "model": {"config": cfg.to_dict()},
                     "build": {"max_seq_len": max_seq_len, "cache_capacity": capacity,
-                              "compile": {"backend": "inductor" if compile else "none"}}}
+                              "compile": {"backend": "inductor" if compile else "none"},
+                              "tuning": {"attention_splits": attention_splits} if attention_splits else None}}
         return cls(Path(name), manifest, device, weights, programs, None)
 
     @classmethod
-    def load(cls, path, check_hashes: bool = True) -> "Engine":
+    def load(cls, path, check_hashes: bool = True, build_overrides: dict | None = None) -> "Engine":
+        """Load a built engine. ``build_overrides`` replaces entries of the manifest's ``build`` section in memory
+        (the build's autotuner loads each candidate this way)."""
         path = Path(path)
         manifest = verify_engine(path, check_hashes=check_hashes)
+        if build_overrides:
+            manifest = {**manifest, "build": {**manifest["build"], **build_overrides}}
         profile = load_profile(manifest["gpu"]["profile"])
         device = check_device(profile, "load this engine")
         weights = load_file(str(path / manifest["weights"]), device=str(device))

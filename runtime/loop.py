@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-import orthrus_plugins  # noqa: F401
+import orthrus_plugins
 from orthrus_plugins.sampling import filter_logits, sample_token
 from orthrus_runtime.stats import GenerationStats
 
@@ -42,6 +42,7 @@ class Loop:
         self.k_cache, self.v_cache = k_cache, v_cache
         self.b, self.mask, self.device = block_size, mask_token_id, device
         self.graphs = None  # runtime.graphs.GraphedSteps on CUDA: whole greedy cycles as CUDA graphs
+        self.attention_splits = orthrus_plugins.DEFAULT_ATTENTION_SPLITS  # the engine's tuned kernel setting
 
     def _pass(self, name: str, tokens: torch.Tensor, start: int) -> torch.Tensor:
         return self.programs[name](self.w, tokens, torch.tensor(start, device=self.device), self.k_cache, self.v_cache)
@@ -67,6 +68,7 @@ class Loop:
     def run(self, prompt: list[int], max_new_tokens: int, sampling: Sampling, seed: int, eos_ids: list[int],
             stats: GenerationStats, use_drafts: bool = True, drafter: Drafter | None = None) -> Iterator[list[int]]:
         """Yield the new tokens cycle by cycle (EOS included when generated; at most max_new_tokens in all)."""
+        orthrus_plugins.set_attention_splits(self.attention_splits)  # the eager passes launch what graphs captured
         gen = torch.Generator(device=self.device).manual_seed(seed)
         eos = set(eos_ids)
         eos_t = torch.tensor(eos_ids, dtype=torch.int64, device=self.device)

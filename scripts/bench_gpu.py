@@ -31,6 +31,8 @@ def main():
     ap.add_argument("--tiny-acceptance", type=float, default=None, help="tiny's measured acceptance length")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--compile", action="store_true", help="Inductor-compile the passes before graph capture")
+    ap.add_argument("--autotune", action="store_true",
+                    help="pick backend and attention splits with the build's autotuner (at 512 and 4096)")
     ap.add_argument("--no-tiny", action="store_true")
     a = ap.parse_args()
     contexts = [int(c) for c in a.contexts.split(",")]
@@ -52,11 +54,15 @@ def main():
     for name in a.shapes.split(","):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        cfg, engine, export_s, capture_s = build_random(name, torch.bfloat16, max(contexts), a.compile)
+        cfg, engine, export_s, capture_s, tuning = build_random(
+            name, torch.bfloat16, max(contexts), a.compile, [512, 4096] if a.autotune else None)
         print(f"qwen3-{name}: export {export_s:.1f} s, load+capture {capture_s:.1f} s", flush=True)
         r = bench_engine(engine, cfg, contexts, a.iters, result["copy_bandwidth_GBps"] * 1e9, acc,
                          a.tiny_acceptance)
         r["export_s"], r["capture_s"] = export_s, capture_s
+        r["compile"] = engine.manifest["build"]["compile"]["backend"]
+        r["attention_splits"] = engine.loop.attention_splits
+        r["tuning"] = tuning
         r["peak_gpu_memory_GB"] = torch.cuda.max_memory_allocated() / 1e9
         r["kv_cache_GB"] = 2 * engine.k_cache.numel() * engine.k_cache.element_size() / 1e9
         r["diffusion_view_persistent_kv_GB"] = 0.0  # the draft pass writes no cache: one cache serves both views
@@ -68,7 +74,7 @@ def main():
                   flush=True)
         result["shapes"][name] = r
         Path(a.out).write_text(json.dumps(result, indent=1))
-    result["compile"] = "inductor" if a.compile else "none"
+    result["compile"] = "autotuned" if a.autotune else "inductor" if a.compile else "none"
     if not a.no_tiny:
         result["tiny"] = bench_tiny(a.iters, result["copy_bandwidth_GBps"] * 1e9, acc)
     Path(a.out).write_text(json.dumps(result, indent=1))

@@ -34,7 +34,7 @@ def main():
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     bw = copy_bandwidth(torch.device("cuda"))
-    cfg, engine, _, _ = build_random(a.shape, torch.bfloat16, a.context + 64)
+    cfg, engine, _, _, _ = build_random(a.shape, torch.bfloat16, a.context + 64)
     engine.loop.graphs = None
     lp = engine.loop
     block = torch.randint(0, cfg.vocab_size, (cfg.block_size,), device="cuda")

@@ -121,3 +121,42 @@ def test_tiny_acceptance_on_gpu_within_3_percent_of_cpu(tiny_gpu):
     gpu, cpu = tokens / cycles, ev["acceptance_length_token_weighted"]
     print(f"tiny acceptance length: GPU {gpu:.3f}, CPU {cpu:.3f}")
     assert math.isclose(gpu, cpu, rel_tol=0.03)
+
+
+@pytest.mark.parametrize("splits", [8, 32])
+@pytest.mark.parametrize("n", [0, 77, 4133])
+def test_triton_attention_every_tuned_split_count(splits, n):
+    """The autotuner's alternatives compute the same attention (bf16, the 8B head layout)."""
+    from orthrus_plugins import triton_attention as ta
+    from orthrus_plugins._attention import attend
+    g = torch.Generator(device="cuda").manual_seed(n + splits)
+    q = torch.randn(32, 32, 128, device="cuda", generator=g).bfloat16()
+    k, v = (torch.randn(32, 8, 128, device="cuda", generator=g).bfloat16() for _ in range(2))
+    kc, vc = (torch.randn(2, 8, 4200, 128, device="cuda", generator=g).bfloat16() for _ in range(2))
+    keys = torch.cat([kc[0, :, :n], k.transpose(0, 1)], 1)
+    values = torch.cat([vc[0, :, :n], v.transpose(0, 1)], 1)
+    expected = attend(q, keys, values, 128 ** -0.5, None)
+    orthrus_plugins.set_attention_splits(splits)
+    try:
+        out = torch.full_like(q, float("nan"))
+        ta.attention(q, k, v, kc, vc, torch.tensor(n, device="cuda"), 0, 128 ** -0.5, False, out=out)
+    finally:
+        orthrus_plugins.set_attention_splits(orthrus_plugins.DEFAULT_ATTENTION_SPLITS)
+    err = (out.double() - expected.double()).abs().max().item()
+    assert err <= tolerance(torch.bfloat16) * (1 + expected.double().abs().max().item()), err
+
+
+def test_build_autotunes_and_records_the_choice(tiny_gpu):
+    from orthrus_runtime import Engine
+    for precision, backends in (("bf16", {"none", "inductor"}), ("fp32", {"none"})):
+        m = json.loads((tiny_gpu[precision] / "manifest.json").read_text())
+        t = m["build"]["tuning"]
+        assert {c["backend"] for c in t["candidates"]} == backends
+        assert {c["attention_splits"] for c in t["candidates"]} == {8, 16, 32}
+        assert all(len(c["cycle_ms"]) == len(t["contexts"]) and min(c["cycle_ms"]) > 0 for c in t["candidates"])
+        best = min(t["candidates"], key=lambda c: sum(c["cycle_ms"]))
+        assert (m["build"]["compile"]["backend"], t["attention_splits"]) == (best["backend"],
+                                                                            best["attention_splits"])
+        assert set(t["load_seconds"]) == backends and "autotune" in m["build"]["timings_s"]
+        engine = Engine.load(tiny_gpu[precision])
+        assert engine.loop.attention_splits == t["attention_splits"]
