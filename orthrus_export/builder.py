@@ -36,13 +36,15 @@ def engine_name(model: str, profile: str, precision: str) -> str:
 
 def build(model: str, gpu: str = "cpu", precision: str = "fp32", out: str | Path | None = None,
           max_seq_len: int = 2048, force: bool = False, progress: bool = True, self_check: bool = True,
-          compile: str = "auto", autotune: bool = True) -> Path:
+          compile: str = "auto", autotune: bool = True, onnx: str | None = None) -> Path:
     profile = load_profile(gpu)
     if precision not in DTYPES and precision != "fp8":
         raise OrthrusError(f"unknown --precision {precision!r}: choose fp32, bf16, fp16 or fp8")
     if precision not in profile.precisions:
         raise OrthrusError(f"profile {profile.name} does not support --precision {precision} "
                            f"(it supports {', '.join(profile.precisions)})")
+    if onnx not in (None, "orthrus", "decomposed", "both"):
+        raise OrthrusError(f"unknown --onnx {onnx!r}: choose orthrus, decomposed or both")
     if compile not in ("auto", "none", "inductor"):
         raise OrthrusError(f"unknown --compile {compile!r}: choose auto, none or inductor")
     if precision == "fp8":
@@ -64,6 +66,10 @@ def build(model: str, gpu: str = "cpu", precision: str = "fp32", out: str | Path
     try:
         manifest = _build_into(tmp, ckpt, profile, precision, device, max_seq_len, progress, self_check, compile,
                                autotune)
+        if onnx:
+            from orthrus_export.onnx_export import export_engine
+            for decompose in {"orthrus": [False], "decomposed": [True], "both": [False, True]}[onnx]:
+                export_engine(tmp, decompose=decompose, progress=tqdm.write if progress else (lambda m: None))
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)

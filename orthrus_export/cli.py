@@ -15,6 +15,18 @@ def _engine_arg(p):
     p.add_argument("--engine", required=True, help="engine directory (from `orthrus-export build`)")
 
 
+def _backend_args(p):
+    p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"],
+                   help="torch: the traced programs (default); onnxruntime: the engine's exported ONNX graphs")
+    p.add_argument("--onnx-variant", default="orthrus", choices=["orthrus", "decomposed"],
+                   help="which ONNX export the onnxruntime backend runs")
+
+
+def _load(a):
+    from orthrus_runtime import Engine
+    return Engine.load(a.engine, backend=a.backend, onnx_variant=a.onnx_variant)
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="orthrus-export", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -31,6 +43,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--no-autotune", action="store_true",
                    help="skip the GPU autotuner (default attention splits; --compile auto then means inductor "
                         "for bf16/fp16)")
+    b.add_argument("--onnx", nargs="?", const="orthrus", choices=["orthrus", "decomposed", "both"],
+                   help="also export ONNX graphs into the engine (orthrus-domain ops, decomposed, or both)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     r = sub.add_parser("run", help="generate from a prompt")
@@ -47,6 +61,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--no-drafts", action="store_true", help="plain AR decoding, one token per pass (baseline)")
     r.add_argument("--stream", action="store_true", help="print text as it is generated")
     r.add_argument("--json", action="store_true", help="print prompt_ids, output_ids, text and stats as JSON")
+    _backend_args(r)
 
     c = sub.add_parser("check", help="parity against the Hugging Face reference (exit 1 on failure)")
     _engine_arg(c)
@@ -55,6 +70,22 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--max-new-tokens", type=int, default=48)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--json", action="store_true")
+    _backend_args(c)
+
+    ox = sub.add_parser("onnx", help="export an engine's programs as ONNX graphs (into the engine)")
+    _engine_arg(ox)
+    ox.add_argument("--decompose", action="store_true", help="standard ONNX ops only (no orthrus-domain nodes)")
+    ox.add_argument("--external-data", action="store_true",
+                    help="weights in one external weights.bin (automatic above 2 GB)")
+    ox.add_argument("--check", action="store_true", help="then compare with the engine through Polygraphy")
+
+    oc = sub.add_parser("onnx-check", help="Polygraphy comparison of the ONNX graphs (ONNX Runtime) with the "
+                                           "engine, per pass (exit 1 on failure)")
+    _engine_arg(oc)
+    oc.add_argument("--variant", default="both", choices=["orthrus", "decomposed", "both"])
+    oc.add_argument("--save", help="directory for the saved inputs/outputs (default: inside the engine)")
+    oc.add_argument("--seed", type=int, default=0)
+    oc.add_argument("--json", action="store_true")
 
     be = sub.add_parser("bench", help="per-pass and per-cycle latency vs the memory-bandwidth floor")
     _engine_arg(be)
@@ -86,7 +117,7 @@ def parser() -> argparse.ArgumentParser:
 def cmd_build(a) -> int:
     from orthrus_export.builder import build
     out = build(a.model, gpu=a.gpu, precision=a.precision, out=a.out, max_seq_len=a.max_seq_len, force=a.force,
-                progress=not a.no_progress, compile=a.compile, autotune=not a.no_autotune)
+                progress=not a.no_progress, compile=a.compile, autotune=not a.no_autotune, onnx=a.onnx)
     manifest = json.loads((out / "manifest.json").read_text())
     checks = manifest["self_check"]["passes"]
     worst = max(r["budget_used"] for r in checks.values())
@@ -110,8 +141,7 @@ def _prompt_ids(text: str) -> list[int]:
 
 
 def cmd_run(a) -> int:
-    from orthrus_runtime import Engine
-    engine = Engine.load(a.engine)
+    engine = _load(a)
     prompt = a.prompt if a.prompt is not None else _prompt_ids(a.prompt_ids)
     kwargs = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                   seed=a.seed, use_drafts=not a.no_drafts, chat=a.chat)
@@ -137,8 +167,7 @@ def cmd_check(a) -> int:
     from orthrus_export.checkpoint import open_checkpoint
     from orthrus_export.parity import near_tie_bound, pass_parity, random_prompts, token_parity
     from orthrus_export.reference import Reference
-    from orthrus_runtime import Engine
-    engine = Engine.load(a.engine)
+    engine = _load(a)
     source = a.model or engine.manifest["model"]["checkpoint_path"]
     if not Path(source).is_dir() and source != "tiny" and not a.model:
         raise OrthrusError(f"the engine's checkpoint {source} is gone: pass --model with its new location")
@@ -232,6 +261,34 @@ def cmd_serve(a) -> int:
     return 0
 
 
+def cmd_onnx(a) -> int:
+    from orthrus_export.onnx_export import export_engine
+    variant = "decomposed" if a.decompose else "orthrus"
+    rec = export_engine(a.engine, decompose=a.decompose, external_data=True if a.external_data else None)
+    print(f"{variant} ONNX graphs written to {Path(a.engine) / rec['directory']} (opset {rec['opset']}, "
+          f"{'external' if rec['external_data'] else 'embedded'} weights, {rec['seconds']:.1f} s); the manifest "
+          f"lists them with their sha256")
+    if a.check:
+        return _onnx_check(a.engine, [variant], None, 0, False)
+    return 0
+
+
+def _onnx_check(engine, variants, save, seed, as_json) -> int:
+    from orthrus_export.onnx_parity import compare_engine
+    reports = {}
+    for v in variants:
+        reports[v] = compare_engine(engine, v, save_dir=Path(save) / v if save else None, seed=seed,
+                                    log=(lambda m: None) if as_json else print)
+    if as_json:
+        print(json.dumps(reports, indent=2))
+    return 0 if all(r["ok"] for rep in reports.values() for r in rep.values()) else 1
+
+
+def cmd_onnx_check(a) -> int:
+    variants = ["orthrus", "decomposed"] if a.variant == "both" else [a.variant]
+    return _onnx_check(a.engine, variants, a.save, a.seed, a.json)
+
+
 def cmd_info(a) -> int:
     from orthrus_export.engine_format import verify_engine
     m = verify_engine(Path(a.engine))
@@ -259,6 +316,7 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
         commands = {"build": cmd_build, "run": cmd_run, "check": cmd_check, "bench": cmd_bench, "info": cmd_info,
+                    "onnx": cmd_onnx, "onnx-check": cmd_onnx_check,
                     "triton": cmd_triton, "serve": cmd_serve}
         return commands[args.command](args)
     except OrthrusError as e:

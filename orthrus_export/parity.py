@@ -34,7 +34,7 @@ def pass_parity(engine, ref: Reference, seed: int = 0, prompt_len: int | None = 
     p = prompt_len or max(1, b // 2 + 3)
     assert p <= b
     prompt = [rng.randrange(cfg.vocab_size) for _ in range(p)]
-    dtype = engine.weights["embed"].dtype
+    dtype = engine.dtype
     loop = engine.loop
     padded = torch.tensor(prompt + [cfg.mask_token_id] * (b - p), device=engine.device)
     cache = ref.new_cache()

@@ -58,7 +58,7 @@ class TextStream:
 
 class Engine:
     def __init__(self, path: Path, manifest: dict, device: torch.device, weights: dict, programs: dict,
-                 tokenizer):
+                 tokenizer, backend: str = "torch"):
         self.path, self.manifest, self.device = path, manifest, device
         self.config = ModelConfig.from_dict(manifest["model"]["config"])
         self.block_size = self.config.block_size
@@ -67,14 +67,17 @@ class Engine:
         self.tokenizer = tokenizer
         self.weights = weights
         self.programs = programs
-        dtype = weights["embed"].dtype
+        from orthrus_export.profiles import DTYPES
+        dtype = self.dtype = DTYPES[manifest["precision"]]
+        self.backend = backend
         cfg = self.config
         shape = (cfg.num_layers, cfg.num_kv_heads, self.capacity, cfg.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
-        if manifest["build"].get("compile", {}).get("backend") == "inductor":
+        if backend == "torch" and manifest["build"].get("compile", {}).get("backend") == "inductor":
             programs = compiled_passes(cfg, programs)
-        self.loop = Loop(programs, weights, self.k_cache, self.v_cache, cfg.block_size, cfg.mask_token_id, device)
+        self.loop = Loop(programs, weights, self.k_cache, self.v_cache, cfg.block_size, cfg.mask_token_id, device,
+                         cfg.vocab_size)
         if device.type == "cuda":
             import orthrus_plugins
             if orthrus_plugins.GPU_KERNELS is None:
@@ -107,13 +110,23 @@ class Engine:
         return cls(Path(name), manifest, device, weights, programs, None)
 
     @classmethod
-    def load(cls, path, check_hashes: bool = True, build_overrides: dict | None = None) -> "Engine":
-        """Load a built engine. ``build_overrides`` replaces entries of the manifest's ``build`` section in memory
-        (the build's autotuner loads each candidate this way)."""
+    def load(cls, path, check_hashes: bool = True, build_overrides: dict | None = None, backend: str = "torch",
+             onnx_variant: str = "orthrus") -> "Engine":
+        """Load a built engine. ``backend="onnxruntime"`` runs its exported ONNX graphs (``onnx_variant``
+        "orthrus" or "decomposed") with ONNX Runtime on the CPU instead of the traced programs.
+        ``build_overrides`` replaces entries of the manifest's ``build`` section in memory (the build's
+        autotuner loads each candidate this way)."""
         path = Path(path)
         manifest = verify_engine(path, check_hashes=check_hashes)
         if build_overrides:
             manifest = {**manifest, "build": {**manifest["build"], **build_overrides}}
+        if backend not in ("torch", "onnxruntime"):
+            raise OrthrusError(f"unknown backend {backend!r}: choose torch or onnxruntime")
+        if backend == "onnxruntime":
+            from orthrus_runtime.onnx_backend import load_programs
+            programs = load_programs(path, manifest, onnx_variant)
+            return cls(path, manifest, torch.device("cpu"), {}, programs, cls._tokenizer(path, manifest),
+                       backend="onnxruntime")
         profile = load_profile(manifest["gpu"]["profile"])
         device = check_device(profile, "load this engine")
         weights = load_file(str(path / manifest["weights"]), device=str(device))
@@ -123,11 +136,14 @@ class Engine:
         for name, info in manifest["programs"].items():
             ep = deserialize_program((path / info["file"]).read_bytes(), f"program {info['file']}")
             programs[name] = ep.module()
-        tokenizer = None
-        if manifest.get("tokenizer"):
-            from orthrus_runtime.tokenizer import EngineTokenizer
-            tokenizer = EngineTokenizer(path / manifest["tokenizer"])
-        return cls(path, manifest, device, weights, programs, tokenizer)
+        return cls(path, manifest, device, weights, programs, cls._tokenizer(path, manifest))
+
+    @staticmethod
+    def _tokenizer(path: Path, manifest: dict):
+        if not manifest.get("tokenizer"):
+            return None
+        from orthrus_runtime.tokenizer import EngineTokenizer
+        return EngineTokenizer(path / manifest["tokenizer"])
 
     # ---- inputs ---------------------------------------------------------------------------------------------
     def encode(self, prompt, chat: bool = False) -> list[int]:

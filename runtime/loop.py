@@ -37,10 +37,10 @@ Drafter = Callable[[int, int, list[int]], list[int]]
 
 class Loop:
     def __init__(self, programs: dict, weights: dict, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 block_size: int, mask_token_id: int, device: torch.device):
+                 block_size: int, mask_token_id: int, device: torch.device, vocab_size: int):
         self.programs, self.w = programs, weights
         self.k_cache, self.v_cache = k_cache, v_cache
-        self.b, self.mask, self.device = block_size, mask_token_id, device
+        self.b, self.mask, self.device, self.vocab_size = block_size, mask_token_id, device, vocab_size
         self.graphs = None  # runtime.graphs.GraphedSteps on CUDA: whole greedy cycles as CUDA graphs
         self.attention_splits = orthrus_plugins.DEFAULT_ATTENTION_SPLITS  # the engine's tuned kernel setting
 
@@ -122,7 +122,7 @@ class Loop:
             drafts = self._choose(draft_logits[:-1], sampling, gen)
         else:
             drafts = torch.tensor(drafter(s, x, history)[:b - 1], dtype=torch.int64, device=self.device)
-            draft_logits = torch.full((b, self.w["embed"].shape[0]), float("-inf"), device=self.device)
+            draft_logits = torch.full((b, self.vocab_size), float("-inf"), device=self.device)
             draft_logits[torch.arange(b - 1), drafts] = 0.0  # q = one-hot at the draft
             draft_logits[b - 1] = 0.0
         block = torch.cat([torch.tensor([x], device=self.device), drafts])

@@ -1,0 +1,77 @@
+"""The ``onnxruntime`` backend: an engine's exported ONNX graphs (``orthrus-export onnx``) run by ONNX Runtime on
+the CPU, behind the same program interface as the traced programs, so the same cycle loop drives them.
+
+A program is called as ``program(weights, tokens, start, k_cache, v_cache)`` and returns float32 logits; programs
+that write the cache (verify, decode) write the updated layers back into the engine's ``[L, Hkv, C, D]`` caches,
+which is what the traced programs do in place. The ``orthrus``-domain nodes run the plugins' reference
+implementations through onnxruntime-extensions' Python custom ops (:mod:`orthrus_runtime.onnx_ops`); the
+decomposed graphs need nothing beyond ONNX Runtime.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from orthrus_export.errors import OrthrusError
+
+VARIANTS = ("orthrus", "decomposed")
+
+
+def session(path: Path, variant: str):
+    """An ONNX Runtime CPU session of one exported graph (custom ops registered for the orthrus variant)."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if variant == "decomposed":
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    import onnx
+
+    from orthrus_runtime import onnx_ops
+    so.register_custom_ops_library(onnx_ops.library_path())
+    model = onnx.load(str(path))  # external data (if any) is read into memory: the graph is rewritten below
+    onnx_ops.to_extension_domain(model)
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+class OrtProgram:
+    def __init__(self, path: Path, variant: str):
+        self.session = session(path, variant)
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.writes_cache = len(self.outputs) > 1
+        self.inputs = {i.name for i in self.session.get_inputs()}
+
+    def feed(self, tokens: torch.Tensor, start: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> dict:
+        feed = {"tokens": tokens.cpu().numpy().astype(np.int64),
+                "cache_len": np.asarray(int(start), dtype=np.int64)}
+        for i in range(k_cache.shape[0]):
+            feed[f"k_cache.{i}"] = k_cache[i].numpy()
+            feed[f"v_cache.{i}"] = v_cache[i].numpy()
+        return feed
+
+    def __call__(self, weights, tokens, start, k_cache, v_cache) -> torch.Tensor:
+        outs = self.session.run(None, self.feed(tokens, start, k_cache, v_cache))
+        if self.writes_cache:
+            for name, value in zip(self.outputs[1:], outs[1:]):
+                kind, layer = name.split("_cache_out.")
+                (k_cache if kind == "k" else v_cache)[int(layer)].copy_(torch.from_numpy(value))
+        return torch.from_numpy(outs[0])
+
+
+def load_programs(engine_dir: Path, manifest: dict, variant: str) -> dict:
+    if variant not in VARIANTS:
+        raise OrthrusError(f"unknown ONNX variant {variant!r}: choose {' or '.join(VARIANTS)}")
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise OrthrusError("the onnxruntime backend needs ONNX Runtime: pip install 'orthrus-export[onnx]'") from None
+    record = (manifest.get("onnx") or {}).get(variant)
+    if record is None:
+        flag = " --decompose" if variant == "decomposed" else ""
+        raise OrthrusError(f"engine {engine_dir.name} has no {variant} ONNX export: run `orthrus-export onnx --engine "
+                           f"{engine_dir}{flag}` first")
+    if manifest["precision"] != "fp32":
+        raise OrthrusError(f"the onnxruntime backend runs fp32 engines (ONNX Runtime's CPU provider lacks "
+                           f"{manifest['precision']} kernels for these graphs); this engine is "
+                           f"{manifest['precision']}: build one with --precision fp32")
+    return {name: OrtProgram(engine_dir / rel, variant) for name, rel in record["graphs"].items()}
