@@ -19,7 +19,7 @@ from orthrus_export.checkpoint import ZOO, open_checkpoint
 from orthrus_export.engine_format import MANIFEST, SCHEMA, SCHEMA_VERSION, library_versions, write_manifest
 from orthrus_export.errors import OrthrusError
 from orthrus_export.exporter import PROGRAMS, custom_op_nodes, export_program, program_tokens, serialize_program
-from orthrus_export.profiles import DTYPES, check_device, device_description, load_profile
+from orthrus_export.profiles import COMPUTE_DTYPES, DTYPES, check_device, device_description, load_profile
 
 WEIGHTS = "weights.safetensors"
 
@@ -36,10 +36,13 @@ def engine_name(model: str, profile: str, precision: str) -> str:
 
 def build(model: str, gpu: str = "cpu", precision: str = "fp32", out: str | Path | None = None,
           max_seq_len: int = 2048, force: bool = False, progress: bool = True, self_check: bool = True,
-          compile: str = "auto", autotune: bool = True, onnx: str | None = None) -> Path:
+          compile: str = "auto", autotune: bool = True, onnx: str | None = None, fp8_lm_head: bool = False) -> Path:
     profile = load_profile(gpu)
     if precision not in DTYPES and precision != "fp8":
         raise OrthrusError(f"unknown --precision {precision!r}: choose fp32, bf16, fp16 or fp8")
+    if precision == "fp8" and precision not in profile.precisions:
+        raise OrthrusError(f"profile {profile.name} has no FP8 support ({profile.description}): use --precision "
+                           f"bf16, or build on an FP8 GPU (h100, h200, l40s; --gpu cpu builds an emulated one)")
     if precision not in profile.precisions:
         raise OrthrusError(f"profile {profile.name} does not support --precision {precision} "
                            f"(it supports {', '.join(profile.precisions)})")
@@ -47,8 +50,6 @@ def build(model: str, gpu: str = "cpu", precision: str = "fp32", out: str | Path
         raise OrthrusError(f"unknown --onnx {onnx!r}: choose orthrus, decomposed or both")
     if compile not in ("auto", "none", "inductor"):
         raise OrthrusError(f"unknown --compile {compile!r}: choose auto, none or inductor")
-    if precision == "fp8":
-        raise OrthrusError("fp8 engines are not implemented yet: use --precision bf16")
     device = check_device(profile, "build")
     ckpt = open_checkpoint(model)
     cfg = ckpt.config
@@ -65,7 +66,7 @@ def build(model: str, gpu: str = "cpu", precision: str = "fp32", out: str | Path
     tmp.mkdir()
     try:
         manifest = _build_into(tmp, ckpt, profile, precision, device, max_seq_len, progress, self_check, compile,
-                               autotune)
+                               autotune, fp8_lm_head)
         if onnx:
             from orthrus_export.onnx_export import export_engine
             for decompose in {"orthrus": [False], "decomposed": [True], "both": [False, True]}[onnx]:
@@ -109,9 +110,9 @@ def _kernels(device) -> str:
 
 
 def _build_into(tmp: Path, ckpt, profile, precision, device, max_seq_len, progress, self_check, compile,
-                autotune) -> dict:
+                autotune, fp8_lm_head=False) -> dict:
     cfg = ckpt.config
-    dtype = DTYPES[precision]
+    dtype = COMPUTE_DTYPES[precision]
     capacity = max_seq_len + cfg.block_size  # a cycle at the last position writes a whole block
     backends = _compile_backends(device, precision, compile)
     tune = device.type == "cuda" and autotune
@@ -130,6 +131,10 @@ def _build_into(tmp: Path, ckpt, profile, precision, device, max_seq_len, progre
 
     step("pack weights")
     weights = ckpt.packed_weights(dtype)
+    fp8 = None
+    if precision == "fp8":
+        from orthrus_export.fp8 import quantize_engine_weights
+        weights, fp8 = quantize_engine_weights(cfg, weights, fp8_lm_head, device)
     save_file(weights, str(tmp / WEIGHTS), metadata={"format": "orthrus-engine"})
     weights = {k: v.to(device) for k, v in weights.items()}
     from orthrus_export.model import program_weights
@@ -169,6 +174,7 @@ def _build_into(tmp: Path, ckpt, profile, precision, device, max_seq_len, progre
         "weights": WEIGHTS,
         "programs": programs,
         "tokenizer": "tokenizer" if tok_files else None,
+        "fp8": fp8,
     }
     write_manifest(tmp, manifest)
     done("write engine")
@@ -199,15 +205,19 @@ def _build_into(tmp: Path, ckpt, profile, precision, device, max_seq_len, progre
             t_load = time.perf_counter()
             engine = Engine.load(tmp)  # compiles (--compile inductor) and captures CUDA graphs on GPUs
             manifest["build"]["load_seconds"] = round(time.perf_counter() - t_load, 3)
-        ref = Reference(ckpt, torch.float32)
-        results = pass_parity(engine, ref, seed=0)
+        if precision == "fp8":  # lossless relative to the quantized base: the engine against its own AR
+            from orthrus_export.parity import ar_consistency
+            results = ar_consistency(engine, seed=0)
+        else:
+            results = pass_parity(engine, Reference(ckpt, torch.float32), seed=0)
         failed = [k for k, r in results.items() if not r["ok"]]
         if failed:
             worst = max(results.values(), key=lambda r: r["budget_used"])
             raise OrthrusError(f"parity self-check failed for {', '.join(failed)} (max |Δlogits| "
                                f"{worst['max_abs_diff']:.3g}, {worst['budget_used']:.1f}x the tolerance): "
                                "the engine was not written")
-        manifest["self_check"] = {"reference": "transformers fp32", "passes": results}
+        manifest["self_check"] = {"reference": "the engine's own AR decode steps" if precision == "fp8"
+                                  else "transformers fp32", "passes": results}
     else:
         manifest["self_check"] = None
     done("parity self-check")

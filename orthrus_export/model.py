@@ -44,6 +44,14 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + rotated * sin
 
 
+def linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """``x @ w[name].T``; an FP8 engine's quantized weights (``name`` + ``.scale`` present) go through
+    ``orthrus::fp8_linear``."""
+    if name + ".scale" in w:
+        return torch.ops.orthrus.fp8_linear(x, w[name], w[name + ".scale"])
+    return F.linear(x, w[name])
+
+
 def forward(cfg: ModelConfig, view: str, w: dict[str, torch.Tensor], tokens: torch.Tensor, start: torch.Tensor,
             k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
     """Logits [T, V] (float32) of one pass of ``view`` over ``tokens`` at positions ``start … start+T-1``.
@@ -61,7 +69,7 @@ def forward(cfg: ModelConfig, view: str, w: dict[str, torch.Tensor], tokens: tor
     for n in range(cfg.num_layers):
         p = f"layers.{n}."
         h = rms_norm(x, w[p + "attn_norm"], cfg.rms_norm_eps)
-        qkv = F.linear(h, w[f"{p}{view}.qkv"])
+        qkv = linear(h, w, f"{p}{view}.qkv")
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         q = rms_norm(q.reshape(t, cfg.num_heads, cfg.head_dim), w[f"{p}{view}.q_norm"], cfg.rms_norm_eps)
         k = rms_norm(k.reshape(t, cfg.num_kv_heads, cfg.head_dim), w[f"{p}{view}.k_norm"], cfg.rms_norm_eps)
@@ -71,11 +79,13 @@ def forward(cfg: ModelConfig, view: str, w: dict[str, torch.Tensor], tokens: tor
             o = torch.ops.orthrus.cached_attention(q, k, v, k_cache, v_cache, start, n, scale)
         else:
             o = torch.ops.orthrus.diffusion_attention(q, k, v, k_cache, v_cache, start, n, scale)
-        x = x + F.linear(o.reshape(t, cfg.q_size), w[f"{p}{view}.o"])
+        x = x + linear(o.reshape(t, cfg.q_size), w, f"{p}{view}.o")
         h = rms_norm(x, w[p + "mlp_norm"], cfg.rms_norm_eps)
-        gate, up = F.linear(h, w[p + "gate_up"]).chunk(2, dim=-1)
-        x = x + F.linear(F.silu(gate) * up, w[p + "down"])
+        gate, up = linear(h, w, p + "gate_up").chunk(2, dim=-1)
+        x = x + linear(F.silu(gate) * up, w, p + "down")
     x = rms_norm(x, w["norm"], cfg.rms_norm_eps)
+    if "lm_head.scale" in w:  # FP8 head (a quantized copy of the tied embedding, or of lm_head)
+        return linear(x, w, "lm_head").float()
     head = w["embed"] if cfg.tie_word_embeddings else w["lm_head"]
     return F.linear(x, head).float()
 

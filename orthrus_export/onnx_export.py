@@ -304,20 +304,61 @@ class _Converter:
         return g.op("Cast", [out], to=_DTYPES[_meta(q).dtype])
 
 
-def convert(ep, cfg, weights: dict, name: str, decompose: bool) -> tuple[onnx.ModelProto, list[str]]:
-    """The ONNX model of one traced program (weights as initializers, in memory) and the weight names it uses."""
+def _external(t: torch.Tensor, name: str, offset: int, length: int) -> TensorProto:
+    p = TensorProto()
+    p.name, p.data_type = name, _DTYPES[t.dtype]
+    p.dims.extend(t.shape)
+    p.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", WEIGHTS_FILE), ("offset", str(offset)), ("length", str(length))):
+        e = p.external_data.add()
+        e.key, e.value = key, value
+    return p
+
+
+def convert(ep, cfg, weights: dict, name: str, decompose: bool,
+            offsets: dict[str, tuple[int, int]] | None = None) -> onnx.ModelProto:
+    """The ONNX model of one traced program. Weights become initializers: in the model, or with ``offsets``
+    references into the shared external ``weights.bin``."""
     c = _Converter(ep, cfg, decompose)
     inputs, outputs = c.run()
     used = sorted(c.used_weights)
-    inits = [_tensor_proto(weights[k], k) for k in used] + c.g.inits
-    graph = helper.make_graph(c.g.nodes, f"orthrus_{name}", inputs, outputs, initializer=inits,
+    inits = [_external(weights[k], k, *offsets[k]) if offsets else _tensor_proto(weights[k], k) for k in used]
+    graph = helper.make_graph(c.g.nodes, f"orthrus_{name}", inputs, outputs, initializer=inits + c.g.inits,
                               value_info=c.value_info)
     opsets = [helper.make_opsetid("", OPSET)]
     if not decompose:
         opsets.append(helper.make_opsetid(DOMAIN, 1))
-    model = helper.make_model(graph, opset_imports=opsets, producer_name="orthrus-export",
-                              doc_string=f"Orthrus {name} pass ({'standard ops' if decompose else 'orthrus ops'})")
-    return model, used
+    return helper.make_model(graph, opset_imports=opsets, producer_name="orthrus-export",
+                             doc_string=f"Orthrus {name} pass ({'standard ops' if decompose else 'orthrus ops'})")
+
+
+def write_graphs(programs: dict, cfg, weights: dict, out_dir: Path, decompose: bool, external: bool,
+                 progress=print) -> None:
+    """Convert ``programs`` (name -> ExportedProgram), save each as ``<name>.onnx`` in ``out_dir`` (plus
+    ``weights.bin`` when ``external``), and check each file (onnx.checker full check, strict shape inference)."""
+    offsets: dict[str, tuple[int, int]] = {}
+    if external:
+        with open(out_dir / WEIGHTS_FILE, "wb") as f:
+            for k, t in weights.items():
+                data = t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+                offsets[k] = (f.tell(), len(data))
+                f.write(data)
+                f.write(b"\0" * ((-f.tell()) % 64))
+    variant = "decomposed" if decompose else "orthrus"
+    for name, ep in programs.items():
+        if not isinstance(ep, torch.export.ExportedProgram):
+            ep = ep()  # a loader: programs are deserialized one at a time
+        model = convert(ep, cfg, weights, name, decompose, offsets or None)
+        path = out_dir / f"{name}.onnx"
+        onnx.save_model(model, str(path))
+        n_nodes = len(model.graph.node)
+        del model
+        onnx.checker.check_model(str(path), full_check=True)
+        inferred = out_dir / f".{name}.inferred.onnx"
+        onnx.shape_inference.infer_shapes_path(str(path), str(inferred), check_type=True, strict_mode=True)
+        inferred.unlink()
+        progress(f"onnx {variant}: {name}.onnx ({path.stat().st_size / 1e6:.1f} MB, {n_nodes} nodes) passes "
+                 f"onnx.checker (full) and strict shape inference")
 
 
 def _sha256(path: Path) -> str:
@@ -356,36 +397,10 @@ def export_engine(engine_dir, decompose: bool = False, external_data: bool | Non
     tmp.mkdir()
     files = {}
     try:
-        offsets: dict[str, tuple[int, int]] = {}
-        if external:
-            with open(tmp / WEIGHTS_FILE, "wb") as f:
-                for k, t in weights.items():
-                    data = _tensor_proto(t, k).raw_data
-                    offsets[k] = (f.tell(), len(data))
-                    f.write(data)
-                    pad = (-f.tell()) % 64
-                    f.write(b"\0" * pad)
-        for name, info in manifest["programs"].items():
-            ep = deserialize_program((engine_dir / info["file"]).read_bytes(), f"program {info['file']}")
-            model, used = convert(ep, cfg, weights, name, decompose)
-            if external:
-                for init in model.graph.initializer:
-                    if init.name in offsets:
-                        off, length = offsets[init.name]
-                        init.ClearField("raw_data")
-                        init.data_location = TensorProto.EXTERNAL
-                        for key, value in (("location", WEIGHTS_FILE), ("offset", str(off)),
-                                           ("length", str(length))):
-                            e = init.external_data.add()
-                            e.key, e.value = key, value
-            path = tmp / f"{name}.onnx"
-            onnx.save_model(model, str(path))
-            onnx.checker.check_model(str(path), full_check=True)
-            onnx.shape_inference.infer_shapes_path(str(path), str(tmp / f".{name}.inferred.onnx"), check_type=True,
-                                                   strict_mode=True)
-            (tmp / f".{name}.inferred.onnx").unlink()
-            progress(f"onnx {variant}: {name}.onnx ({path.stat().st_size / 1e6:.1f} MB, {len(model.graph.node)} "
-                     f"nodes) passes onnx.checker (full) and strict shape inference")
+        programs = {name: (lambda info=info: deserialize_program((engine_dir / info["file"]).read_bytes(),
+                                                                 f"program {info['file']}"))
+                    for name, info in manifest["programs"].items()}
+        write_graphs(programs, cfg, weights, tmp, decompose, external, progress)
         for p in sorted(tmp.iterdir()):
             files[f"{sub}/{p.name}"] = _sha256(p)
         final = engine_dir / sub

@@ -89,3 +89,27 @@ def token_parity(engine, ref: Reference, prompts: list[list[int]], max_new_token
                      divergence_margin(ref, prompt, expected[:first_diff], near_tie),
                      "acceptance_length": orthrus.stats.acceptance_length, "tpf": orthrus.stats.tpf})
     return rows
+
+
+@torch.no_grad()
+def ar_consistency(engine, seed: int = 0) -> dict:
+    """An engine against itself: a verify block's logits vs the same tokens decoded one at a time (decode program),
+    within the compute dtype's tolerance — the property that makes Orthrus output equal the engine's own AR
+    output. The parity self-check of engines that have no bit-level reference (FP8: lossless relative to the
+    quantized base, DESIGN.md §2); the draft pass must be finite."""
+    cfg, b = engine.config, engine.block_size
+    rng = random.Random(seed)
+    loop = engine.loop
+    p = b // 2 + 3
+    prompt = [rng.randrange(cfg.vocab_size) for _ in range(p)] + [cfg.mask_token_id] * (b - p)
+    loop._pass("verify", torch.tensor(prompt, device=engine.device), 0)
+    block = [rng.randrange(cfg.vocab_size) for _ in range(b)]
+    draft = loop._pass("draft", torch.tensor([block[0]] + [cfg.mask_token_id] * (b - 1), device=engine.device), p)
+    verify = loop._pass("verify", torch.tensor(block, device=engine.device), p).cpu()
+    steps = torch.cat([loop._pass("decode", torch.tensor([t], device=engine.device), p + i).cpu()
+                       for i, t in enumerate(block)])
+    result = compare(verify, steps, engine.dtype)
+    result["draft_finite"] = bool(torch.isfinite(draft).all())
+    result["ok"] = result["ok"] and result["draft_finite"]
+    result["what"] = "verify-block logits vs one-token decode logits of the same tokens (the engine's own AR)"
+    return {"verify_vs_decode": result}

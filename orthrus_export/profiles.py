@@ -11,6 +11,8 @@ from orthrus_export.errors import OrthrusError
 
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "engines" / "profiles"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# the dtype activations, norms, embeddings and the cache use: FP8 engines quantize their linear weights only
+COMPUTE_DTYPES = {**DTYPES, "fp8": torch.bfloat16}
 
 
 @dataclass(frozen=True)

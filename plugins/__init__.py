@@ -5,13 +5,16 @@ Importing this package registers every op with ``torch.library``:
 - ``orthrus::diffusion_attention`` (:mod:`orthrus_plugins.diffusion_attention`)
 - ``orthrus::cached_attention``    (:mod:`orthrus_plugins.cached_attention`)
 - ``orthrus::accept``              (:mod:`orthrus_plugins.accept`)
+- ``orthrus::fp8_linear``          (:mod:`orthrus_plugins.fp8_linear`)
 
 Each op has a plain reference implementation (the CPU kernel) and a fake implementation so that
 ``torch.export`` keeps it as a single node. Each module's docstring is the op's contract.
 """
 
-from orthrus_plugins import accept, cached_attention, diffusion_attention  # noqa: F401  (registers the ops)
+from orthrus_plugins import accept, cached_attention, diffusion_attention, fp8_linear  # noqa: F401  (registers)
 from orthrus_plugins.sampling import filter_logits, sample_token  # noqa: F401
+
+fp8_linear.register_cuda()  # torch._scaled_mm (no Triton needed)
 
 try:  # GPU kernels where Triton is installed; the reference kernels serve every other device
     from orthrus_plugins import triton_attention as _triton_attention
@@ -31,4 +34,4 @@ def set_attention_splits(n: int) -> None:
     if GPU_KERNELS:
         _triton_attention.SPLITS = n
 
-OPS = ("orthrus::diffusion_attention", "orthrus::cached_attention", "orthrus::accept")
+OPS = ("orthrus::diffusion_attention", "orthrus::cached_attention", "orthrus::accept", "orthrus::fp8_linear")

@@ -67,13 +67,17 @@ class Engine:
         self.tokenizer = tokenizer
         self.weights = weights
         self.programs = programs
-        from orthrus_export.profiles import DTYPES
-        dtype = self.dtype = DTYPES[manifest["precision"]]
+        from orthrus_export.profiles import COMPUTE_DTYPES
+        dtype = self.dtype = COMPUTE_DTYPES[manifest["precision"]]
         self.backend = backend
         cfg = self.config
         shape = (cfg.num_layers, cfg.num_kv_heads, self.capacity, cfg.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        kernel = ((manifest.get("fp8") or {}).get("kernel") or {}).get("name")
+        if kernel and device.type == "cuda":
+            from orthrus_plugins import fp8_linear
+            fp8_linear.set_cuda_kernel(kernel)
         if backend == "torch" and manifest["build"].get("compile", {}).get("backend") == "inductor":
             programs = compiled_passes(cfg, programs)
         self.loop = Loop(programs, weights, self.k_cache, self.v_cache, cfg.block_size, cfg.mask_token_id, device,

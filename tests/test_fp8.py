@@ -1,0 +1,108 @@
+"""FP8 engines: the fp8_linear op and weight quantization, an emulated FP8 `tiny` engine built and checked on the CPU
+(lossless against its own AR decoding, quality against BF16), and the refusal on a profile without FP8."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from orthrus_export.cli import main
+from orthrus_export.parity import compare
+from orthrus_plugins.fp8_linear import E4M3_MAX, dequantize_weight, quantize_rows, quantize_weight
+
+
+def test_weight_quantization_per_output_channel():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 64, generator=g) * torch.logspace(-3, 1, 96)[:, None]  # rows of very different scale
+    q, s = quantize_weight(w)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (96,) and s.dtype == torch.float32
+    assert torch.allclose(s, w.abs().amax(1) / E4M3_MAX)
+    assert torch.equal(q.float().abs().amax(1), torch.full((96,), E4M3_MAX))  # each row's absmax maps to 448
+    err = (dequantize_weight(q, s) - w).abs()
+    # e4m3 keeps 3 mantissa bits: round-to-nearest error <= 2^-4 relative, or half the subnormal step 2^-10·scale
+    assert (err <= torch.maximum(w.abs() * 2 ** -4, s[:, None] * 2 ** -10) * 1.0001).all()
+
+
+@pytest.mark.parametrize("m", [1, 5, 32])
+def test_fp8_linear_reference_matches_float64(m):
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 64, generator=g).bfloat16()
+    w = torch.randn(48, 64, generator=g) * 0.05
+    q, s = quantize_weight(w)
+    out = torch.ops.orthrus.fp8_linear(x, q, s)
+    xq, xs = quantize_rows(x)
+    expected = (xq.double() * xs.double()) @ (q.double() * s.double()[:, None]).t()
+    assert out.dtype == torch.bfloat16 and out.shape == (m, 48)
+    assert compare(out.float(), expected.float(), torch.bfloat16)["ok"]
+    # rows are independent: each row alone gives the same values as inside the block
+    rows = torch.cat([torch.ops.orthrus.fp8_linear(x[i:i + 1], q, s) for i in range(m)])
+    assert torch.equal(rows, out)
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        torch.ops.orthrus.fp8_linear(x, w, s)
+
+
+@pytest.fixture(scope="module")
+def fp8_tiny(tmp_path_factory):
+    from orthrus_export.builder import build
+    root = tmp_path_factory.mktemp("fp8")
+    return build("tiny", precision="fp8", out=root / "tiny-fp8", max_seq_len=512, progress=False)
+
+
+def test_fp8_engine_layout_and_manifest(fp8_tiny, models):
+    m = json.loads((fp8_tiny / "manifest.json").read_text())
+    assert m["precision"] == "fp8" and m["fp8"]["lm_head"] == "bf16" and m["fp8"]["kernel"]["name"] == "reference"
+    assert m["self_check"]["reference"] == "the engine's own AR decode steps"
+    assert all(r["ok"] for r in m["self_check"]["passes"].values())
+    with safe_open(str(fp8_tiny / m["weights"]), framework="pt") as f:
+        names = set(f.keys())
+        for name in names:
+            t = f.get_tensor(name)
+            if name.endswith((".qkv", ".o", ".gate_up", ".down")):
+                assert t.dtype == torch.float8_e4m3fn and f.get_tensor(name + ".scale").dtype == torch.float32
+            elif not name.endswith(".scale"):
+                assert t.dtype == torch.bfloat16, name
+    assert "layers.0.diff.qkv.scale" in names and "layers.7.down.scale" in names and "lm_head" not in names
+    bf16 = models.engine_path("tiny", "bf16", 512)
+    fp8_bytes = (fp8_tiny / m["weights"]).stat().st_size
+    bf16_bytes = (bf16 / "weights.safetensors").stat().st_size
+    print(f"tiny weights: fp8 {fp8_bytes} B, bf16 {bf16_bytes} B")
+    assert fp8_bytes < 0.75 * bf16_bytes  # linear layers halve; the tied 6144x256 embedding stays bf16
+
+
+def test_fp8_engine_orthrus_equals_its_own_ar(fp8_tiny):
+    from orthrus_export.checkpoint import TINY_DIR
+    from orthrus_runtime import Engine
+    engine = Engine.load(fp8_tiny)
+    prompts = json.loads((TINY_DIR / "heldout_prompts.json").read_text())[:8]
+    for p in prompts:
+        a = engine.generate(p["text"], max_new_tokens=48)
+        b = engine.generate(p["text"], max_new_tokens=48, use_drafts=False)
+        assert a.output_ids == b.output_ids
+        assert a.stats.cycles < 48  # drafts are accepted
+
+
+def test_check_against_bf16_reports_quality(fp8_tiny, capsys):
+    assert main(["check", "--engine", str(fp8_tiny), "--against", "bf16", "--prompts", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    q = report["quality_vs_bf16"]
+    print(q)
+    assert q["text"] == "tiny held-out prompts" and q["positions"] > 1000
+    assert 0.9 < q["top1_agreement"] <= 1.0 and abs(q["perplexity_delta_relative"]) < 0.05
+    assert report["passes"]["verify_vs_decode"]["ok"]
+
+
+def test_fp8_lm_head_flag_quantizes_the_head(tmp_path):
+    from orthrus_export.builder import build
+    out = build("tiny", precision="fp8", out=tmp_path / "e", max_seq_len=128, progress=False, fp8_lm_head=True)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["fp8"]["lm_head"] == "fp8"
+    with safe_open(str(out / m["weights"]), framework="pt") as f:
+        assert f.get_tensor("lm_head").dtype == torch.float8_e4m3fn and f.get_tensor("embed").dtype == torch.bfloat16
+
+
+def test_fp8_refused_on_a_profile_without_fp8(capsys, tmp_path):
+    assert main(["build", "--model", "tiny", "--gpu", "a100", "--precision", "fp8", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "a100 has no FP8 support" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
