@@ -201,12 +201,16 @@ def hf_generate_tokens_per_s(cfg: ModelConfig, dtype, prompt_len=512, new=32) ->
     return new / dt
 
 
-def build_random(name, dtype, max_ctx, compile=False, autotune_contexts=None, log=print):
+def build_random(name, dtype, max_ctx, compile=False, autotune_contexts=None, log=print, precision="bf16"):
     """An in-memory engine at a published shape with random weights. With ``autotune_contexts`` the build-time
     autotuner picks the backend (``compile`` ignored) and the attention splits, as ``orthrus-export build`` does;
     returns ``(cfg, engine, export seconds, load seconds, tuning record or None)``."""
     cfg = qwen3_config(name)
     weights = random_weights(cfg, dtype)
+    fp8 = None
+    if precision == "fp8":  # e4m3 linear layers with per-channel scales, as an FP8 build makes them (head bf16)
+        from orthrus_export.fp8 import quantize_engine_weights
+        weights, fp8 = quantize_engine_weights(cfg, weights, False, torch.device("cuda"), keep_on_device=True)
     capacity = max_ctx + 2 * cfg.block_size
     full = program_weights(cfg, weights, capacity + cfg.block_size)
     t0 = time.perf_counter()
@@ -215,8 +219,10 @@ def build_random(name, dtype, max_ctx, compile=False, autotune_contexts=None, lo
     from orthrus_runtime import Engine
 
     def load(backend):
-        return Engine.from_parts(cfg, weights, programs, torch.device("cuda"), capacity, "bf16", f"qwen3-{name}",
-                                 compile=backend == "inductor")
+        engine = Engine.from_parts(cfg, weights, programs, torch.device("cuda"), capacity, precision,
+                                   f"qwen3-{name}", compile=backend == "inductor")
+        engine.manifest["fp8"] = fp8
+        return engine
     t0 = time.perf_counter()
     if autotune_contexts:
         from orthrus_export.autotune import autotune

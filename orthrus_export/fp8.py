@@ -15,18 +15,20 @@ from orthrus_plugins import fp8_linear as op
 LINEAR_SUFFIXES = (".qkv", ".o", ".gate_up", ".down")
 
 
-def quantize_engine_weights(cfg, weights: dict, fp8_lm_head: bool, device: torch.device) -> tuple[dict, dict]:
+def quantize_engine_weights(cfg, weights: dict, fp8_lm_head: bool, device: torch.device,
+                            keep_on_device: bool = False) -> tuple[dict, dict]:
     out = {}
+    home = (lambda t: t) if keep_on_device else (lambda t: t.cpu())
     for name, t in weights.items():
         if name.endswith(LINEAR_SUFFIXES):
             q, s = op.quantize_weight(t.to(device))
-            out[name], out[name + ".scale"] = q.cpu(), s.cpu()
+            out[name], out[name + ".scale"] = home(q), home(s)
         else:
             out[name] = t
     if fp8_lm_head:
         head = weights["embed"] if cfg.tie_word_embeddings else weights["lm_head"]
         q, s = op.quantize_weight(head.to(device))
-        out["lm_head"], out["lm_head.scale"] = q.cpu(), s.cpu()
+        out["lm_head"], out["lm_head.scale"] = home(q), home(s)
     record = {"weights": "float8_e4m3fn, per-output-channel absmax scales (float32), computed at build",
               "activations": "float8_e4m3fn, per-token absmax scales, on the fly",
               "quantized": [s.lstrip(".") for s in LINEAR_SUFFIXES] + (["lm_head"] if fp8_lm_head else []),
@@ -37,19 +39,25 @@ def quantize_engine_weights(cfg, weights: dict, fp8_lm_head: bool, device: torch
 
 
 def choose_kernel(cfg, device, iters: int = 30) -> dict:
-    """Time the candidate CUDA kernels of ``orthrus::fp8_linear`` at M = 1 and M = 32 on the model's largest
-    projection (gate_up) and pick the faster (sum of both). Candidates: ``torch._scaled_mm`` (tensor-core FP8)
-    and the reference arithmetic (dequantize to float32 and multiply) — the floor any kernel must beat."""
+    """Time the CUDA kernels of ``orthrus::fp8_linear`` at M = 1 and M = 32 on the model's largest projection
+    (gate_up) and pick the faster (sum of both); also record whether each is batch-invariant (the rows of an M = 32
+    call equal, bit for bit, the same rows computed one at a time)."""
     from orthrus_export.bench import time_it
     n, k = 2 * cfg.intermediate_size, cfg.hidden_size
-    w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
+    g = torch.Generator(device=device).manual_seed(0)
+    w = torch.randn(n, k, device=device, generator=g).to(torch.bfloat16) * 0.02
     q, s = op.quantize_weight(w)
-    timings = {}
-    for name, fn in (("torch._scaled_mm", op.scaled_mm), ("reference", op._reference)):
+    x32 = torch.randn(32, k, device=device, generator=g).to(torch.bfloat16)
+    timings, invariant = {}, {}
+    for name, fn in op.CUDA_KERNELS.items():
+        if name == "reference":
+            continue
         timings[name] = {}
         for m in (1, 32):
-            x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+            x = x32[:m].contiguous()
             timings[name][f"M={m}"] = round(statistics.median(time_it(lambda: fn(x, q, s), iters, device=device)), 5)
+        rows = torch.cat([fn(x32[i:i + 1].contiguous(), q, s) for i in range(32)])
+        invariant[name] = bool(torch.equal(rows, fn(x32, q, s)))
     best = min(timings, key=lambda c: sum(timings[c].values()))
-    return {"name": best, "candidates_ms": timings, "shape": [n, k],
-            "note": "torch._scaled_mm needs K and N multiples of 16; other shapes use the reference"}
+    return {"name": best, "candidates_ms": timings, "batch_invariant": invariant, "shape": [n, k],
+            "note": "timed at build on this GPU (median of 30 CUDA-event-timed calls, eager)"}

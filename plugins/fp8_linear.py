@@ -8,12 +8,14 @@ Contract
   scale ``s_x[m] = max(|x[m]|) / 448`` (absmax per token; an all-zero row gets scale 1e-12/448).
 - ``weight``: ``[N, K]`` ``float8_e4m3fn``; ``weight_scale``: float32 ``[N]`` — per-output-channel scales, so the
   dequantized weight is ``weight[n].float() * weight_scale[n]`` (see :func:`quantize_weight`).
-- ``out``: ``[M, N]`` in x's dtype, ``(q(x) @ weight.T) * s_x[:, None] * weight_scale[None, :]`` with the products
-  and sums in float32. Rows are independent: row m's result does not depend on the other rows (a verify block and
-  a decode step compute the same values for the same token).
+- ``out``: ``[M, N]`` in x's dtype, ``(q(x) @ weight.T) * s_x[:, None] * weight_scale[None, :]``. Rows are
+  independent: row m's result does not depend on the other rows or on M (a verify block and a decode step compute
+  the same values for the same token), which keeps an FP8 engine's Orthrus output equal to its own AR output.
 
-Reference implementation: float32 arithmetic on any device. CUDA kernel (GPUs with FP8, compute capability >= 8.9):
-``torch._scaled_mm`` with row-wise scales when K and N are multiples of 16 (else the reference).
+Reference implementation (any device): the product-sum exactly, in float64 (see ``_reference``). CUDA kernels
+(GPUs with FP8): a Triton kernel for M <= 32 that pads every call to 32 rows, so each row runs the same instruction
+sequence whatever M is (fp32 accumulation, batch-invariant); ``torch._scaled_mm`` with row-wise scales. The build
+times both and records the choice in the engine's manifest.
 """
 
 import torch
@@ -67,12 +69,23 @@ def scaled_mm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor)
 
 
 def _reference(x, weight, weight_scale):
+    """Exact: e4m3 values are multiples of 2^-9 below 2^9, so every product is a multiple of 2^-18 below 2^18 and
+    any sum of up to 2^14 of them is exact in float64 — whatever the summation order. Rows are therefore
+    independent bit for bit (a verify block and a decode step agree exactly)."""
+    if x.shape[1] > 1 << 14:
+        raise ValueError("orthrus::fp8_linear: the exact reference supports K <= 16384")
     xq, xs = quantize_rows(x)
-    return (torch.matmul(xq.float(), weight.float().t()) * xs * weight_scale.float()[None, :]).to(x.dtype)
+    acc = torch.matmul(xq.double(), weight.double().t())
+    return (acc * xs.double() * weight_scale.double()[None, :]).to(x.dtype)
 
 
 CUDA_KERNELS = {"torch._scaled_mm": scaled_mm, "reference": _reference}
-CUDA_KERNEL = "torch._scaled_mm"  # an FP8 engine's build-time choice (its manifest's fp8.kernel), set at load
+try:
+    from orthrus_plugins import triton_fp8 as _triton_fp8
+    CUDA_KERNELS["triton"] = _triton_fp8.fp8_linear
+except ImportError:  # no Triton: torch._scaled_mm or the reference
+    pass
+CUDA_KERNEL = "triton" if "triton" in CUDA_KERNELS else "torch._scaled_mm"  # the engine's choice is set at load
 
 
 def set_cuda_kernel(name: str) -> None:

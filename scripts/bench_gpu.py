@@ -34,6 +34,8 @@ def main():
     ap.add_argument("--autotune", action="store_true",
                     help="pick backend and attention splits with the build's autotuner (at 512 and 4096)")
     ap.add_argument("--no-tiny", action="store_true")
+    ap.add_argument("--precisions", default="bf16", help="bf16,fp8: FP8 results go under '<shape>-fp8', with "
+                                                         "their ratio to the BF16 figures of the same run")
     a = ap.parse_args()
     contexts = [int(c) for c in a.contexts.split(",")]
     if a.tiny_acceptance is None:  # tiny's measured acceptance (scripts/eval_tiny.py), if it has been measured
@@ -51,12 +53,14 @@ def main():
     result["copy_bandwidth_GBps"] = copy_bandwidth(torch.device("cuda")) / 1e9
     print(f"{result['device']}: device copy bandwidth {result['copy_bandwidth_GBps']:.0f} GB/s", flush=True)
     result["shapes"] = {}
-    for name in a.shapes.split(","):
+    runs = [(n, p) for n in a.shapes.split(",") for p in a.precisions.split(",")]
+    for name, precision in runs:
+        key = name if precision == "bf16" else f"{name}-{precision}"
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         cfg, engine, export_s, capture_s, tuning = build_random(
-            name, torch.bfloat16, max(contexts), a.compile, [512, 4096] if a.autotune else None)
-        print(f"qwen3-{name}: export {export_s:.1f} s, load+capture {capture_s:.1f} s", flush=True)
+            name, torch.bfloat16, max(contexts), a.compile, [512, 4096] if a.autotune else None, precision=precision)
+        print(f"qwen3-{name} {precision}: export {export_s:.1f} s, load+capture {capture_s:.1f} s", flush=True)
         r = bench_engine(engine, cfg, contexts, a.iters, result["copy_bandwidth_GBps"] * 1e9, acc,
                          a.tiny_acceptance)
         r["export_s"], r["capture_s"] = export_s, capture_s
@@ -66,13 +70,27 @@ def main():
         r["peak_gpu_memory_GB"] = torch.cuda.max_memory_allocated() / 1e9
         r["kv_cache_GB"] = 2 * engine.k_cache.numel() * engine.k_cache.element_size() / 1e9
         r["diffusion_view_persistent_kv_GB"] = 0.0  # the draft pass writes no cache: one cache serves both views
+        r["precision"] = precision
+        r["weights_GB"] = sum(t.numel() * t.element_size() for k, t in engine.weights.items()
+                              if not k.startswith("rope.")) / 1e9
+        if precision == "fp8":
+            from orthrus_export.fp8 import choose_kernel
+            from orthrus_plugins import fp8_linear
+            r["fp8_kernel"] = fp8_linear.CUDA_KERNEL
+            r["fp8_kernel_timing"] = choose_kernel(cfg, torch.device("cuda"))
+            base = result["shapes"].get(name)
+            if base:
+                r["cycle_vs_bf16"] = [f["ms"]["cycle"] / b["ms"]["cycle"]
+                                      for f, b in zip(r["contexts"], base["contexts"])]
+                print("  fp8 cycle / bf16 cycle: " + ", ".join(
+                    f"{x:.3f} @ {c}" for x, c in zip(r["cycle_vs_bf16"], contexts)), flush=True)
         del engine
         torch.cuda.empty_cache()
-        if not a.no_hf:
+        if not a.no_hf and precision == "bf16":
             r["transformers_generate_tokens_per_s"] = hf_generate_tokens_per_s(cfg, torch.bfloat16)
             print(f"  transformers generate (512-token prompt): {r['transformers_generate_tokens_per_s']:.1f} tok/s",
                   flush=True)
-        result["shapes"][name] = r
+        result["shapes"][key] = r
         Path(a.out).write_text(json.dumps(result, indent=1))
     result["compile"] = "autotuned" if a.autotune else "inductor" if a.compile else "none"
     if not a.no_tiny:
