@@ -67,7 +67,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     _quant_kernel[(m,)](x, xq, xs, k, x.stride(0), xq.stride(0), QMAX=E4M3_MAX, SMIN=MIN_SCALE, BLOCK=1024,
                         num_warps=4)
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
     block_n = 64 if triton.cdiv(n, 64) >= 2 * sms else 32  # enough programs to cover the GPU (depends on N only)
     _gemm_kernel[(triton.cdiv(n, block_n),)](xq, xs, weight, weight_scale.float(), out, m, n, k, xq.stride(0),
                                              weight.stride(0), out.stride(0), M_PAD=M_PAD, BLOCK_N=block_n,
