@@ -32,7 +32,7 @@ def main():
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--compile", action="store_true", help="Inductor-compile the passes before graph capture")
     ap.add_argument("--autotune", action="store_true",
-                    help="pick backend and attention splits with the build's autotuner (at 512 and 4096)")
+                    help="pick backend and attention splits with the build's autotuner (at the --contexts)")
     ap.add_argument("--no-tiny", action="store_true")
     ap.add_argument("--precisions", default="bf16", help="bf16,fp8: FP8 results go under '<shape>-fp8', with "
                                                          "their ratio to the BF16 figures of the same run")
@@ -59,7 +59,7 @@ def main():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         cfg, engine, export_s, capture_s, tuning = build_random(
-            name, torch.bfloat16, max(contexts), a.compile, [512, 4096] if a.autotune else None, precision=precision)
+            name, torch.bfloat16, max(contexts), a.compile, contexts if a.autotune else None, precision=precision)
         print(f"qwen3-{name} {precision}: export {export_s:.1f} s, load+capture {capture_s:.1f} s", flush=True)
         r = bench_engine(engine, cfg, contexts, a.iters, result["copy_bandwidth_GBps"] * 1e9, acc,
                          a.tiny_acceptance)

@@ -146,8 +146,10 @@ def test_missing_engine_and_model(tmp_path):
 
 def test_bad_gpu_and_precision(tmp_path):
     assert_user_error(*cli("build", "--model", "tiny", "--gpu", "tpu9")[::2], "unknown --gpu 'tpu9'")
-    assert_user_error(*cli("build", "--model", "tiny", "--precision", "fp8")[::2],
-                      "profile cpu does not support --precision fp8")
+    assert_user_error(*cli("build", "--model", "tiny", "--precision", "fp16")[::2],
+                      "profile cpu does not support --precision fp16")
+    assert_user_error(*cli("build", "--model", "tiny", "--gpu", "a100", "--precision", "fp8")[::2],
+                      "profile a100 has no FP8 support")
     assert_user_error(*cli("build", "--model", "tiny", "--gpu", "h100", "--out", tmp_path / "e")[::2],
                       "this machine has no CUDA GPU")
 
