@@ -324,6 +324,10 @@ def cmd_info(a) -> int:
           f"{c['num_heads']}/{c['num_kv_heads']}, vocab {c['vocab_size']}, block {c['block_size']}")
     print(f"max_seq_len {m['build']['max_seq_len']}, kernels {m['build']['kernels']}, compile "
           f"{m['build']['compile']['backend']}; programs {', '.join(m['programs'])}")
+    if m.get("fp8"):
+        f = m["fp8"]
+        print(f"fp8: linear layers e4m3 with per-channel scales, activations per token, lm_head {f['lm_head']}, "
+              f"kernel {f['kernel']['name']}")
     tuning = m["build"].get("tuning")
     if tuning:
         print(f"autotuned on the build GPU: attention splits {tuning['attention_splits']}, "
