@@ -39,11 +39,20 @@ def _feed(tokens, start, kc, vc) -> dict:
     return feed
 
 
+def _simple(rtol, atol):
+    try:
+        from polygraphy.comparator import SimpleCompareFunc  # Polygraphy >= 0.50
+        return SimpleCompareFunc(rtol=rtol, atol=atol)
+    except ImportError:
+        from polygraphy.comparator import CompareFunc
+        return CompareFunc.simple(rtol=rtol, atol=atol)
+
+
 def compare_engine(engine_dir, variant: str = "orthrus", save_dir=None, seed: int = 0, log=print) -> dict:
     """Compare every exported graph with the torch engine; returns ``{program: {"ok", "max_abs_diff",
     "command", "files"}}``."""
     from polygraphy.backend.onnxrt import OnnxrtRunner
-    from polygraphy.comparator import Comparator, CompareFunc, IterationResult, RunResults
+    from polygraphy.comparator import Comparator, IterationResult, RunResults
     from polygraphy.json import save_json
     from polygraphy.logger import G_LOGGER
     G_LOGGER.module_severity = G_LOGGER.WARNING  # per-output statistics of every cache layer drown the verdicts
@@ -80,7 +89,7 @@ def compare_engine(engine_dir, variant: str = "orthrus", save_dir=None, seed: in
         combined = RunResults()
         for entry in list(reference.items()) + list(results.items()):
             combined.append(entry)
-        accuracy = Comparator.compare_accuracy(combined, compare_func=CompareFunc.simple(rtol=k, atol=atol))
+        accuracy = Comparator.compare_accuracy(combined, compare_func=_simple(rtol=k, atol=atol))
         ok = bool(accuracy)
         got = results[0][1][0]
         max_diff = max(float(np.max(np.abs(got[o].astype(np.float64) - v))) for o, v in expected.items())

@@ -74,12 +74,12 @@ def test_fp8_engine_orthrus_equals_its_own_ar(fp8_tiny):
     from orthrus_export.checkpoint import TINY_DIR
     from orthrus_runtime import Engine
     engine = Engine.load(fp8_tiny)
-    prompts = json.loads((TINY_DIR / "heldout_prompts.json").read_text())[:8]
+    prompts = json.loads((TINY_DIR / "heldout_prompts.json").read_text())[:6]
     for p in prompts:
-        a = engine.generate(p["text"], max_new_tokens=48)
-        b = engine.generate(p["text"], max_new_tokens=48, use_drafts=False)
+        a = engine.generate(p["text"], max_new_tokens=40)
+        b = engine.generate(p["text"], max_new_tokens=40, use_drafts=False)
         assert a.output_ids == b.output_ids
-        assert a.stats.cycles < 48  # drafts are accepted
+        assert a.stats.cycles < 40  # drafts are accepted
 
 
 def test_check_against_bf16_reports_quality(fp8_tiny, capsys):

