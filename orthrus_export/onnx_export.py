@@ -54,10 +54,11 @@ def _const_array(value, dtype: torch.dtype) -> np.ndarray | torch.Tensor:
 
 def _tensor_proto(t: torch.Tensor, name: str) -> TensorProto:
     t = t.detach().cpu().contiguous()
-    if t.dtype == torch.bfloat16:
-        p = helper.make_tensor(name, TensorProto.BFLOAT16, list(t.shape), [], raw=False)
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: the raw little-endian bytes
+        p = TensorProto()
+        p.name, p.data_type = name, TensorProto.BFLOAT16
+        p.dims.extend(t.shape)
         p.raw_data = t.view(torch.int16).numpy().tobytes()
-        p.ClearField("int32_data")
         return p
     return numpy_helper.from_array(t.numpy(), name)
 

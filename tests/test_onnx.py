@@ -150,3 +150,27 @@ def test_build_with_onnx_writes_both_variants_inside_the_engine(tmp_path):
     assert set(m["onnx"]) == {"orthrus", "decomposed"}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directory left behind
     assert (out / "onnx" / "verify.onnx").exists() and (out / "onnx-decomposed" / "draft.onnx").exists()
+
+
+def test_bf16_engine_exports_and_fp8_is_refused(models, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from orthrus_export.errors import OrthrusError
+    path = tmp_path / "bf16"
+    shutil.copytree(models.engine_path("gqa1_tied", "bf16"), path)
+    for decompose in (False, True):
+        export_engine(path, decompose=decompose, progress=lambda m: None)
+    model = onnx.load(str(path / "onnx" / "verify.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    init = {i.name: i for i in model.graph.initializer}
+    stored = load_file(str(path / "weights.safetensors"))
+    assert init["embed"].data_type == onnx.TensorProto.BFLOAT16
+    assert torch.equal(torch.frombuffer(bytearray(init["embed"].raw_data), dtype=torch.bfloat16).reshape(
+        stored["embed"].shape), stored["embed"])
+    fp8 = tmp_path / "fp8"
+    from orthrus_export.builder import build
+    build(str(models.checkpoint("gqa1_tied")), precision="fp8", out=fp8, max_seq_len=128, progress=False)
+    with pytest.raises(OrthrusError, match="no conversion for operator orthrus.fp8_linear"):
+        export_engine(fp8, progress=lambda m: None)
+    assert not (fp8 / "onnx").exists() and not [p for p in fp8.iterdir() if p.name.startswith(".")]
