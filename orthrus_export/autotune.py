@@ -64,9 +64,7 @@ def autotune(load: Callable[[str], object], backends: list[str], contexts: list[
                 log(f"autotune: {backend:8s} splits {n:2d}: cycle " + ", ".join(
                     f"{m:.3f} ms @ {c}" for m, c in zip(ms, contexts)))
             if best is None or sum(ms) < sum(best["cycle_ms"]):
-                best = cand
-                if best_engine is not engine:
-                    best_engine = engine
+                best, best_engine = cand, engine
         if best_engine is not engine:
             del engine
         gc.collect()

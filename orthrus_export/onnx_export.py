@@ -17,7 +17,6 @@ attention over the whole static capacity, in float32). Graphs whose weights exce
 The converter walks the FX graph node by node; an operator it does not know is an error naming the operator.
 """
 
-import hashlib
 import json
 import os
 import time
@@ -362,14 +361,6 @@ def write_graphs(programs: dict, cfg, weights: dict, out_dir: Path, decompose: b
                  f"onnx.checker (full) and strict shape inference")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def export_engine(engine_dir, decompose: bool = False, external_data: bool | None = None,
                   progress=print) -> dict:
     """Write ``onnx/`` (or ``onnx-decomposed/``) inside a built engine: one graph per program, checked with
@@ -378,7 +369,7 @@ def export_engine(engine_dir, decompose: bool = False, external_data: bool | Non
     import shutil
 
     from orthrus_export.config import ModelConfig
-    from orthrus_export.engine_format import MANIFEST, verify_engine
+    from orthrus_export.engine_format import MANIFEST, sha256, verify_engine
     from orthrus_export.exporter import deserialize_program
     from safetensors.torch import load_file
 
@@ -403,7 +394,7 @@ def export_engine(engine_dir, decompose: bool = False, external_data: bool | Non
                     for name, info in manifest["programs"].items()}
         write_graphs(programs, cfg, weights, tmp, decompose, external, progress)
         for p in sorted(tmp.iterdir()):
-            files[f"{sub}/{p.name}"] = _sha256(p)
+            files[f"{sub}/{p.name}"] = sha256(p)
         final = engine_dir / sub
         if final.exists():
             shutil.rmtree(final)
