@@ -1,7 +1,7 @@
 """Benchmark core: per-pass and per-cycle latency of an engine against the memory-bandwidth floor.
 
-On CUDA each measurement is a CUDA-graph replay timed with CUDA events; on the CPU a direct call timed with the host
-clock. Medians after warm-up. Floor of a pass = (weight bytes it reads + KV bytes of the context) / the device copy
+Every measurement goes through ``Engine.time_step``: on CUDA the CUDA-graph replay decoding runs, timed with CUDA
+events; on the CPU the same step body called directly, timed with the host clock. Medians after warm-up. Floor of a pass = (weight bytes it reads + KV bytes of the context) / the device copy
 bandwidth measured in the same run (bytes read + written). Used by ``orthrus-export bench`` and
 ``scripts/bench_gpu.py``.
 """
@@ -11,9 +11,9 @@ import time
 
 import torch
 
-from orthrus_export.config import ModelConfig
+from orthrus_runtime.config import ModelConfig
 from orthrus_export.exporter import PROGRAMS, export_program
-from orthrus_export.model import program_weights
+from orthrus_runtime.program import program_weights
 from orthrus_export.weights import engine_shapes
 
 QWEN3 = {  # the published base shapes (vocabulary 151936, head_dim 128, 8 KV heads)
@@ -87,83 +87,23 @@ def kv_bytes(cfg: ModelConfig, ctx: int, elem: int) -> int:
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * ctx * elem
 
 
-class PassGraphs:
-    """Standalone graphs of one draft pass and one verify pass (the cycle graph lives in the engine)."""
-
-    def __init__(self, engine):
-        lp = engine.loop
-        self.block = torch.randint(0, engine.config.vocab_size, (engine.block_size,), device="cuda")
-        self.s = engine.loop.graphs.s
-        self.graphs = {}
-        for name in ("draft", "verify"):
-            def body(name=name):
-                lp.programs[name](lp.w, self.block, self.s, lp.k_cache, lp.v_cache)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side), torch.no_grad():  # the grad mode the engine's graphs were made in
-                body()
-            torch.cuda.current_stream().wait_stream(side)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g), torch.no_grad():
-                body()
-            self.graphs[name] = g
-
-
-class EagerSteps:
-    """CPU stand-in for the graphs: the same calls, made directly."""
-
-    def __init__(self, engine):
-        lp = engine.loop
-        self.s = torch.zeros((), dtype=torch.int64)
-        block = torch.randint(0, engine.config.vocab_size, (engine.block_size,))
-        one = block[:1]
-        mask_tail = torch.full((engine.block_size - 1,), lp.mask)
-        no_eos = torch.empty(0, dtype=torch.int64)
-        u = torch.zeros(engine.block_size)
-
-        def cycle():
-            dl = lp.programs["draft"](lp.w, torch.cat([one, mask_tail]), self.s, lp.k_cache, lp.v_cache)
-            vin = torch.cat([one, dl[:-1].argmax(-1)])
-            vl = lp.programs["verify"](lp.w, vin, self.s, lp.k_cache, lp.v_cache)
-            torch.ops.orthrus.accept(vin, dl, vl, u, no_eos, 0.0, 0, 1.0)
-        self.run = {
-            "draft": lambda: lp.programs["draft"](lp.w, block, self.s, lp.k_cache, lp.v_cache),
-            "verify": lambda: lp.programs["verify"](lp.w, block, self.s, lp.k_cache, lp.v_cache),
-            "cycle": cycle,
-            "decode": lambda: lp.programs["decode"](lp.w, one, self.s, lp.k_cache, lp.v_cache)}
-
-
-def bench_engine(engine, cfg, contexts, iters, bandwidth, acceptance_lengths, tiny_acceptance=None, log=print):
-    import orthrus_plugins
-    orthrus_plugins.set_attention_splits(engine.loop.attention_splits)  # the pass graphs use the engine's setting
+def bench_engine(engine, cfg, contexts, iters, bandwidth, acceptance_lengths, tiny_acceptance=None, log=print,
+                 sampled: bool = True):
+    """Per-pass and per-step latency at each context, through the engine's public ``time_step`` (the CUDA-graph
+    replays decoding runs). With ``sampled``, also the sampled cycle (T 0.6, top-k 20, top-p 0.95)."""
     elem = engine.k_cache.element_size()
     engine.k_cache.normal_()
     engine.v_cache.normal_()
     w_ar, w_diff = pass_bytes(cfg, engine.weights, "ar"), pass_bytes(cfg, engine.weights, "diff")
-    g = engine.loop.graphs
-    if g is not None:
-        passes = PassGraphs(engine)
-        s_buf = g.s
-        run = {"draft": passes.graphs["draft"].replay, "verify": passes.graphs["verify"].replay,
-               "cycle": g.cycle.replay, "decode": g.decode.replay}
-    else:
-        steps = EagerSteps(engine)
-        s_buf, run = steps.s, steps.run
     rows = []
     for ctx in contexts:
-        def at(fn):
-            def go():
-                s_buf.fill_(ctx)
-                fn()
-            return go
-        if g is not None:
-            g.start(5, ctx, [])
-        with torch.inference_mode():
-            t = {k: statistics.median(time_it(at(run[k]), iters, device=engine.device)) for k in run}
+        t = {k: engine.time_step(k, ctx, iters) for k in ("draft", "verify", "cycle", "decode")}
+        if sampled:
+            t["sampled_cycle"] = engine.time_step("cycle", ctx, iters, sampled=True)
         kv = kv_bytes(cfg, ctx, elem)
         floor = {"draft": (w_diff + kv) / bandwidth * 1e3, "verify": (w_ar + kv) / bandwidth * 1e3,
                  "decode": (w_ar + kv) / bandwidth * 1e3}
-        floor["cycle"] = floor["draft"] + floor["verify"]
+        floor["cycle"] = floor["sampled_cycle"] = floor["draft"] + floor["verify"]
         row = {"context": ctx, "ms": t, "floor_ms": floor,
                "ratio_to_floor": {k: t[k] / floor[k] for k in t},
                "cycle_over_single_pass_floor": t["cycle"] / floor["verify"],
@@ -172,9 +112,10 @@ def bench_engine(engine, cfg, contexts, iters, bandwidth, acceptance_lengths, ti
         if tiny_acceptance:
             row["orthrus_tokens_per_s"][f"tiny {tiny_acceptance:.2f}"] = tiny_acceptance * 1e3 / t["cycle"]
         rows.append(row)
+        extra = f"  sampled cycle {t['sampled_cycle']:.3f} ms" if sampled else ""
         log(f"  ctx {ctx:6d}: draft {t['draft']:.3f} ms ({t['draft'] / floor['draft']:.2f}x floor)  verify "
             f"{t['verify']:.3f} ms ({t['verify'] / floor['verify']:.2f}x)  cycle {t['cycle']:.3f} ms "
-            f"({row['cycle_over_single_pass_floor']:.2f}x single-pass floor)  AR step {t['decode']:.3f} ms")
+            f"({row['cycle_over_single_pass_floor']:.2f}x single-pass floor){extra}  AR step {t['decode']:.3f} ms")
     return {"weight_bytes": {"ar_pass": w_ar, "draft_pass": w_diff}, "contexts": rows}
 
 
@@ -202,31 +143,34 @@ def hf_generate_tokens_per_s(cfg: ModelConfig, dtype, prompt_len=512, new=32) ->
 
 
 def build_random(name, dtype, max_ctx, compile=False, autotune_contexts=None, log=print, precision="bf16"):
-    """An in-memory engine at a published shape with random weights. With ``autotune_contexts`` the build-time
-    autotuner picks the backend (``compile`` ignored) and the attention splits, as ``orthrus-export build`` does;
-    returns ``(cfg, engine, export seconds, load seconds, tuning record or None)``."""
+    """An in-memory engine at a published shape with random weights, run by the same ``orthrus_runtime.Engine``.
+    With ``autotune_contexts`` the build-time autotuner picks the backend (``compile`` ignored) and the attention
+    splits, as ``orthrus-export build`` does; returns ``(cfg, engine, export seconds, load seconds, tuning record or
+    None)``."""
+    from orthrus_runtime import Engine
+    from orthrus_runtime.program import KernelOptions
     cfg = qwen3_config(name)
     weights = random_weights(cfg, dtype)
     fp8 = None
     if precision == "fp8":  # e4m3 linear layers with per-channel scales, as an FP8 build makes them (head bf16)
         from orthrus_export.fp8 import quantize_engine_weights
         weights, fp8 = quantize_engine_weights(cfg, weights, False, torch.device("cuda"), keep_on_device=True)
-    capacity = max_ctx + 2 * cfg.block_size
-    full = program_weights(cfg, weights, capacity + cfg.block_size)
+    max_seq_len = max_ctx + 2 * cfg.block_size
+    capacity = max_seq_len + cfg.block_size
+    full = program_weights(cfg, weights, capacity)
     t0 = time.perf_counter()
-    programs = {p: export_program(cfg, full, p, capacity + cfg.block_size).module() for p in PROGRAMS}
+    programs = {p: export_program(cfg, full, p, capacity) for p in PROGRAMS}
     export_s = time.perf_counter() - t0
-    from orthrus_runtime import Engine
-
-    def load(backend):
-        engine = Engine.from_parts(cfg, weights, programs, torch.device("cuda"), capacity, precision,
-                                   f"qwen3-{name}", compile=backend == "inductor")
-        engine.manifest["fp8"] = fp8
-        return engine
+    options = KernelOptions(backend="inductor" if compile and not autotune_contexts else "none",
+                            compute_dtype=str(dtype).removeprefix("torch."),
+                            fp8_kernel=(fp8 or {}).get("kernel", {}).get("name", "auto"))
+    manifest = {"name": f"qwen3-{name}", "precision": precision, "model": {"config": cfg.to_dict()}, "fp8": fp8,
+                "build": {"max_seq_len": max_seq_len, "cache_capacity": capacity, "options": options.to_dict()}}
     t0 = time.perf_counter()
+    engine = Engine(manifest["name"], manifest, torch.device("cuda"), full, programs, None, options)
+    load_s = time.perf_counter() - t0
     if autotune_contexts:
         from orthrus_export.autotune import autotune
-        engine, tuning = autotune(load, ["none", "inductor"], autotune_contexts, log=log)
-        return cfg, engine, export_s, tuning["load_seconds"][tuning["backend"]], tuning
-    engine = load("inductor" if compile else "none")
-    return cfg, engine, export_s, time.perf_counter() - t0, None
+        engine, tuning = autotune(engine, ["none", "inductor"], autotune_contexts, log=log)
+        return cfg, engine, export_s, tuning["prepare_seconds"][tuning["backend"]], tuning
+    return cfg, engine, export_s, load_s, None

@@ -1,10 +1,11 @@
-"""``orthrus-export build``: checkpoint -> validated, packed, traced, self-checked engine directory.
+"""``orthrus-export build``: checkpoint -> validated, packed, traced, compiled, self-checked engine directory.
 
-The engine is written to a temporary sibling directory and renamed into place only when complete.
+The engine is written to a temporary sibling directory and renamed into place only when complete
+(``orthrus_runtime.engine_format.atomic_directory``). The build runs the programs exactly as the runtime will: it
+deserialises the graphs it wrote and drives them through an ``orthrus_runtime.Engine`` (autotune, compile,
+self-check), then stores the compiled artifacts.
 """
 
-import json
-import os
 import platform
 import shutil
 import time
@@ -16,16 +17,20 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from orthrus_export.checkpoint import ZOO, open_checkpoint
-from orthrus_export.engine_format import MANIFEST, SCHEMA, SCHEMA_VERSION, library_versions, write_manifest
-from orthrus_export.errors import OrthrusError
-from orthrus_export.exporter import PROGRAMS, custom_op_nodes, export_program, program_tokens, serialize_program
-from orthrus_export.profiles import COMPUTE_DTYPES, DTYPES, check_device, device_description, load_profile
+from orthrus_export.exporter import PROGRAMS, custom_op_nodes, export_program, program_tokens
+from orthrus_export.verdict import self_check as run_self_check
+from orthrus_runtime import compiled
+from orthrus_runtime.engine import Engine
+from orthrus_runtime.engine_format import SCHEMA, SCHEMA_VERSION, atomic_directory, library_versions, write_manifest
+from orthrus_runtime.errors import OrthrusError
+from orthrus_runtime.profiles import COMPUTE_DTYPES, DTYPES, check_device, device_description, load_profile
+from orthrus_runtime.program import KernelOptions, deserialize_program, program_weights, serialize_program
 
 WEIGHTS = "weights.safetensors"
 
 
 def engine_name(model: str, profile: str, precision: str) -> str:
-    if model == "tiny" or model.lower() in ZOO:
+    if model.lower() == "tiny" or model.lower() in ZOO:
         slug = model.lower()
     else:
         slug = Path(model).resolve().name.lower()
@@ -38,6 +43,7 @@ def build(model: str, gpu: str = "cpu", precision: str = "fp32", out: str | Path
           max_seq_len: int = 2048, force: bool = False, progress: bool = True, self_check: bool = True,
           compile: str = "auto", autotune: bool = True, onnx: str | None = None, fp8_lm_head: bool = False) -> Path:
     profile = load_profile(gpu)
+    precision = precision.lower()
     if precision not in DTYPES and precision != "fp8":
         raise OrthrusError(f"unknown --precision {precision!r}: choose fp32, bf16, fp16 or fp8")
     if precision == "fp8" and precision not in profile.precisions:
@@ -57,51 +63,25 @@ def build(model: str, gpu: str = "cpu", precision: str = "fp32", out: str | Path
         raise OrthrusError(f"--max-seq-len {max_seq_len} must be between {cfg.block_size * 2} (two blocks) and the "
                            f"model's max_position_embeddings {cfg.max_position_embeddings}")
     out = Path(out) if out else Path("engines") / engine_name(model, profile.name, precision)
-    if out.exists() and not force:
-        raise OrthrusError(f"{out} already exists: pass --force to replace it, or --out another directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        manifest = _build_into(tmp, ckpt, profile, precision, device, max_seq_len, progress, self_check, compile,
-                               autotune, fp8_lm_head)
+    with atomic_directory(out, force) as tmp:
+        _build_into(tmp, out.name, ckpt, profile, precision, device, max_seq_len, progress, self_check, compile,
+                    autotune, fp8_lm_head)
         if onnx:
             from orthrus_export.onnx_export import export_engine
             for decompose in {"orthrus": [False], "decomposed": [True], "both": [False, True]}[onnx]:
                 export_engine(tmp, decompose=decompose, progress=tqdm.write if progress else (lambda m: None))
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    del manifest
     return out
 
 
-def _compile_backends(device, precision, choice) -> list[str]:
-    """The pass backends a build may choose from. auto on a GPU: both, for bf16/fp16 (the autotuner times them);
-    fp32 engines stay uncompiled (kept bit-for-bit in step with transformers' eager arithmetic, so that they stay
-    token-exact), as do CPU engines."""
+def _compile_backends(device, precision, choice, autotune) -> list[str]:
+    """The pass backends a build may choose from. auto on a GPU: both for bf16/fp16/fp8 (the autotuner times them;
+    without autotune, Inductor); fp32 engines stay uncompiled (kept bit-for-bit in step with transformers' eager
+    arithmetic, so that they stay token-exact), as do CPU engines."""
     if choice != "auto":
         return [choice]
     if device.type == "cuda" and precision != "fp32":
-        return ["none", "inductor"]
+        return ["none", "inductor"] if autotune else ["inductor"]
     return ["none"]
-
-
-def _compile_record(backend, device) -> dict:
-    if backend == "inductor":
-        return {"backend": "inductor", "note": "torch.compile(fullgraph) of the traced model code when the engine "
-                                               "loads" + (", then CUDA-graph capture" if device.type == "cuda" else "")}
-    return {"backend": "none", "note": "traced programs run by the PyTorch interpreter"
-            + (" inside CUDA graphs" if device.type == "cuda" else "")}
 
 
 def _kernels(device) -> str:
@@ -109,24 +89,24 @@ def _kernels(device) -> str:
     return orthrus_plugins.GPU_KERNELS if device.type == "cuda" and orthrus_plugins.GPU_KERNELS else "reference"
 
 
-def _build_into(tmp: Path, ckpt, profile, precision, device, max_seq_len, progress, self_check, compile,
+def _build_into(tmp: Path, name: str, ckpt, profile, precision, device, max_seq_len, progress, check, compile,
                 autotune, fp8_lm_head=False) -> dict:
     cfg = ckpt.config
     dtype = COMPUTE_DTYPES[precision]
     capacity = max_seq_len + cfg.block_size  # a cycle at the last position writes a whole block
-    backends = _compile_backends(device, precision, compile)
+    backends = _compile_backends(device, precision, compile, autotune)
     tune = device.type == "cuda" and autotune
-    steps = ["pack weights", *[f"trace {p}" for p in PROGRAMS], "write engine", *(["autotune"] if tune else []),
-             "parity self-check"]
+    steps = ["pack weights", *[f"trace {p}" for p in PROGRAMS], "compile and capture", *(["autotune"] if tune else []),
+             "parity self-check", "write engine"]
     bar = tqdm(total=len(steps), desc="build", disable=not progress, unit="step", leave=False)
     timings = {}
 
-    def step(name):
-        bar.set_description(name)
-        timings[name] = time.perf_counter()
+    def step(what):
+        bar.set_description(what)
+        timings[what] = time.perf_counter()
 
-    def done(name):
-        timings[name] = round(time.perf_counter() - timings[name], 3)
+    def done(what):
+        timings[what] = round(time.perf_counter() - timings[what], 3)
         bar.update(1)
 
     step("pack weights")
@@ -136,32 +116,33 @@ def _build_into(tmp: Path, ckpt, profile, precision, device, max_seq_len, progre
         from orthrus_export.fp8 import quantize_engine_weights
         weights, fp8 = quantize_engine_weights(cfg, weights, fp8_lm_head, device)
     save_file(weights, str(tmp / WEIGHTS), metadata={"format": "orthrus-engine"})
-    weights = {k: v.to(device) for k, v in weights.items()}
-    from orthrus_export.model import program_weights
-    weights = program_weights(cfg, weights, capacity)
+    weights = program_weights(cfg, {k: v.to(device) for k, v in weights.items()}, capacity)
     done("pack weights")
 
-    programs, nodes = {}, {}
+    programs, exported = {}, {}
     (tmp / "programs").mkdir()
-    for name in PROGRAMS:
-        step(f"trace {name}")
-        ep = export_program(cfg, weights, name, capacity)
-        nodes[name] = custom_op_nodes(ep)
-        rel = f"programs/{name}.json"
+    for prog in PROGRAMS:
+        step(f"trace {prog}")
+        ep = export_program(cfg, weights, prog, capacity)
+        rel = f"programs/{prog}.json"
         (tmp / rel).write_bytes(serialize_program(ep))
-        programs[name] = {"file": rel, "view": PROGRAMS[name], "tokens": program_tokens(name, cfg),
-                          "custom_op_nodes": nodes[name]}
-        done(f"trace {name}")
+        # the runtime's programs are the deserialised files: build with exactly those graphs
+        exported[prog] = deserialize_program((tmp / rel).read_bytes(), f"program {rel}")
+        programs[prog] = {"file": rel, "view": PROGRAMS[prog], "tokens": program_tokens(prog, cfg),
+                          "custom_op_nodes": custom_op_nodes(ep)}
+        done(f"trace {prog}")
 
-    step("write engine")
     tok_files = ckpt.tokenizer_files()
     if tok_files:
         (tmp / "tokenizer").mkdir()
         for f in tok_files:
             shutil.copy2(f, tmp / "tokenizer" / f.name)
+    options = KernelOptions(backend=backends[-1], compute_dtype=str(dtype).removeprefix("torch."),
+                            fp8_kernel=(fp8 or {}).get("kernel", {}).get("name", "auto")
+                            if device.type == "cuda" else "auto")
     manifest = {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
-        "name": tmp.name.split(".tmp-")[0].lstrip("."),
+        "name": name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": {"source": ckpt.spec, "checkpoint_path": str(ckpt.path), "config": cfg.to_dict()},
         "precision": precision,
@@ -169,58 +150,40 @@ def _build_into(tmp: Path, ckpt, profile, precision, device, max_seq_len, progre
         "versions": library_versions(),
         "build": {"max_seq_len": max_seq_len, "cache_capacity": capacity, "block_size": cfg.block_size,
                   "kernels": _kernels(device), "cuda_graphs": device.type == "cuda",
-                  "compile": _compile_record(backends[-1], device), "tuning": None,
-                  "timings_s": timings},
+                  "options": options.to_dict(), "tuning": None, "compiled": None, "timings_s": timings},
         "weights": WEIGHTS,
         "programs": programs,
         "tokenizer": "tokenizer" if tok_files else None,
         "fp8": fp8,
     }
-    write_manifest(tmp, manifest)
-    done("write engine")
 
-    engine = None
+    step("compile and capture")
+    t0 = time.perf_counter()
+    tokenizer = Engine._tokenizer(tmp, manifest)
+    engine = Engine(tmp, manifest, device, weights, exported, tokenizer,
+                    options.replace(backend=backends[0]) if tune else options)
+    manifest["build"]["load_seconds"] = round(time.perf_counter() - t0, 3)
+    done("compile and capture")
+
     if tune:
         step("autotune")
         from orthrus_export.autotune import autotune as run_autotune
         from orthrus_export.autotune import tuning_contexts
-        from orthrus_runtime.engine import Engine
-
-        def load(backend):
-            return Engine.load(tmp, check_hashes=False, build_overrides={"compile": _compile_record(backend, device)})
-        engine, tuning = run_autotune(load, backends, tuning_contexts(max_seq_len, cfg.block_size),
+        engine, tuning = run_autotune(engine, backends, tuning_contexts(max_seq_len, cfg.block_size),
                                       log=(lambda m: tqdm.write(m)) if progress else None)
-        manifest["build"]["compile"] = _compile_record(tuning.pop("backend"), device)
         manifest["build"]["tuning"] = tuning
-        manifest["build"]["load_seconds"] = tuning["load_seconds"][manifest["build"]["compile"]["backend"]]
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        manifest["build"]["options"] = engine.options.to_dict()
         done("autotune")
+    if engine.options.backend == "inductor":
+        manifest["build"]["compiled"] = compiled.save(tmp, device)
 
     step("parity self-check")
-    if self_check:
-        from orthrus_export.parity import pass_parity
-        from orthrus_export.reference import Reference
-        from orthrus_runtime.engine import Engine
-        if engine is None:
-            t_load = time.perf_counter()
-            engine = Engine.load(tmp)  # compiles (--compile inductor) and captures CUDA graphs on GPUs
-            manifest["build"]["load_seconds"] = round(time.perf_counter() - t_load, 3)
-        if precision == "fp8":  # lossless relative to the quantized base: the engine against its own AR
-            from orthrus_export.parity import ar_consistency
-            results = ar_consistency(engine, seed=0)
-        else:
-            results = pass_parity(engine, Reference(ckpt, torch.float32), seed=0)
-        failed = [k for k, r in results.items() if not r["ok"]]
-        if failed:
-            worst = max(results.values(), key=lambda r: r["budget_used"])
-            raise OrthrusError(f"parity self-check failed for {', '.join(failed)} (max |Δlogits| "
-                               f"{worst['max_abs_diff']:.3g}, {worst['budget_used']:.1f}x the tolerance): "
-                               "the engine was not written")
-        manifest["self_check"] = {"reference": "the engine's own AR decode steps" if precision == "fp8"
-                                  else "transformers fp32", "passes": results}
-    else:
-        manifest["self_check"] = None
+    manifest["self_check"] = run_self_check(engine, ckpt) if check else None
     done("parity self-check")
+
+    step("write engine")
+    write_manifest(tmp, manifest)
+    done("write engine")
     bar.close()
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_manifest(tmp, manifest, reuse=manifest["files"])  # with the last step's time
     return manifest

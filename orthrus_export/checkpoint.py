@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from orthrus_export.config import ModelConfig, load_model_config, read_json
-from orthrus_export.errors import OrthrusError
+from orthrus_export.config import load_model_config, read_json
+from orthrus_runtime.config import ModelConfig
+from orthrus_runtime.errors import OrthrusError
 from orthrus_export.weights import checkpoint_shapes, packing_plan, tolerated_extras
 
 ZOO = {"1.7b": "chiennv/Orthrus-Qwen3-1.7B", "4b": "chiennv/Orthrus-Qwen3-4B", "8b": "chiennv/Orthrus-Qwen3-8B"}

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from orthrus_export.errors import OrthrusError
+from orthrus_runtime.errors import OrthrusError
 
 
 def _engine_arg(p):
@@ -22,9 +22,23 @@ def _backend_args(p):
                    help="which ONNX export the onnxruntime backend runs")
 
 
+def _load_args(p):
+    p.add_argument("--strict", action="store_true",
+                   help="refuse to load when the engine's compiled artifacts do not match this GPU and software stack "
+                        "(default: recompile, saying so)")
+    p.add_argument("--verify-weights", action="store_true",
+                   help="hash every byte of the weights at load (default: size and safetensors header; the full check "
+                        "is `orthrus-export verify`)")
+
+
+def _progress(msg: str) -> None:
+    print(f"orthrus-export: {msg}", file=sys.stderr, flush=True)
+
+
 def _load(a):
     from orthrus_runtime import Engine
-    return Engine.load(a.engine, backend=a.backend, onnx_variant=a.onnx_variant)
+    return Engine.load(a.engine, backend=getattr(a, "backend", "torch"), onnx_variant=getattr(a, "onnx_variant",
+                       "orthrus"), strict=a.strict, verify_weights=a.verify_weights, log=_progress)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -64,6 +78,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--stream", action="store_true", help="print text as it is generated")
     r.add_argument("--json", action="store_true", help="print prompt_ids, output_ids, text and stats as JSON")
     _backend_args(r)
+    _load_args(r)
 
     c = sub.add_parser("check", help="parity against the Hugging Face reference (exit 1 on failure)")
     _engine_arg(c)
@@ -75,6 +90,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--against", choices=["bf16"],
                    help="also report quality against the BF16 base: teacher-forced top-1 agreement, perplexity delta")
     _backend_args(c)
+    _load_args(c)
 
     ox = sub.add_parser("onnx", help="export an engine's programs as ONNX graphs (into the engine)")
     _engine_arg(ox)
@@ -96,7 +112,13 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--contexts", default="512,1024", help="comma-separated cache lengths to time at")
     be.add_argument("--iters", type=int, default=20, help="timed repetitions per measurement (median reported)")
     be.add_argument("--acceptance", default="9.6,11.7", help="acceptance lengths to state tokens/s at")
+    be.add_argument("--no-sampled", action="store_true", help="skip the sampled-cycle timing")
     be.add_argument("--json", action="store_true")
+    _load_args(be)
+
+    vf = sub.add_parser("verify", help="hash every byte of an engine against its manifest (parallel)")
+    _engine_arg(vf)
+    vf.add_argument("--json", action="store_true")
 
     t = sub.add_parser("triton", help="write a Triton Inference Server model repository for an engine")
     _engine_arg(t)
@@ -112,7 +134,7 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--metrics-port", type=int, default=8002)
     sv.add_argument("--home", help="tritonserver installation (default: .triton in the checkout)")
 
-    i = sub.add_parser("info", help="show an engine's manifest summary")
+    i = sub.add_parser("info", help="show an engine's manifest summary (reads the manifest only)")
     _engine_arg(i)
     i.add_argument("--json", action="store_true", help="print the whole manifest")
     return ap
@@ -131,7 +153,7 @@ def cmd_build(a) -> int:
     tuning = manifest["build"].get("tuning")
     if tuning:
         best = min(tuning["candidates"], key=lambda c: sum(c["cycle_ms"]))
-        print(f"autotuned: compile {manifest['build']['compile']['backend']}, attention splits "
+        print(f"autotuned: backend {manifest['build']['options']['backend']}, attention splits "
               f"{tuning['attention_splits']} (cycle {', '.join(f'{m:.3f} ms' for m in best['cycle_ms'])} at context "
               f"{', '.join(map(str, tuning['contexts']))}; {len(tuning['candidates'])} candidates, "
               f"{tuning['seconds']:.0f} s)")
@@ -170,8 +192,9 @@ def cmd_check(a) -> int:
     import torch
 
     from orthrus_export.checkpoint import open_checkpoint
-    from orthrus_export.parity import near_tie_bound, pass_parity, random_prompts, token_parity
+    from orthrus_export.parity import near_tie_bound, random_prompts, token_parity
     from orthrus_export.reference import Reference
+    from orthrus_export.verdict import pass_checks, passes_ok, tokens_ok
     engine = _load(a)
     source = a.model or engine.manifest["model"]["checkpoint_path"]
     if not Path(source).is_dir() and source != "tiny" and not a.model:
@@ -180,25 +203,16 @@ def cmd_check(a) -> int:
     if ckpt.config.to_dict() != engine.config.to_dict():
         raise OrthrusError(f"checkpoint {ckpt.path} has a different config from engine {engine.path.name}")
     ref = Reference(ckpt, torch.float32)
-    fp8 = engine.manifest["precision"] == "fp8"
-    if fp8:  # lossless relative to the quantized base (DESIGN.md §2): the engine against its own AR
-        from orthrus_export.parity import ar_consistency
-        passes = ar_consistency(engine, seed=a.seed)
-    else:
-        passes = pass_parity(engine, ref, seed=a.seed)
+    precision = engine.manifest["precision"]
+    fp8 = precision == "fp8"
+    passes = pass_checks(engine, ckpt, seed=a.seed, ref=ref)
     b = engine.block_size
     prompts = random_prompts(engine.config.vocab_size, a.prompts, a.seed,
                              lengths=tuple(n for n in (1, 7, b + 1, 3 * b + 5) if n + a.max_new_tokens
                                            <= engine.max_seq_len))
     rows = token_parity(engine, ref, prompts, a.max_new_tokens,
                         near_tie=0.0 if fp8 else near_tie_bound(passes))
-    exact = engine.manifest["precision"] == "fp32"
-    ok = all(r["ok"] for r in passes.values()) and all(r["orthrus_equals_engine_ar"] for r in rows)
-    if exact:  # fp32: token-exact with transformers is required (DESIGN.md §2)
-        ok = ok and all(r["orthrus_equals_transformers"] and r["ar_equals_transformers"] for r in rows)
-    elif not fp8:  # bf16/fp16: every divergence from transformers must be a near-tie in an fp32 re-score
-        ok = ok and all(r["divergence"] is None or r["divergence"]["near_tie"] for r in rows)
-    # fp8: quantization changes the model; equality with the engine's own AR (above) is the exactness criterion
+    ok = passes_ok(passes) and tokens_ok(precision, rows)
     identical = sum(r["orthrus_equals_transformers"] for r in rows)
     report = {"engine": str(engine.path), "precision": engine.manifest["precision"], "ok": ok, "passes": passes,
               "prompts": rows, "identical_to_transformers": f"{identical}/{len(rows)}"}
@@ -233,25 +247,43 @@ def cmd_check(a) -> int:
 
 def cmd_bench(a) -> int:
     from orthrus_export.bench import bench_engine, copy_bandwidth
-    from orthrus_runtime import Engine
-    engine = Engine.load(a.engine)
+    from orthrus_runtime.engine_format import read_manifest
     try:
         contexts = [int(c) for c in a.contexts.split(",")]
         acceptance = [float(x) for x in a.acceptance.split(",")]
     except ValueError:
         raise OrthrusError("--contexts and --acceptance take comma-separated numbers") from None
-    too_long = [c for c in contexts if not 0 <= c <= engine.max_seq_len]
+    max_seq_len = read_manifest(Path(a.engine))["build"]["max_seq_len"]  # validate before loading
+    too_long = [c for c in contexts if not 0 <= c <= max_seq_len]
     if too_long:
-        raise OrthrusError(f"context {too_long[0]} is outside 0..{engine.max_seq_len} (the engine's max_seq_len)")
+        raise OrthrusError(f"context {too_long[0]} is outside 0..{max_seq_len} (the engine's max_seq_len)")
     if a.iters < 1:
         raise OrthrusError("--iters must be >= 1")
+    log = (lambda m: print(m, file=sys.stderr, flush=True)) if a.json else (lambda m: print(m, flush=True))
+    engine = _load(a)
     bandwidth = copy_bandwidth(engine.device)
-    log = (lambda m: print(m, file=sys.stderr)) if a.json else print
     log(f"{engine.path.name} on {engine.manifest['gpu']['device_name']}: copy bandwidth {bandwidth / 1e9:.1f} GB/s")
-    result = bench_engine(engine, engine.config, contexts, a.iters, bandwidth, acceptance, log=log)
-    result.update(engine=str(engine.path), copy_bandwidth_GBps=bandwidth / 1e9, iters=a.iters)
+    result = bench_engine(engine, engine.config, contexts, a.iters, bandwidth, acceptance, log=log,
+                          sampled=not a.no_sampled)
+    result.update(engine=str(engine.path), copy_bandwidth_GBps=bandwidth / 1e9, iters=a.iters,
+                  load_stats=engine.load_stats)
     if a.json:
         print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_verify(a) -> int:
+    from orthrus_runtime.engine_format import read_manifest, verify_files
+    manifest = read_manifest(Path(a.engine))
+    r = verify_files(Path(a.engine), manifest, full=True)
+    gbps = r["bytes"] / r["seconds"] / 1e9 if r["seconds"] > 0 else float("inf")
+    report = {"engine": a.engine, "ok": True, "files": len(manifest["files"]), "bytes": r["bytes"],
+              "seconds": round(r["seconds"], 3), "GBps": round(gbps, 2)}
+    if a.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"{a.engine}: all {report['files']} files match the manifest ({r['bytes'] / 1e9:.2f} GB hashed in "
+              f"{r['seconds']:.2f} s, {gbps:.2f} GB/s)")
     return 0
 
 
@@ -313,8 +345,8 @@ def cmd_onnx_check(a) -> int:
 
 
 def cmd_info(a) -> int:
-    from orthrus_export.engine_format import verify_engine
-    m = verify_engine(Path(a.engine))
+    from orthrus_runtime.engine_format import read_manifest
+    m = read_manifest(Path(a.engine))
     if a.json:
         print(json.dumps(m, indent=2))
         return 0
@@ -322,8 +354,12 @@ def cmd_info(a) -> int:
     print(f"{m['name']}: {m['precision']} for {m['gpu']['profile']} ({m['gpu']['device_name']}), built {m['created']}")
     print(f"model {m['model']['source']}: {c['num_layers']} layers, hidden {c['hidden_size']}, heads "
           f"{c['num_heads']}/{c['num_kv_heads']}, vocab {c['vocab_size']}, block {c['block_size']}")
-    print(f"max_seq_len {m['build']['max_seq_len']}, kernels {m['build']['kernels']}, compile "
-          f"{m['build']['compile']['backend']}; programs {', '.join(m['programs'])}")
+    o = m["build"]["options"]
+    print(f"max_seq_len {m['build']['max_seq_len']}, kernels {m['build']['kernels']}, backend {o['backend']}, "
+          f"attention splits {o['attention_splits']}; programs {', '.join(m['programs'])}")
+    comp = m["build"].get("compiled")
+    if comp:
+        print(f"compiled artifacts {comp['file']} ({comp['bytes'] / 1e6:.1f} MB) for {comp['stack'].get('device_name') or comp['stack'].get('machine')}, torch {comp['stack']['torch']}")
     if m.get("fp8"):
         f = m["fp8"]
         print(f"fp8: linear layers e4m3 with per-channel scales, activations per token, lm_head {f['lm_head']}, "
@@ -332,7 +368,7 @@ def cmd_info(a) -> int:
     if tuning:
         print(f"autotuned on the build GPU: attention splits {tuning['attention_splits']}, "
               f"{len(tuning['candidates'])} candidates timed at context {', '.join(map(str, tuning['contexts']))} "
-              f"in {tuning['seconds']:.0f} s; load {tuning['load_seconds']}")
+              f"in {tuning['seconds']:.0f} s; prepare {tuning['prepare_seconds']}")
     print("versions " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v))
     if m.get("self_check"):
         print("self-check " + ", ".join(f"{k} {r['budget_used']:.0%}" for k, r in m["self_check"]["passes"].items()))
@@ -343,6 +379,7 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
         commands = {"build": cmd_build, "run": cmd_run, "check": cmd_check, "bench": cmd_bench, "info": cmd_info,
+                    "verify": cmd_verify,
                     "onnx": cmd_onnx, "onnx-check": cmd_onnx_check,
                     "triton": cmd_triton, "serve": cmd_serve}
         return commands[args.command](args)

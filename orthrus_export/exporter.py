@@ -11,11 +11,10 @@ Weights are graph *inputs*, so a serialized program holds only the graph (JSON, 
 """
 
 import torch
-from torch._export.serde import serialize as serde
 
-from orthrus_export.config import ModelConfig
-from orthrus_export.errors import OrthrusError
+from orthrus_runtime.config import ModelConfig
 from orthrus_export.model import Pass
+
 
 PROGRAMS = {"draft": "diff", "verify": "ar", "decode": "ar"}
 
@@ -45,18 +44,3 @@ def custom_op_nodes(ep: torch.export.ExportedProgram) -> dict[str, int]:
             key = str(node.target).split(".")[1]
             counts[key] = counts.get(key, 0) + 1
     return counts
-
-
-def serialize_program(ep: torch.export.ExportedProgram) -> bytes:
-    art = serde.serialize(ep)
-    if ep.state_dict or ep.constants:
-        raise AssertionError("traced programs must take weights as inputs, not hold them")
-    return art.exported_program
-
-
-def deserialize_program(data: bytes, what: str) -> torch.export.ExportedProgram:
-    try:
-        return serde.deserialize(serde.SerializedArtifact(data, b"", b"", b""))
-    except Exception as e:  # a damaged graph file or an incompatible serializer
-        raise OrthrusError(f"{what} cannot be deserialized ({type(e).__name__}: {str(e)[:120]}): rebuild the "
-                           "engine with this version of torch") from None

@@ -10,26 +10,9 @@ import torch
 import torch.nn.functional as F
 
 import orthrus_plugins  # noqa: F401  (registers torch.ops.orthrus.*)
-from orthrus_export.config import ModelConfig
+from orthrus_runtime.config import ModelConfig
 
 VIEWS = ("ar", "diff")
-
-
-def rope_tables(cfg: ModelConfig, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [capacity, head_dim] in float32, computed as transformers' Qwen3RotaryEmbedding does."""
-    d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-    freqs = torch.arange(capacity, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
-
-
-def program_weights(cfg: ModelConfig, weights: dict, capacity: int) -> dict:
-    """The traced programs' ``weights`` input: the packed tensors plus the RoPE tables for ``capacity`` positions,
-    in name order (the order the programs were traced with)."""
-    device = weights["embed"].device
-    cos, sin = rope_tables(cfg, capacity)
-    return dict(sorted({**weights, "rope.cos": cos.to(device), "rope.sin": sin.to(device)}.items()))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

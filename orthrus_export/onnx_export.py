@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from orthrus_export.errors import OrthrusError
+from orthrus_runtime.errors import OrthrusError
 
 try:
     import onnx
@@ -368,12 +368,12 @@ def export_engine(engine_dir, decompose: bool = False, external_data: bool | Non
     checksums. The directory is written aside and renamed when complete."""
     import shutil
 
-    from orthrus_export.config import ModelConfig
-    from orthrus_export.engine_format import MANIFEST, sha256, verify_engine
-    from orthrus_export.exporter import deserialize_program
+    from orthrus_runtime.config import ModelConfig
+    from orthrus_runtime.engine_format import MANIFEST, sha256, verify_engine
+    from orthrus_runtime.program import deserialize_program
     from safetensors.torch import load_file
 
-    from orthrus_export.model import program_weights
+    from orthrus_runtime.program import program_weights
     engine_dir = Path(engine_dir)
     manifest = verify_engine(engine_dir)
     cfg = ModelConfig.from_dict(manifest["model"]["config"])

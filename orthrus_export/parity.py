@@ -35,17 +35,14 @@ def pass_parity(engine, ref: Reference, seed: int = 0, prompt_len: int | None = 
     assert p <= b
     prompt = [rng.randrange(cfg.vocab_size) for _ in range(p)]
     dtype = engine.dtype
-    loop = engine.loop
-    padded = torch.tensor(prompt + [cfg.mask_token_id] * (b - p), device=engine.device)
+    padded = prompt + [cfg.mask_token_id] * (b - p)
     cache = ref.new_cache()
-    results = {"prefill": compare(loop._pass("verify", padded, 0)[:p].cpu(), ref.ar_pass(prompt, cache), dtype)}
+    results = {"prefill": compare(engine.run_pass("verify", padded, 0)[:p].cpu(), ref.ar_pass(prompt, cache), dtype)}
     x = rng.randrange(cfg.vocab_size)
     block = [x] + [cfg.mask_token_id] * (b - 1)
-    results["draft"] = compare(loop._pass("draft", torch.tensor(block, device=engine.device), p).cpu(),
-                               ref.draft_pass(block, cache), dtype)
+    results["draft"] = compare(engine.run_pass("draft", block, p).cpu(), ref.draft_pass(block, cache), dtype)
     block = [x] + [rng.randrange(cfg.vocab_size) for _ in range(b - 1)]
-    results["verify"] = compare(loop._pass("verify", torch.tensor(block, device=engine.device), p).cpu(),
-                                ref.ar_pass(block, cache), dtype)
+    results["verify"] = compare(engine.run_pass("verify", block, p).cpu(), ref.ar_pass(block, cache), dtype)
     return results
 
 
@@ -99,15 +96,13 @@ def ar_consistency(engine, seed: int = 0) -> dict:
     quantized base, DESIGN.md §2); the draft pass must be finite."""
     cfg, b = engine.config, engine.block_size
     rng = random.Random(seed)
-    loop = engine.loop
     p = b // 2 + 3
     prompt = [rng.randrange(cfg.vocab_size) for _ in range(p)] + [cfg.mask_token_id] * (b - p)
-    loop._pass("verify", torch.tensor(prompt, device=engine.device), 0)
+    engine.run_pass("verify", prompt, 0)
     block = [rng.randrange(cfg.vocab_size) for _ in range(b)]
-    draft = loop._pass("draft", torch.tensor([block[0]] + [cfg.mask_token_id] * (b - 1), device=engine.device), p)
-    verify = loop._pass("verify", torch.tensor(block, device=engine.device), p).cpu()
-    steps = torch.cat([loop._pass("decode", torch.tensor([t], device=engine.device), p + i).cpu()
-                       for i, t in enumerate(block)])
+    draft = engine.run_pass("draft", [block[0]] + [cfg.mask_token_id] * (b - 1), p)
+    verify = engine.run_pass("verify", block, p).cpu()
+    steps = torch.cat([engine.run_pass("decode", [t], p + i).cpu() for i, t in enumerate(block)])
     result = compare(verify, steps, engine.dtype)
     result["draft_finite"] = bool(torch.isfinite(draft).all())
     result["ok"] = result["ok"] and result["draft_finite"]

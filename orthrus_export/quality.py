@@ -15,11 +15,11 @@ from orthrus_export.reference import Reference
 
 @torch.no_grad()
 def teacher_forced_logits(engine, tokens: list[int]) -> torch.Tensor:
-    b, loop, out = engine.block_size, engine.loop, []
+    b, out = engine.block_size, []
     for c in range(0, len(tokens), b):
         chunk = tokens[c:c + b]
         padded = chunk + [engine.config.mask_token_id] * (b - len(chunk))
-        out.append(loop._pass("verify", torch.tensor(padded, device=engine.device), c)[:len(chunk)].float().cpu())
+        out.append(engine.run_pass("verify", padded, c)[:len(chunk)].float().cpu())
     return torch.cat(out)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from orthrus_export.config import ModelConfig
+from orthrus_runtime.config import ModelConfig
 from orthrus_export.weights import checkpoint_shapes
 
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>")

@@ -16,7 +16,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from orthrus_export.errors import OrthrusError
+from orthrus_runtime.errors import OrthrusError
 
 PYTRITON = "nvidia-pytriton==0.7.0"
 HOME = Path(__file__).resolve().parents[1] / ".triton"  # beside engines/ in the checkout
@@ -93,7 +93,7 @@ def install(home: Path = HOME, quiet: bool = True) -> Path:
 def write_repository(engine: Path, out: Path, instances: int = 1, env: Path | None = None,
                      home: Path = HOME) -> Path:
     """A model repository serving ``engine``; written to a temporary directory and renamed when complete."""
-    from orthrus_export.engine_format import read_manifest
+    from orthrus_runtime.engine_format import read_manifest
     engine = Path(engine).resolve()
     read_manifest(engine)
     if instances < 1:

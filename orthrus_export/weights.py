@@ -6,7 +6,7 @@ checkpoint tensors it concatenates (along dim 0). Missing, extra or mis-shaped t
 
 from dataclasses import dataclass
 
-from orthrus_export.config import ModelConfig
+from orthrus_runtime.config import ModelConfig
 
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj")
 MLP_PROJ = ("gate_proj", "up_proj")

@@ -8,7 +8,8 @@ Importing this package registers every op with ``torch.library``:
 - ``orthrus::fp8_linear``          (:mod:`orthrus_plugins.fp8_linear`)
 
 Each op has a plain reference implementation (the CPU kernel) and a fake implementation so that
-``torch.export`` keeps it as a single node. Each module's docstring is the op's contract.
+``torch.export`` keeps it as a single node. Each module's docstring is the op's contract. Kernel settings (attention
+splits, the FP8 kernel) are op attributes, set per engine in its programs' nodes: there is no process-wide setting.
 """
 
 from orthrus_plugins import accept, cached_attention, diffusion_attention, fp8_linear  # noqa: F401  (registers)
@@ -23,15 +24,6 @@ try:  # GPU kernels where Triton is installed; the reference kernels serve every
 except ImportError:
     GPU_KERNELS = None
 
-DEFAULT_ATTENTION_SPLITS = 16
-
-
-def set_attention_splits(n: int) -> None:
-    """Key-range splits of the GPU attention kernels for the launches that follow (an engine's tuned value; a
-    captured CUDA graph keeps the value it was captured with). No effect on the reference kernels."""
-    if n not in (4, 8, 16, 32, 64):
-        raise ValueError(f"attention splits must be one of 4, 8, 16, 32, 64, got {n}")
-    if GPU_KERNELS:
-        _triton_attention.SPLITS = n
+DEFAULT_ATTENTION_SPLITS = 16  # the attention ops' default ``splits``; engines record their own (tuned) value
 
 OPS = ("orthrus::diffusion_attention", "orthrus::cached_attention", "orthrus::accept", "orthrus::fp8_linear")

@@ -2,7 +2,7 @@
 
 Contract
 --------
-``cached_attention(q, k, v, k_cache, v_cache, cache_len, layer, scale) -> out``
+``cached_attention(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=16) -> out``
 
 - ``q``: ``[B, Hq, D]``; ``k``, ``v``: ``[B, Hkv, D]`` — the AR view's projections of a block at positions
   ``cache_len … cache_len+B-1`` (normed, rotated). ``Hq`` is a multiple of ``Hkv``. B = 1 is a decode step.
@@ -10,6 +10,8 @@ Contract
   ``cache[layer, :, cache_len:cache_len+B]`` before attending. Nothing else in the cache changes.
 - ``cache_len``: int64 scalar tensor, positions already valid (``cache_len + B <= C``).
 - ``layer`` (int attribute), ``scale`` (float attribute).
+- ``splits`` (int attribute, a kernel setting): key-range splits of the GPU kernel (4, 8, 16, 32 or 64; the engine's
+  tuned value, written into the program's nodes at load); the reference ignores it.
 - ``out``: ``[B, Hq, D]``, q's dtype. Query ``i`` attends to cache positions ``[0, cache_len + i]`` (causal).
 
 Rejected speculative K/V are not erased: the caller simply passes a smaller ``cache_len`` next time and the
@@ -23,7 +25,8 @@ from orthrus_plugins._attention import attend, check_shapes
 
 @torch.library.custom_op("orthrus::cached_attention", mutates_args=("k_cache", "v_cache"))
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                     v_cache: torch.Tensor, cache_len: torch.Tensor, layer: int, scale: float) -> torch.Tensor:
+                     v_cache: torch.Tensor, cache_len: torch.Tensor, layer: int, scale: float,
+                     splits: int = 16) -> torch.Tensor:
     """Reference implementation (any device)."""
     check_shapes("orthrus::cached_attention", q, k, v, k_cache, v_cache, layer)
     n, b = int(cache_len), q.shape[0]
@@ -38,5 +41,5 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
 
 
 @cached_attention.register_fake
-def _(q, k, v, k_cache, v_cache, cache_len, layer, scale):
+def _(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=16):
     return q.new_empty(q.shape)  # contiguous, like every real kernel

@@ -2,13 +2,16 @@
 
 Contract
 --------
-``diffusion_attention(q, k, v, k_cache, v_cache, cache_len, layer, scale) -> out``
+``diffusion_attention(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=16) -> out``
 
 - ``q``: ``[B, Hq, D]``; ``k``, ``v``: ``[B, Hkv, D]`` — the block's diffusion-view projections, already
   normed and rotated (RoPE at positions ``cache_len … cache_len+B-1``). ``Hq`` is a multiple of ``Hkv`` (GQA).
 - ``k_cache``, ``v_cache``: ``[L, Hkv, C, D]``, the AR view's static cache; **read only**.
 - ``cache_len``: int64 scalar tensor, number of valid cache positions (``0 <= cache_len``,
   ``cache_len + B <= C``). A tensor, so one traced graph (and later one captured CUDA graph) serves every length.
+- ``splits`` (int attribute, a kernel setting): key-range splits of the GPU kernel (4, 8, 16, 32 or 64; the
+  engine's tuned value, written into the program's nodes at load). Results do not depend on it beyond rounding; the
+  reference ignores it.
 - ``layer`` (int attribute): which layer of the cache; ``scale`` (float attribute): softmax scale, usually D^-0.5.
 - ``out``: ``[B, Hq, D]``, q's dtype. Every query attends to cache positions ``[0, cache_len)`` and to all B block
   keys — **no causal mask**. The block's K/V are never written to the cache.
@@ -23,7 +26,8 @@ from orthrus_plugins._attention import attend, check_shapes
 
 @torch.library.custom_op("orthrus::diffusion_attention", mutates_args=())
 def diffusion_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                        v_cache: torch.Tensor, cache_len: torch.Tensor, layer: int, scale: float) -> torch.Tensor:
+                        v_cache: torch.Tensor, cache_len: torch.Tensor, layer: int, scale: float,
+                        splits: int = 16) -> torch.Tensor:
     """Reference implementation (any device)."""
     check_shapes("orthrus::diffusion_attention", q, k, v, k_cache, v_cache, layer)
     n = int(cache_len)
@@ -33,5 +37,5 @@ def diffusion_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
 
 
 @diffusion_attention.register_fake
-def _(q, k, v, k_cache, v_cache, cache_len, layer, scale):
+def _(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=16):
     return q.new_empty(q.shape)  # contiguous, like every real kernel

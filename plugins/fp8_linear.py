@@ -2,12 +2,15 @@
 
 Contract
 --------
-``fp8_linear(x, weight, weight_scale) -> out``
+``fp8_linear(x, weight, weight_scale, kernel="auto") -> out``
 
 - ``x``: ``[M, K]`` bf16/fp16/fp32 activations. Each row is quantized on the fly to ``float8_e4m3fn`` with its own
   scale ``s_x[m] = max(|x[m]|) / 448`` (absmax per token; an all-zero row gets scale 1e-12/448).
 - ``weight``: ``[N, K]`` ``float8_e4m3fn``; ``weight_scale``: float32 ``[N]`` — per-output-channel scales, so the
   dequantized weight is ``weight[n].float() * weight_scale[n]`` (see :func:`quantize_weight`).
+- ``kernel`` (str attribute, a kernel setting): the CUDA kernel, one of ``CUDA_KERNELS`` or ``"auto"`` (Triton
+  where installed, else ``torch._scaled_mm``); the engine's choice is written into the program's nodes at load. The
+  reference (every other device) ignores it.
 - ``out``: ``[M, N]`` in x's dtype, ``(q(x) @ weight.T) * s_x[:, None] * weight_scale[None, :]``. Rows are
   independent: row m's result does not depend on the other rows or on M (a verify block and a decode step compute
   the same values for the same token), which keeps an FP8 engine's Orthrus output equal to its own AR output.
@@ -43,7 +46,7 @@ def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32)
 
 
 @torch.library.custom_op("orthrus::fp8_linear", mutates_args=())
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, kernel: str = "auto") -> torch.Tensor:
     """Reference implementation (any device)."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"orthrus::fp8_linear: x [M, K] and weight [N, K] expected, got {tuple(x.shape)} and "
@@ -54,7 +57,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
 
 
 @fp8_linear.register_fake
-def _(x, weight, weight_scale):
+def _(x, weight, weight_scale, kernel="auto"):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
@@ -85,17 +88,18 @@ try:
     CUDA_KERNELS["triton"] = _triton_fp8.fp8_linear
 except ImportError:  # no Triton: torch._scaled_mm or the reference
     pass
-CUDA_KERNEL = "triton" if "triton" in CUDA_KERNELS else "torch._scaled_mm"  # the engine's choice is set at load
+DEFAULT_CUDA_KERNEL = "triton" if "triton" in CUDA_KERNELS else "torch._scaled_mm"
 
 
-def set_cuda_kernel(name: str) -> None:
-    global CUDA_KERNEL
+def cuda_kernel(name: str):
+    """The CUDA implementation called ``name`` (``"auto"``: ``DEFAULT_CUDA_KERNEL``)."""
+    name = DEFAULT_CUDA_KERNEL if name == "auto" else name
     if name not in CUDA_KERNELS:
-        raise ValueError(f"unknown fp8_linear kernel {name!r}: choose {', '.join(CUDA_KERNELS)}")
-    CUDA_KERNEL = name
+        raise ValueError(f"unknown fp8_linear kernel {name!r}: choose {', '.join(CUDA_KERNELS)} or auto")
+    return CUDA_KERNELS[name]
 
 
 def register_cuda() -> None:
     @fp8_linear.register_kernel("cuda")
-    def _(x, weight, weight_scale):
-        return CUDA_KERNELS[CUDA_KERNEL](x, weight, weight_scale)
+    def _(x, weight, weight_scale, kernel="auto"):
+        return cuda_kernel(kernel)(x, weight, weight_scale)

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-SPLITS = 16  # set per engine through orthrus_plugins.set_attention_splits (build-time autotune)
+SPLIT_CHOICES = (4, 8, 16, 32, 64)  # the ops' ``splits`` attribute (an engine option, tuned at build)
 BLOCK_N = 64
 
 
@@ -103,9 +103,12 @@ def _merge_kernel(ACC, MS, LS, O, so_b, so_h,
              mask=(rows < B * G)[:, None])
 
 
-def attention(q, k, v, k_cache, v_cache, cache_len, layer: int, scale: float, causal: bool, out=None):
+def attention(q, k, v, k_cache, v_cache, cache_len, layer: int, scale: float, causal: bool, splits: int = 16,
+              out=None):
     """Launch both kernels. Cached mode (``causal``) first writes the block's K/V at ``cache_len`` (device index,
-    no host read)."""
+    no host read). ``splits``: key-range splits (one of SPLIT_CHOICES)."""
+    if splits not in SPLIT_CHOICES:
+        raise ValueError(f"attention splits must be one of {SPLIT_CHOICES}, got {splits}")
     b, hq, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
@@ -116,21 +119,21 @@ def attention(q, k, v, k_cache, v_cache, cache_len, layer: int, scale: float, ca
     q = q.contiguous()
     k, v = k.contiguous(), v.contiguous()
     m_pad = max(16, triton.next_power_of_2(b * g))
-    slots = hkv * (SPLITS + 1)
+    slots = hkv * (splits + 1)
     acc = torch.empty(slots, m_pad, d, device=q.device, dtype=torch.float32)
     ms = torch.empty(slots, m_pad, device=q.device, dtype=torch.float32)
     ls = torch.empty(slots, m_pad, device=q.device, dtype=torch.float32)
     out = torch.empty_like(q) if out is None else out
     length = cache_len.reshape(1).to(torch.int32) if cache_len.dtype != torch.int32 else cache_len.reshape(1)
-    _split_kernel[(hkv, SPLITS + 1)](
+    _split_kernel[(hkv, splits + 1)](
         q, k_cache, v_cache, k, v, length, acc, ms, ls, layer, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k.stride(0), k.stride(1),
-        B=b, G=g, D=d, M_PAD=m_pad, BLOCK_N=BLOCK_N, SPLITS=SPLITS, CAUSAL=causal,
+        B=b, G=g, D=d, M_PAD=m_pad, BLOCK_N=BLOCK_N, SPLITS=splits, CAUSAL=causal,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 engines stay exact
         num_warps=8 if m_pad * d >= 128 * 64 else 4)  # a [M_PAD, D] fp32 accumulator: spread it over 8 warps
     # merge: 16 rows a program (one program a head serialised 36 us a layer on an H100)
     _merge_kernel[(hkv, m_pad // 16)](acc, ms, ls, out, out.stride(0), out.stride(1), B=b, G=g, D=d, M_PAD=m_pad,
-                                      SPLITS=SPLITS, ROWS=16, num_warps=4)
+                                      SPLITS=splits, ROWS=16, num_warps=4)
     return out
 
 
@@ -140,9 +143,9 @@ def register() -> None:
     from orthrus_plugins.diffusion_attention import diffusion_attention
 
     @diffusion_attention.register_kernel("cuda")
-    def _(q, k, v, k_cache, v_cache, cache_len, layer, scale):
-        return attention(q, k, v, k_cache, v_cache, cache_len, layer, scale, causal=False)
+    def _(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=16):
+        return attention(q, k, v, k_cache, v_cache, cache_len, layer, scale, causal=False, splits=splits)
 
     @cached_attention.register_kernel("cuda")
-    def _(q, k, v, k_cache, v_cache, cache_len, layer, scale):
-        return attention(q, k, v, k_cache, v_cache, cache_len, layer, scale, causal=True)
+    def _(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=16):
+        return attention(q, k, v, k_cache, v_cache, cache_len, layer, scale, causal=True, splits=splits)

@@ -1,5 +1,12 @@
-"""``Engine``: load a built engine (verified), own its static KV cache, and generate."""
+"""``Engine``: load a built engine (verified), own its static KV cache and step buffers, and generate.
 
+Public surface for tools (parity, quality, autotune, bench, tests): ``run_pass(name, tokens, start)`` runs one
+program eagerly, ``time_step(kind, context, iters)`` times a step as decoding runs it, ``with_options`` re-specialises
+the programs with other kernel options, ``load_stats`` says where loading spent its time.
+"""
+
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -7,14 +14,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from orthrus_export.config import ModelConfig
-from orthrus_export.engine_format import verify_engine
-from orthrus_export.errors import OrthrusError
-from orthrus_export.exporter import deserialize_program
-from orthrus_export.profiles import check_device, load_profile
-from orthrus_export.model import program_weights
 from orthrus_plugins.sampling import validate_sampling
-from orthrus_runtime.loop import Drafter, Loop, Sampling
+from orthrus_runtime import compiled
+from orthrus_runtime.config import ModelConfig
+from orthrus_runtime.cycle import Steps
+from orthrus_runtime.engine_format import check_versions, read_manifest, verify_files
+from orthrus_runtime.errors import OrthrusError
+from orthrus_runtime.loop import Drafter, Sampling, generate
+from orthrus_runtime.profiles import check_device, load_profile
+from orthrus_runtime.program import KernelOptions, deserialize_program, program_weights, runnable
 from orthrus_runtime.stats import GenerationStats
 from orthrus_runtime.text import TextDeltas
 
@@ -56,91 +64,115 @@ class TextStream:
         self.result = self._engine._result(self._prompt, self._ids, self._stats)
 
 
+def _quiet(_msg: str) -> None:
+    pass
+
+
 class Engine:
     def __init__(self, path: Path, manifest: dict, device: torch.device, weights: dict, programs: dict,
-                 tokenizer, backend: str = "torch"):
-        self.path, self.manifest, self.device = path, manifest, device
+                 tokenizer, options: KernelOptions, backend: str = "torch", log=_quiet):
+        """``programs``: name -> ExportedProgram (torch backend) or a ready callable (onnxruntime)."""
+        self.path, self.manifest, self.device = Path(path), manifest, device
         self.config = ModelConfig.from_dict(manifest["model"]["config"])
         self.block_size = self.config.block_size
         self.max_seq_len = manifest["build"]["max_seq_len"]
         self.capacity = manifest["build"]["cache_capacity"]
         self.tokenizer = tokenizer
         self.weights = weights
-        self.programs = programs
-        from orthrus_export.profiles import COMPUTE_DTYPES
-        dtype = self.dtype = COMPUTE_DTYPES[manifest["precision"]]
+        self.options = options
+        self.dtype = options.dtype
         self.backend = backend
+        self.log = log
+        self.load_stats: dict = {}
+        self._exported = programs if backend == "torch" else None
+        self._lock = threading.RLock()  # one generation at a time owns the cache and the step buffers
         cfg = self.config
         shape = (cfg.num_layers, cfg.num_kv_heads, self.capacity, cfg.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
-        self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
-        kernel = ((manifest.get("fp8") or {}).get("kernel") or {}).get("name")
-        if kernel and device.type == "cuda":
-            from orthrus_plugins import fp8_linear
-            fp8_linear.set_cuda_kernel(kernel)
-        if backend == "torch" and manifest["build"].get("compile", {}).get("backend") == "inductor":
-            programs = compiled_passes(cfg, programs)
-        self.loop = Loop(programs, weights, self.k_cache, self.v_cache, cfg.block_size, cfg.mask_token_id, device,
-                         cfg.vocab_size)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=device)
         if device.type == "cuda":
             import orthrus_plugins
             if orthrus_plugins.GPU_KERNELS is None:
                 raise OrthrusError("this GPU engine needs Triton for its kernels: install triton")
-            tuning = manifest["build"].get("tuning") or {}
-            self.capture_graphs(tuning.get("attention_splits", orthrus_plugins.DEFAULT_ATTENTION_SPLITS))
+        self._prepare(programs)
 
-    def capture_graphs(self, attention_splits: int) -> None:
-        """(Re)capture the CUDA graphs of the greedy cycle and the AR step with the given attention-kernel setting
-        (compiles the Inductor passes on the first capture)."""
-        import orthrus_plugins
-        from orthrus_runtime.graphs import GraphedSteps
-        self.loop.graphs = None
-        orthrus_plugins.set_attention_splits(attention_splits)
-        self.loop.attention_splits = attention_splits
-        with torch.no_grad():  # not inference_mode: the graph's buffers are updated outside it too
-            self.loop.graphs = GraphedSteps(self.loop, self.config.vocab_size)
+    def _prepare(self, programs: dict) -> None:
+        t0 = time.perf_counter()
+        if self.backend == "torch":
+            self.programs = {name: runnable(ep, self.options) for name, ep in programs.items()}
+        else:
+            self.programs = programs
+        cfg = self.config
+        self.steps = Steps(self.programs, self.weights, self.k_cache, self.v_cache, cfg.block_size,
+                           cfg.mask_token_id, cfg.vocab_size, self.device)
+        if self.device.type == "cuda":  # compiles (Inductor, first call) and captures every step
+            self.load_stats["capture_s"] = round(self.steps.capture(), 3)
+        elif self.options.backend == "inductor":  # compile now, not in the first request
+            t1 = time.perf_counter()
+            with torch.no_grad():
+                for name in self.programs:
+                    self.run_pass(name, torch.zeros(1 if name == "decode" else self.block_size, dtype=torch.int64), 0)
+            self.load_stats["compile_s"] = round(time.perf_counter() - t1, 3)
+        self.load_stats["prepare_s"] = round(time.perf_counter() - t0, 3)
+
+    def with_options(self, options: KernelOptions) -> "Engine":
+        """Re-specialise the programs with other kernel options (and recapture the graphs), in place: the autotuner
+        tries candidates this way. Not while a generation runs."""
+        if self.backend != "torch":
+            raise OrthrusError("kernel options apply to the torch backend only")
+        with self._lock:
+            self.options = options
+            self.manifest = {**self.manifest, "build": {**self.manifest["build"], "options": options.to_dict()}}
+            self._prepare(self._exported)
+        return self
 
     @classmethod
-    def from_parts(cls, cfg: ModelConfig, weights: dict, programs: dict, device: torch.device, max_seq_len: int,
-                   precision: str, name: str = "in-memory", compile: bool = False,
-                   attention_splits: int | None = None) -> "Engine":
-        """An engine assembled in memory (benchmarks on random weights): same loop, programs and graphs."""
-        capacity = max_seq_len + cfg.block_size
-        weights = program_weights(cfg, weights, capacity)
-        manifest = {"name": name, "precision": precision, "model": {"config": cfg.to_dict()},
-                    "build": {"max_seq_len": max_seq_len, "cache_capacity": capacity,
-                              "compile": {"backend": "inductor" if compile else "none"},
-                              "tuning": {"attention_splits": attention_splits} if attention_splits else None}}
-        return cls(Path(name), manifest, device, weights, programs, None)
-
-    @classmethod
-    def load(cls, path, check_hashes: bool = True, build_overrides: dict | None = None, backend: str = "torch",
-             onnx_variant: str = "orthrus") -> "Engine":
-        """Load a built engine. ``backend="onnxruntime"`` runs its exported ONNX graphs (``onnx_variant``
-        "orthrus" or "decomposed") with ONNX Runtime on the CPU instead of the traced programs.
-        ``build_overrides`` replaces entries of the manifest's ``build`` section in memory (the build's
-        autotuner loads each candidate this way)."""
+    def load(cls, path, backend: str = "torch", onnx_variant: str = "orthrus", strict: bool = False,
+             verify_weights: bool = False, log=_quiet) -> "Engine":
+        """Load a built engine: the manifest, small files' sha256 and the weights' size and header are verified
+        (every byte with ``verify_weights``). ``backend="onnxruntime"`` runs the exported ONNX graphs (``onnx_variant``
+        "orthrus" or "decomposed") on the CPU. Compiled engines reuse the compiled artifacts they hold when this
+        device and software stack match the build's; otherwise they recompile (``log`` says so) or, with
+        ``strict``, refuse. ``engine.load_stats`` has the seconds of each stage."""
+        t0 = time.perf_counter()
         path = Path(path)
-        manifest = verify_engine(path, check_hashes=check_hashes)
-        if build_overrides:
-            manifest = {**manifest, "build": {**manifest["build"], **build_overrides}}
+        stats = {}
+        manifest = read_manifest(path)
+        check = verify_files(path, manifest, full=verify_weights)
+        check_versions(path, manifest)
+        stats["verify_s"] = round(time.perf_counter() - t0, 3)
+        stats["verified_bytes"] = check["bytes"]
         if backend not in ("torch", "onnxruntime"):
             raise OrthrusError(f"unknown backend {backend!r}: choose torch or onnxruntime")
+        options = KernelOptions.from_dict(manifest["build"]["options"])
+        tokenizer = cls._tokenizer(path, manifest)
         if backend == "onnxruntime":
             from orthrus_runtime.onnx_backend import load_programs
             programs = load_programs(path, manifest, onnx_variant)
-            return cls(path, manifest, torch.device("cpu"), {}, programs, cls._tokenizer(path, manifest),
-                       backend="onnxruntime")
+            engine = cls(path, manifest, torch.device("cpu"), {}, programs, tokenizer, options.replace(
+                backend="none"), backend="onnxruntime", log=log)
+            engine.load_stats = {**stats, **engine.load_stats}
+            return engine
         profile = load_profile(manifest["gpu"]["profile"])
         device = check_device(profile, "load this engine")
-        weights = load_file(str(path / manifest["weights"]), device=str(device))
+        t1 = time.perf_counter()
         cfg = ModelConfig.from_dict(manifest["model"]["config"])
+        weights = load_file(str(path / manifest["weights"]), device=str(device))
         weights = program_weights(cfg, weights, manifest["build"]["cache_capacity"])
-        programs = {}
-        for name, info in manifest["programs"].items():
-            ep = deserialize_program((path / info["file"]).read_bytes(), f"program {info['file']}")
-            programs[name] = ep.module()
-        return cls(path, manifest, device, weights, programs, cls._tokenizer(path, manifest))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        stats["weights_s"] = round(time.perf_counter() - t1, 3)
+        t1 = time.perf_counter()
+        programs = {name: deserialize_program((path / info["file"]).read_bytes(), f"program {info['file']}")
+                    for name, info in manifest["programs"].items()}
+        stats["programs_s"] = round(time.perf_counter() - t1, 3)
+        if options.backend == "inductor":
+            stats["compiled"] = compiled.prepare(path, manifest["build"].get("compiled"), device, strict, log)
+        engine = cls(path, manifest, device, weights, programs, tokenizer, options, log=log)
+        engine.load_stats = {**stats, **engine.load_stats, "total_s": round(time.perf_counter() - t0, 3)}
+        if stats.get("compiled", {}).get("artifacts") in ("mismatch", "none"):
+            log(f"compiled and captured in {engine.load_stats['prepare_s']:.1f} s")
+        return engine
 
     @staticmethod
     def _tokenizer(path: Path, manifest: dict):
@@ -149,7 +181,32 @@ class Engine:
         from orthrus_runtime.tokenizer import EngineTokenizer
         return EngineTokenizer(path / manifest["tokenizer"])
 
-    # ---- inputs ---------------------------------------------------------------------------------------------
+    # ---- tools ----------------------------------------------------------------------------------------------------
+    def run_pass(self, name: str, tokens, start: int) -> torch.Tensor:
+        """One program run eagerly on ``tokens`` (ids, ``[T]``) at cache position ``start``: logits ``[T, V]``. Verify
+        and decode write the cache at ``start …``: a tool's passes share the cache with generation, so run them
+        between generations."""
+        tokens = torch.as_tensor(tokens, dtype=torch.int64).to(self.device)
+        with self._lock, torch.no_grad():
+            return self.programs[name](self.weights, tokens, torch.tensor(start, device=self.device),
+                                       self.k_cache, self.v_cache)
+
+    def time_step(self, kind: str, context: int, iters: int = 20, sampled: bool = False) -> float:
+        """Median milliseconds of one decoding step (``cycle``, ``decode``) or lone pass (``draft``, ``verify``) at
+        cache length ``context``: the CUDA-graph replay that decoding runs (CUDA events), or the eager call on the
+        CPU (host clock). Sampled steps run at the published sampling defaults (T 0.6, top-k 20, top-p 0.95).
+        Overwrites the cache: between generations only."""
+        if not 0 <= context <= self.max_seq_len:
+            raise OrthrusError(f"context {context} is outside 0..{self.max_seq_len} (the engine's max_seq_len)")
+        with self._lock:
+            if sampled:
+                self.steps.start(5, context, [], 0.6, 20, 0.95)
+                self.steps.u.uniform_()
+            else:
+                self.steps.start(5, context, [])
+            return self.steps.time(kind, context, iters, sampled)
+
+    # ---- inputs ---------------------------------------------------------------------------------------------------
     def encode(self, prompt, chat: bool = False) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -173,7 +230,7 @@ class Engine:
         text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else None
         return GenerationResult(prompt_ids, ids, text, stats)
 
-    # ---- generation -----------------------------------------------------------------------------------------
+    # ---- generation -----------------------------------------------------------------------------------------------
     def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, stream: bool = False, use_drafts: bool = True,
                  end_id: int | None = None, chat: bool = False, drafter: Drafter | None = None):
@@ -181,7 +238,8 @@ class Engine:
         TextStream of text deltas whose ``.result`` is set once it is exhausted.
 
         ``use_drafts=False`` decodes one token per pass (the AR baseline). ``end_id`` replaces the model's EOS
-        tokens. ``drafter`` replaces the diffusion drafter (experiments and tests)."""
+        tokens. ``drafter`` replaces the diffusion drafter (experiments and tests). Safe to call from several
+        threads: generations take turns on the engine (each result is that of the request run alone)."""
         try:
             validate_sampling(float(temperature), top_k, float(top_p))
         except ValueError as e:
@@ -198,28 +256,14 @@ class Engine:
         eos = [end_id] if end_id is not None else list(self.config.eos_token_ids)
         stats = GenerationStats(block_size=self.block_size, prompt_tokens=len(ids))
         sampling = Sampling(float(temperature), int(top_k), float(top_p))
-        chunks = self.loop.run(ids, int(max_new_tokens), sampling, int(seed), eos, stats, use_drafts, drafter)
-        with torch.inference_mode():
-            if stream:
-                return TextStream(self, _inference(chunks), ids, stats)
-            out = [t for chunk in chunks for t in chunk]
+        chunks = self._locked(generate(self.steps, self.run_pass, ids, int(max_new_tokens), sampling, int(seed),
+                                       eos, stats, use_drafts, drafter))
+        if stream:
+            return TextStream(self, chunks, ids, stats)
+        out = [t for chunk in chunks for t in chunk]
         return self._result(ids, out, stats)
 
-
-def compiled_passes(cfg: ModelConfig, programs: dict) -> dict:
-    """Inductor-compiled passes (``torch.compile(fullgraph=True)`` of the model code the programs were traced
-    from; the attention plugins stay opaque custom ops). Compiled on first call, before graph capture."""
-    import functools
-
-    from orthrus_export.exporter import PROGRAMS
-    from orthrus_export.model import forward
-    # every pass of every engine in this process compiles the same code object (model.forward): raise Dynamo's
-    # per-code-object limit above its default of 8 so that several engines (benchmarks) can coexist
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    return {name: torch.compile(functools.partial(forward, cfg, PROGRAMS[name]), fullgraph=True, dynamic=False)
-            for name in programs}
-
-
-def _inference(chunks):
-    with torch.inference_mode():
-        yield from chunks
+    def _locked(self, chunks):
+        """Hold the engine for the whole generation (released when the stream is exhausted or closed)."""
+        with self._lock, torch.inference_mode():
+            yield from chunks

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from orthrus_export.errors import OrthrusError
+from orthrus_runtime.errors import OrthrusError
 
 VARIANTS = ("orthrus", "decomposed")
 

@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from orthrus_export.bench import qwen3_config  # noqa: E402
 from orthrus_export.exporter import PROGRAMS, export_program  # noqa: E402
-from orthrus_export.model import program_weights  # noqa: E402
+from orthrus_runtime.program import program_weights  # noqa: E402
 from orthrus_export.onnx_export import write_graphs  # noqa: E402
 from orthrus_export.weights import engine_shapes  # noqa: E402
 

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from orthrus_export.checkpoint import open_checkpoint
-from orthrus_export.errors import OrthrusError
+from orthrus_runtime.errors import OrthrusError
 from orthrus_export.synthetic import write_checkpoint
 from orthrus_export.weights import checkpoint_shapes, engine_shapes
 

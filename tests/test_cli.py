@@ -13,7 +13,7 @@ import pytest
 
 from orthrus_export import builder
 from orthrus_export.cli import main
-from orthrus_export.errors import OrthrusError
+from orthrus_runtime.errors import OrthrusError
 
 
 def cli(*args, cwd=None):

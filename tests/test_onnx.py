@@ -12,7 +12,7 @@ import onnx
 import pytest
 
 from orthrus_export.checkpoint import TINY_DIR
-from orthrus_export.engine_format import verify_engine
+from orthrus_runtime.engine_format import verify_engine
 from orthrus_export.onnx_export import export_engine
 from orthrus_export.onnx_parity import compare_engine
 from orthrus_export.parity import random_prompts, token_parity
@@ -156,7 +156,7 @@ def test_bf16_engine_exports_and_fp8_is_refused(models, tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from orthrus_export.errors import OrthrusError
+    from orthrus_runtime.errors import OrthrusError
     path = tmp_path / "bf16"
     shutil.copytree(models.engine_path("gqa1_tied", "bf16"), path)
     for decompose in (False, True):

@@ -1,15 +1,16 @@
-"""GPU build profiles (``engines/profiles/<name>.json``) and matching them against the device at hand."""
+"""GPU build profiles (``engines/profiles/<name>.json``, installed as the package data ``orthrus_runtime.gpu_profiles``)
+and matching them against the device at hand."""
 
 import json
 import platform
 from dataclasses import dataclass
-from pathlib import Path
+from importlib import resources
 
 import torch
 
-from orthrus_export.errors import OrthrusError
+from orthrus_runtime.errors import OrthrusError
 
-PROFILE_DIR = Path(__file__).resolve().parents[1] / "engines" / "profiles"
+PROFILES = "orthrus_runtime.gpu_profiles"  # engines/profiles in the checkout (pyproject maps it), package data once installed
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # the dtype activations, norms, embeddings and the cache use: FP8 engines quantize their linear weights only
 COMPUTE_DTYPES = {**DTYPES, "fp8": torch.bfloat16}
@@ -27,17 +28,22 @@ class Profile:
     memory_gib: int | None = None
 
 
+def _files() -> dict:
+    return {f.name[:-5]: f for f in resources.files(PROFILES).iterdir() if f.name.endswith(".json")}
+
+
 def available() -> list[str]:
-    return sorted(p.stem for p in PROFILE_DIR.glob("*.json"))
+    return sorted(_files())
 
 
 def load_profile(name: str) -> Profile:
     if name == "auto":
         return detect()
-    path = PROFILE_DIR / f"{name}.json"
-    if not path.exists():
-        raise OrthrusError(f"unknown --gpu {name!r}: choose one of {', '.join(available())} or auto")
-    d = json.loads(path.read_text())
+    files = _files()
+    key = name.lower()
+    if key not in files:
+        raise OrthrusError(f"unknown --gpu {name!r}: choose one of {', '.join(sorted(files))} or auto")
+    d = json.loads(files[key].read_text())
     cc = d.get("compute_capability")
     return Profile(name=d["name"], device=d["device"], precisions=tuple(d["precisions"]), fp8=bool(d["fp8"]),
                    description=d.get("description", ""), device_name_contains=d.get("device_name_contains"),
@@ -53,7 +59,8 @@ def detect() -> Profile:
         prof = load_profile(p)
         if prof.device_name_contains and prof.device_name_contains in name:
             return prof
-    raise OrthrusError(f"no build profile matches GPU {name!r}: add one to {PROFILE_DIR}")
+    raise OrthrusError(f"no build profile matches GPU {name!r}: add a JSON profile for it to engines/profiles "
+                       "and reinstall, or pass --gpu with one of " + ", ".join(available()))
 
 
 def device_description(profile: Profile) -> dict:

@@ -1,0 +1,136 @@
+"""An engine's programs as the runtime runs them: deserialised graphs, their weights input, their kernel options.
+
+Every program is ``(weights, tokens, start, k_cache, v_cache) -> logits`` (see the builder's exporter). The runtime
+runs the engine's *own* graphs (``ExportedProgram.module()``), never the installed model code: an engine built by one
+version runs the graphs it holds. Kernel settings are not process state: ``KernelOptions`` is resolved once per
+engine (manifest) and written into the programs' custom-op nodes as attributes (``specialize``), so two engines with
+different settings run side by side in one process.
+"""
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch._export.serde import serialize as serde
+
+import orthrus_plugins
+from orthrus_runtime.config import ModelConfig
+from orthrus_runtime.errors import OrthrusError
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """The kernel settings of one engine: resolved once (profile, precision, build-time tuning), recorded in the
+    manifest (``build.options``), passed to the ops as attributes."""
+    backend: str = "none"                  # "none": the traced graphs as they are; "inductor": torch.compile of them
+    attention_splits: int = orthrus_plugins.DEFAULT_ATTENTION_SPLITS
+    fp8_kernel: str = "auto"               # orthrus::fp8_linear's CUDA kernel (FP8 engines)
+    compute_dtype: str = "float32"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "KernelOptions":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    def replace(self, **changes) -> "KernelOptions":
+        return KernelOptions(**{**asdict(self), **changes})
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.compute_dtype)
+
+
+def rope_tables(cfg: ModelConfig, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [capacity, head_dim] in float32, computed as transformers' Qwen3RotaryEmbedding does."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    freqs = torch.arange(capacity, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def program_weights(cfg: ModelConfig, weights: dict, capacity: int) -> dict:
+    """The programs' ``weights`` input: the packed tensors plus the RoPE tables for ``capacity`` positions, in name
+    order (the order the programs were traced with)."""
+    device = weights["embed"].device
+    cos, sin = rope_tables(cfg, capacity)
+    return dict(sorted({**weights, "rope.cos": cos.to(device), "rope.sin": sin.to(device)}.items()))
+
+
+def serialize_program(ep: torch.export.ExportedProgram) -> bytes:
+    art = serde.serialize(ep)
+    if ep.state_dict or ep.constants:
+        raise AssertionError("traced programs must take weights as inputs, not hold them")
+    return art.exported_program
+
+
+class _CachedTypeHints:
+    """torch's graph deserializer calls ``typing.get_type_hints`` on its schema dataclasses once per JSON object (80%
+    of the time to load a program). The hints of a class never change: this stands in for the ``typing`` module
+    inside the deserializer only, with the hints cached per class."""
+
+    def __init__(self, typing_module):
+        self._typing, self._hints = typing_module, {}
+
+    def get_type_hints(self, obj, globalns=None, **kwargs):
+        if kwargs or not isinstance(obj, type):
+            return self._typing.get_type_hints(obj, globalns, **kwargs)
+        key = (obj, id(globalns))
+        if key not in self._hints:
+            self._hints[key] = self._typing.get_type_hints(obj, globalns)
+        return self._hints[key]
+
+    def __getattr__(self, name):
+        return getattr(self._typing, name)
+
+
+if getattr(serde, "typing", None) is not None and not isinstance(serde.typing, _CachedTypeHints):
+    serde.typing = _CachedTypeHints(serde.typing)
+
+
+def deserialize_program(data: bytes, what: str) -> torch.export.ExportedProgram:
+    try:
+        return serde.deserialize(serde.SerializedArtifact(data, b"", b"", b""))
+    except Exception as e:  # a damaged graph file or an incompatible serializer
+        raise OrthrusError(f"{what} cannot be deserialized ({type(e).__name__}: {str(e)[:120]}): rebuild the "
+                           "engine with this version of torch") from None
+
+
+_ATTENTION = ("cached_attention", "diffusion_attention")
+
+
+def specialize(module: torch.fx.GraphModule, options: KernelOptions) -> torch.fx.GraphModule:
+    """Write the engine's kernel options into the program's custom-op nodes (attention ``splits``, the FP8
+    ``kernel``), in place; returns the module."""
+    for node in module.graph.nodes:
+        if node.op != "call_function" or not str(node.target).startswith("orthrus."):
+            continue
+        op = str(node.target).split(".")[1]
+        if op in _ATTENTION:
+            node.kwargs = {**node.kwargs, "splits": options.attention_splits}
+        elif op == "fp8_linear":
+            node.kwargs = {**node.kwargs, "kernel": options.fp8_kernel}
+    module.recompile()
+    return module
+
+
+def kernel_attributes(module: torch.fx.GraphModule) -> dict[str, set]:
+    """The kernel attributes the program's nodes carry (for tests and ``info``): op -> set of (name, value)."""
+    out: dict[str, set] = {}
+    for node in module.graph.nodes:
+        if node.op == "call_function" and str(node.target).startswith("orthrus."):
+            op = str(node.target).split(".")[1]
+            out.setdefault(op, set()).update((k, v) for k, v in node.kwargs.items() if k in ("splits", "kernel"))
+    return out
+
+
+def runnable(ep: torch.export.ExportedProgram, options: KernelOptions):
+    """The callable the runtime runs for one program: the graph module with the options written in, compiled by
+    Inductor (``torch.compile(fullgraph=True)`` of *this* graph, compiled on the first call) when the options say so."""
+    module = specialize(ep.module(), options)
+    if options.backend == "inductor":
+        return torch.compile(module, fullgraph=True, dynamic=False)
+    if options.backend != "none":
+        raise OrthrusError(f"unknown pass backend {options.backend!r} in the engine's options: rebuild the engine")
+    return module
