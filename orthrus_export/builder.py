@@ -12,7 +12,6 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 

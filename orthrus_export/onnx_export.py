@@ -17,8 +17,6 @@ attention over the whole static capacity, in float32). Graphs whose weights exce
 The converter walks the FX graph node by node; an operator it does not know is an error naming the operator.
 """
 
-import json
-import os
 import time
 from pathlib import Path
 
@@ -366,14 +364,11 @@ def export_engine(engine_dir, decompose: bool = False, external_data: bool | Non
     """Write ``onnx/`` (or ``onnx-decomposed/``) inside a built engine: one graph per program, checked with
     ``onnx.checker`` (full check) and shape inference; the manifest's ``onnx`` section lists the files and their
     checksums. The directory is written aside and renamed when complete."""
-    import shutil
-
-    from orthrus_runtime.config import ModelConfig
-    from orthrus_runtime.engine_format import MANIFEST, sha256, verify_engine
-    from orthrus_runtime.program import deserialize_program
     from safetensors.torch import load_file
 
-    from orthrus_runtime.program import program_weights
+    from orthrus_runtime.config import ModelConfig
+    from orthrus_runtime.engine_format import atomic_directory, verify_engine, write_manifest
+    from orthrus_runtime.program import deserialize_program, program_weights
     engine_dir = Path(engine_dir)
     manifest = verify_engine(engine_dir)
     cfg = ModelConfig.from_dict(manifest["model"]["config"])
@@ -384,33 +379,17 @@ def export_engine(engine_dir, decompose: bool = False, external_data: bool | Non
     sub = "onnx-decomposed" if decompose else "onnx"
     total = sum(t.numel() * t.element_size() for t in weights.values())
     external = total > TWO_GB if external_data is None else external_data
-    tmp = engine_dir / f".{sub}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    files = {}
-    try:
+    with atomic_directory(engine_dir / sub, force=True) as tmp:
         programs = {name: (lambda info=info: deserialize_program((engine_dir / info["file"]).read_bytes(),
                                                                  f"program {info['file']}"))
                     for name, info in manifest["programs"].items()}
         write_graphs(programs, cfg, weights, tmp, decompose, external, progress)
-        for p in sorted(tmp.iterdir()):
-            files[f"{sub}/{p.name}"] = sha256(p)
-        final = engine_dir / sub
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        files = sorted(f"{sub}/{p.name}" for p in tmp.iterdir())
     record = {"opset": OPSET, "domain": None if decompose else DOMAIN, "external_data": external,
               "directory": sub, "graphs": {n: f"{sub}/{n}.onnx" for n in manifest["programs"]},
-              "files": {k: v for k, v in files.items()}, "seconds": round(time.perf_counter() - t0, 3),
+              "files": files, "seconds": round(time.perf_counter() - t0, 3),
               "torch": torch.__version__, "onnx": onnx.__version__}
     manifest.setdefault("onnx", {})[variant] = record
-    # the ONNX files are part of the engine: listed, with checksums, among the engine's files too
-    manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith(sub + "/")}
-    manifest["files"].update(files)
-    tmp_manifest = engine_dir / f".{MANIFEST}.tmp-{os.getpid()}"
-    tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp_manifest.replace(engine_dir / MANIFEST)
+    # the ONNX files are part of the engine: listed, with sizes and checksums, among the engine's files too
+    write_manifest(engine_dir, manifest, reuse=manifest["files"])
     return record

@@ -8,6 +8,7 @@ utilities need: the model runs there through ``EXECUTION_ENV_PATH``).
 """
 
 import os
+from importlib import resources
 import shutil
 import signal
 import subprocess
@@ -109,7 +110,7 @@ def write_repository(engine: Path, out: Path, instances: int = 1, env: Path | No
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         (tmp / MODEL / "1").mkdir(parents=True)
-        shutil.copy2(Path(__file__).with_name("triton_model.py"), tmp / MODEL / "1" / "model.py")
+        shutil.copy2(str(resources.files("orthrus_runtime") / "triton_model.py"), tmp / MODEL / "1" / "model.py")
         (tmp / MODEL / "config.pbtxt").write_text(CONFIG.format(name=MODEL, instances=instances, engine=engine,
                                                                 env=env))
         home = Path(home).resolve()

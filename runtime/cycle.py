@@ -45,6 +45,7 @@ class Steps:
         self.drafts = torch.zeros(b - 1, **i64)    # an external drafter's tokens (eager only)
         self.block = torch.zeros(b, **i64)         # the input of a lone draft/verify pass (benchmarks)
         self.graphs: dict[tuple[str, bool], torch.cuda.CUDAGraph] = {}
+        self.use_graphs = True                     # off: the same bodies run eagerly (tests compare the two)
 
     # ---- bodies -------------------------------------------------------------------------------------------------
     def _pass(self, name: str, tokens: torch.Tensor) -> torch.Tensor:
@@ -145,7 +146,7 @@ class Steps:
         if drafts is not None:
             self.drafts.copy_(torch.tensor(drafts[:self.b - 1], dtype=torch.int64))
             self.body(kind, sampled, external_drafts=True)
-        elif self.graphs:
+        elif self.graphs and self.use_graphs:
             self.graphs[(kind, sampled)].replay()
         else:
             self.body(kind, sampled)

@@ -126,6 +126,17 @@ class Engine:
             self._prepare(self._exported)
         return self
 
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether steps replay their captured CUDA graphs (GPU engines); set False to run the same step bodies
+        eagerly (tests compare the two)."""
+        return bool(self.steps.graphs) and self.steps.use_graphs
+
+    @cuda_graphs.setter
+    def cuda_graphs(self, on: bool) -> None:
+        with self._lock:
+            self.steps.use_graphs = bool(on)
+
     @classmethod
     def load(cls, path, backend: str = "torch", onnx_variant: str = "orthrus", strict: bool = False,
              verify_weights: bool = False, log=_quiet) -> "Engine":

@@ -133,13 +133,8 @@ def atomic_directory(out: Path, force: bool = False, what: str = "engine") -> It
     if out.exists() and not force:
         raise OrthrusError(f"{out} already exists: pass --force to replace it, or choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
-    lock = open(out.parent / f".{out.name}.lock", "a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
-        raise OrthrusError(f"another process is writing {out} right now: wait for it to finish, or choose another "
-                           "--out") from None
+    lock_path = out.parent / f".{out.name}.lock"
+    lock = _lock(lock_path, out)
     remove_stale_temporaries(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -157,7 +152,27 @@ def atomic_directory(out: Path, force: bool = False, what: str = "engine") -> It
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        lock.close()  # releases the lock; the empty lock file stays (removing it would race with a waiting writer)
+        lock_path.unlink(missing_ok=True)  # before releasing: a later writer then locks a fresh file
+        lock.close()
+
+
+def _lock(path: Path, out: Path):
+    """An exclusive lock on ``path`` (created if needed), held through the returned file object. A writer that finds
+    it held fails at once, naming ``out``; the inode check makes a lock on a file that was just removed not count."""
+    while True:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise OrthrusError(f"another process is writing {out} right now: wait for it to finish, or choose "
+                               "another --out") from None
+        try:
+            if os.fstat(f.fileno()).st_ino == os.stat(path).st_ino:
+                return f
+        except FileNotFoundError:
+            pass
+        f.close()  # the holder removed the file between our open and our lock: lock the new one
 
 
 def remove_stale_temporaries(out: Path) -> None:

@@ -1,5 +1,5 @@
-"""GPU build profiles (``engines/profiles/<name>.json``, installed as the package data ``orthrus_runtime.gpu_profiles``)
-and matching them against the device at hand."""
+"""GPU build profiles (``runtime/gpu_profiles/<name>.json``, package data of ``orthrus_runtime``; ``engines/profiles``
+links there) and matching them against the device at hand."""
 
 import json
 import platform
@@ -10,7 +10,6 @@ import torch
 
 from orthrus_runtime.errors import OrthrusError
 
-PROFILES = "orthrus_runtime.gpu_profiles"  # engines/profiles in the checkout (pyproject maps it), package data once installed
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # the dtype activations, norms, embeddings and the cache use: FP8 engines quantize their linear weights only
 COMPUTE_DTYPES = {**DTYPES, "fp8": torch.bfloat16}
@@ -29,7 +28,8 @@ class Profile:
 
 
 def _files() -> dict:
-    return {f.name[:-5]: f for f in resources.files(PROFILES).iterdir() if f.name.endswith(".json")}
+    folder = resources.files("orthrus_runtime") / "gpu_profiles"
+    return {f.name[:-5]: f for f in folder.iterdir() if f.name.endswith(".json")}
 
 
 def available() -> list[str]:
@@ -59,7 +59,7 @@ def detect() -> Profile:
         prof = load_profile(p)
         if prof.device_name_contains and prof.device_name_contains in name:
             return prof
-    raise OrthrusError(f"no build profile matches GPU {name!r}: add a JSON profile for it to engines/profiles "
+    raise OrthrusError(f"no build profile matches GPU {name!r}: add a JSON profile for it to runtime/gpu_profiles "
                        "and reinstall, or pass --gpu with one of " + ", ".join(available()))
 
 

@@ -64,8 +64,7 @@ def main():
         r = bench_engine(engine, cfg, contexts, a.iters, result["copy_bandwidth_GBps"] * 1e9, acc,
                          a.tiny_acceptance)
         r["export_s"], r["capture_s"] = export_s, capture_s
-        r["compile"] = engine.manifest["build"]["compile"]["backend"]
-        r["attention_splits"] = engine.loop.attention_splits
+        r["options"] = engine.options.to_dict()
         r["tuning"] = tuning
         r["peak_gpu_memory_GB"] = torch.cuda.max_memory_allocated() / 1e9
         r["kv_cache_GB"] = 2 * engine.k_cache.numel() * engine.k_cache.element_size() / 1e9
@@ -75,8 +74,7 @@ def main():
                               if not k.startswith("rope.")) / 1e9
         if precision == "fp8":
             from orthrus_export.fp8 import choose_kernel
-            from orthrus_plugins import fp8_linear
-            r["fp8_kernel"] = fp8_linear.CUDA_KERNEL
+            r["fp8_kernel"] = engine.options.fp8_kernel
             r["fp8_kernel_timing"] = choose_kernel(cfg, torch.device("cuda"))
             base = result["shapes"].get(name)
             if base:

@@ -35,20 +35,17 @@ def main():
     a = ap.parse_args()
     bw = copy_bandwidth(torch.device("cuda"))
     cfg, engine, _, _, _ = build_random(a.shape, torch.bfloat16, a.context + 64)
-    engine.loop.graphs = None
-    lp = engine.loop
     block = torch.randint(0, cfg.vocab_size, (cfg.block_size,), device="cuda")
-    start = torch.tensor(a.context, device="cuda")
     result = {"device": torch.cuda.get_device_name(0), "shape": a.shape, "context": a.context,
               "copy_bandwidth_GBps": bw / 1e9, "passes": {}}
     for name, view in (("verify", "ar"), ("draft", "diff")):
         with torch.inference_mode():
             for _ in range(3):
-                lp.programs[name](lp.w, block, start, lp.k_cache, lp.v_cache)
+                engine.run_pass(name, block, a.context)
             torch.cuda.synchronize()
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 for _ in range(10):
-                    lp.programs[name](lp.w, block, start, lp.k_cache, lp.v_cache)
+                    engine.run_pass(name, block, a.context)
                 torch.cuda.synchronize()
         per_kind, count = defaultdict(float), defaultdict(int)
         top = defaultdict(float)

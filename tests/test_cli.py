@@ -65,6 +65,8 @@ def tiny_engine(tmp_path_factory):
 def test_build_writes_a_complete_engine(tiny_engine):
     m = json.loads((tiny_engine / "manifest.json").read_text())
     assert m["schema"] == "orthrus-engine" and m["precision"] == "fp32" and m["gpu"]["profile"] == "cpu"
+    assert all(set(r) >= {"bytes", "sha256"} for r in m["files"].values())
+    assert "header_sha256" in m["files"]["weights.safetensors"]
     assert set(m["files"]) == {"weights.safetensors", "programs/draft.json", "programs/verify.json",
                                "programs/decode.json", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json"}
     layers = m["model"]["config"]["num_layers"]
@@ -166,13 +168,34 @@ def edit_manifest(engine, fn):
 
 
 def test_corrupted_engine_file(tiny_engine, tmp_path):
+    """A flipped byte in the weights' tensor data is found by `verify` and by `run --verify-weights` (a plain load
+    checks the weights' size and header only); a changed program file, header or size is found at every load."""
     e = copy_engine(tiny_engine, tmp_path / "e")
     w = e / "weights.safetensors"
     data = bytearray(w.read_bytes())
     data[-5] ^= 0xFF
     w.write_bytes(bytes(data))
-    assert_user_error(*cli("run", "--engine", e, "--prompt", "x")[::2],
+    assert_user_error(*cli("verify", "--engine", e)[::2], "weights.safetensors does not match its sha256")
+    assert_user_error(*cli("run", "--engine", e, "--prompt", "x", "--verify-weights")[::2],
                       "weights.safetensors does not match its sha256")
+    data[-5] ^= 0xFF
+    data[20] ^= 0x01  # inside the safetensors header
+    w.write_bytes(bytes(data))
+    assert_user_error(*cli("run", "--engine", e, "--prompt", "x")[::2], "weights.safetensors does not match its sha256")
+    w.write_bytes(bytes(data[:-1]))
+    assert_user_error(*cli("run", "--engine", e, "--prompt", "x")[::2], "weights.safetensors has")
+    p = e / "programs" / "verify.json"
+    p.write_bytes(p.read_bytes().replace(b"cached_attention", b"cached_attentiom", 1))
+    assert_user_error(*cli("run", "--engine", e, "--prompt", "x")[::2],
+                      "programs/verify.json does not match its sha256")
+
+
+def test_verify_reports_throughput(tiny_engine):
+    rc, out, err = cli("verify", "--engine", tiny_engine, "--json")
+    assert rc == 0, err
+    r = json.loads(out)
+    assert r["ok"] and r["bytes"] == sum(f.stat().st_size for f in tiny_engine.rglob("*")
+                                         if f.is_file() and f.name != "manifest.json") and r["GBps"] > 0
 
 
 def test_missing_engine_file(tiny_engine, tmp_path):
@@ -227,12 +250,14 @@ def test_force_replaces_an_engine(tmp_path):
 
 
 def test_inductor_compiled_cpu_engine(tmp_path):
-    """--compile inductor: the passes are compiled when the engine loads; the build's parity self-check ran on the
-    compiled passes, and greedy Orthrus output still equals the engine's AR output."""
+    """--compile inductor: the build compiles the engine's own programs, self-checks the compiled passes and stores
+    the compile-cache artifacts; greedy Orthrus output still equals the engine's AR output."""
     from orthrus_runtime import Engine
     out = builder.build("tiny", out=tmp_path / "c", max_seq_len=256, progress=False, compile="inductor")
     m = json.loads((out / "manifest.json").read_text())
-    assert m["build"]["compile"]["backend"] == "inductor" and all(r["ok"] for r in m["self_check"]["passes"].values())
+    assert m["build"]["options"]["backend"] == "inductor" and all(r["ok"] for r in m["self_check"]["passes"].values())
+    comp = m["build"]["compiled"]
+    assert comp["file"] in m["files"] and comp["bytes"] == (out / comp["file"]).stat().st_size > 0
     engine = Engine.load(out)
     r = engine.generate("def main():\n", max_new_tokens=24)
     assert r.output_ids == engine.generate("def main():\n", max_new_tokens=24, use_drafts=False).output_ids

@@ -68,15 +68,15 @@ def test_fp32_gpu_engine_token_exact_with_transformers_on_gpu(tiny_gpu):
     from orthrus_export.reference import Reference
     from orthrus_runtime import Engine
     engine = Engine.load(tiny_gpu["fp32"])
-    assert engine.loop.graphs is not None
+    assert engine.cuda_graphs
     ref = Reference(open_checkpoint("tiny"))
     ref.ar.cuda()
     for p in heldout(8):
         ids = engine.encode(p["text"])
         r = engine.generate(ids, max_new_tokens=64)
-        graphs, engine.loop.graphs = engine.loop.graphs, None
+        engine.cuda_graphs = False
         eager = engine.generate(ids, max_new_tokens=64)
-        engine.loop.graphs = graphs
+        engine.cuda_graphs = True
         with torch.inference_mode():
             hf = ref.ar.generate(torch.tensor([ids], device="cuda"), do_sample=False, max_new_tokens=64,
                                  eos_token_id=list(engine.config.eos_token_ids), pad_token_id=0)[0, len(ids):]
@@ -88,11 +88,40 @@ def test_graphed_cycles_equal_eager_cycles(tiny_gpu):
     engine = Engine.load(tiny_gpu["bf16"])
     for p in heldout(6):
         graphed = engine.generate(p["text"], max_new_tokens=80)
-        graphs, engine.loop.graphs = engine.loop.graphs, None
+        engine.cuda_graphs = False
         eager = engine.generate(p["text"], max_new_tokens=80)
-        engine.loop.graphs = graphs
+        engine.cuda_graphs = True
         assert graphed.output_ids == eager.output_ids
         assert graphed.stats.acceptance_hist == eager.stats.acceptance_hist
+
+
+def test_sampled_cycles_run_in_graphs_and_equal_eager(tiny_gpu):
+    """Sampled requests replay the sampled cycle graph; with the same seed the graphed and eager runs agree, and
+    the same seed gives the same text again."""
+    from orthrus_runtime import Engine
+    engine = Engine.load(tiny_gpu["fp32"])
+    assert ("cycle", True) in engine.steps.graphs
+    for i, p in enumerate(heldout(4)):
+        kw = dict(max_new_tokens=60, temperature=0.8, top_k=20, top_p=0.9, seed=i)
+        graphed = engine.generate(p["text"], **kw)
+        engine.cuda_graphs = False
+        eager = engine.generate(p["text"], **kw)
+        engine.cuda_graphs = True
+        assert graphed.output_ids == eager.output_ids == engine.generate(p["text"], **kw).output_ids
+
+
+def test_two_engines_with_different_kernel_options_in_one_process(tiny_gpu):
+    from orthrus_runtime import Engine
+    from orthrus_runtime.program import kernel_attributes
+    a = Engine.load(tiny_gpu["bf16"])
+    b = Engine.load(tiny_gpu["bf16"])
+    other = 8 if a.options.attention_splits != 8 else 32
+    b.with_options(b.options.replace(attention_splits=other, backend="none"))
+    assert kernel_attributes(b.programs["verify"])["cached_attention"] == {("splits", other)}
+    ids = a.encode(heldout(1)[0]["text"])
+    ra, rb = a.generate(ids, max_new_tokens=64), b.generate(ids, max_new_tokens=64)
+    assert a.generate(ids, max_new_tokens=64).output_ids == ra.output_ids  # a still runs its own setting
+    print(f"splits {a.options.attention_splits} vs {other}: same tokens {ra.output_ids == rb.output_ids}")
 
 
 def test_bf16_orthrus_equals_its_own_ar(tiny_gpu):
@@ -136,12 +165,8 @@ def test_triton_attention_every_tuned_split_count(splits, n):
     keys = torch.cat([kc[0, :, :n], k.transpose(0, 1)], 1)
     values = torch.cat([vc[0, :, :n], v.transpose(0, 1)], 1)
     expected = attend(q, keys, values, 128 ** -0.5, None)
-    orthrus_plugins.set_attention_splits(splits)
-    try:
-        out = torch.full_like(q, float("nan"))
-        ta.attention(q, k, v, kc, vc, torch.tensor(n, device="cuda"), 0, 128 ** -0.5, False, out=out)
-    finally:
-        orthrus_plugins.set_attention_splits(orthrus_plugins.DEFAULT_ATTENTION_SPLITS)
+    out = torch.full_like(q, float("nan"))
+    ta.attention(q, k, v, kc, vc, torch.tensor(n, device="cuda"), 0, 128 ** -0.5, False, splits=splits, out=out)
     err = (out.double() - expected.double()).abs().max().item()
     assert err <= tolerance(torch.bfloat16) * (1 + expected.double().abs().max().item()), err
 
@@ -152,14 +177,35 @@ def test_build_autotunes_and_records_the_choice(tiny_gpu):
         m = json.loads((tiny_gpu[precision] / "manifest.json").read_text())
         t = m["build"]["tuning"]
         assert {c["backend"] for c in t["candidates"]} == backends
-        assert {c["attention_splits"] for c in t["candidates"]} == {8, 16, 32}
+        assert {c["attention_splits"] for c in t["candidates"] if c["backend"] == "none"} == {8, 16, 32}
         assert all(len(c["cycle_ms"]) == len(t["contexts"]) and min(c["cycle_ms"]) > 0 for c in t["candidates"])
         best = min(t["candidates"], key=lambda c: sum(c["cycle_ms"]))
-        assert (m["build"]["compile"]["backend"], t["attention_splits"]) == (best["backend"],
-                                                                            best["attention_splits"])
-        assert set(t["load_seconds"]) == backends and "autotune" in m["build"]["timings_s"]
+        o = m["build"]["options"]
+        assert (o["backend"], o["attention_splits"]) == (best["backend"], best["attention_splits"])
+        assert set(t["prepare_seconds"]) == backends and "autotune" in m["build"]["timings_s"]
+        assert (m["build"]["compiled"] is not None) == (o["backend"] == "inductor")
         engine = Engine.load(tiny_gpu[precision])
-        assert engine.loop.attention_splits == t["attention_splits"]
+        assert engine.options.attention_splits == t["attention_splits"]
+
+
+def test_compiled_artifacts_are_reused_in_a_fresh_process(tiny_gpu, tmp_path):
+    """A fresh process with an empty Inductor cache loads the bf16 engine's stored artifacts instead of compiling,
+    and says what differs (and recompiles) when the stack does not match; --strict refuses then."""
+    import os
+    import subprocess
+    import sys
+    m = json.loads((tiny_gpu["bf16"] / "manifest.json").read_text())
+    if m["build"]["options"]["backend"] != "inductor":
+        pytest.skip("the autotuner kept the traced programs: no compiled artifacts")
+    code = ("import json, sys; from orthrus_runtime import Engine; e = Engine.load(sys.argv[1], log=print); "
+            "print(json.dumps(e.load_stats))")
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+           "TRITON_CACHE_DIR": str(tmp_path / "triton")}
+    out = subprocess.run([sys.executable, "-c", code, str(tiny_gpu["bf16"])], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    stats = json.loads(out.stdout.strip().splitlines()[-1])
+    print("fresh-process load:", stats)
+    assert stats["compiled"]["artifacts"] == "loaded"
 
 
 @pytest.mark.parametrize("m", [1, 7, 32])

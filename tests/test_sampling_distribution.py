@@ -27,7 +27,7 @@ def markov_sample_pairs(n, temperature, top_k, top_p, seed):
     g = torch.Generator().manual_seed(seed)
     w_true = 1.5 * torch.randn(V, V, generator=g)  # base model: logits of the next token given the previous
     w_draft = 1.5 * torch.randn(B, V, V, generator=g)  # drafter: position-dependent, conditioned on the anchor
-    no_eos = torch.empty(0, dtype=torch.int64)
+    no_eos = torch.empty(1, 0, dtype=torch.int64)
     pairs = Counter()
     for _ in range(n):
         out, x = [], 0
@@ -37,8 +37,10 @@ def markov_sample_pairs(n, temperature, top_k, top_p, seed):
             drafts = sample_token(filter_logits(q_logits[:-1], temperature, top_k, top_p), u)
             block = torch.cat([torch.tensor([x]), drafts])
             p_logits = w_true[block]
-            tokens, k = torch.ops.orthrus.accept(block, q_logits, p_logits, torch.rand(B, generator=g), no_eos,
-                                                 temperature, top_k, top_p)
+            tokens, k = torch.ops.orthrus.accept(
+                block[None], q_logits[None], p_logits[None], torch.rand(1, B, generator=g), no_eos,
+                torch.tensor([temperature]), torch.tensor([top_k]), torch.tensor([top_p]), True)
+            tokens, k = tokens[0], k[0]
             out += tokens[:int(k)].tolist()
             x = out[-1]
         pairs[(out[0], out[1])] += 1
