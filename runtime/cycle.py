@@ -162,7 +162,7 @@ class Steps:
         self.x.fill_(5)
         self.block.random_(0, self.vocab)
         times = []
-        with torch.inference_mode():
+        with torch.no_grad():  # the grad mode the programs were compiled and captured in
             for i in range(warmup + iters):
                 self.s.fill_(context)
                 if cuda:

@@ -275,6 +275,8 @@ class Engine:
         return self._result(ids, out, stats)
 
     def _locked(self, chunks):
-        """Hold the engine for the whole generation (released when the stream is exhausted or closed)."""
-        with self._lock, torch.inference_mode():
+        """Hold the engine for the whole generation (released when the stream is exhausted or closed). No-grad, not
+        inference mode: compiled programs are guarded on the grad mode they were compiled in (at load, under
+        no_grad); a different mode would recompile them in the first request."""
+        with self._lock, torch.no_grad():
             yield from chunks

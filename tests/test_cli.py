@@ -249,20 +249,6 @@ def test_force_replaces_an_engine(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]
 
 
-def test_inductor_compiled_cpu_engine(tmp_path):
-    """--compile inductor: the build compiles the engine's own programs, self-checks the compiled passes and stores
-    the compile-cache artifacts; greedy Orthrus output still equals the engine's AR output."""
-    from orthrus_runtime import Engine
-    out = builder.build("tiny", out=tmp_path / "c", max_seq_len=256, progress=False, compile="inductor")
-    m = json.loads((out / "manifest.json").read_text())
-    assert m["build"]["options"]["backend"] == "inductor" and all(r["ok"] for r in m["self_check"]["passes"].values())
-    comp = m["build"]["compiled"]
-    assert comp["file"] in m["files"] and comp["bytes"] == (out / comp["file"]).stat().st_size > 0
-    engine = Engine.load(out)
-    r = engine.generate("def main():\n", max_new_tokens=24)
-    assert r.output_ids == engine.generate("def main():\n", max_new_tokens=24, use_drafts=False).output_ids
-
-
 def test_bad_compile_choice():
     assert_user_error(*cli("build", "--model", "tiny", "--compile", "tensorrt")[::2], "unknown --compile 'tensorrt'")
 

@@ -1,0 +1,192 @@
+"""Issue 11: the runtime owns the engine and runs what it holds; compiled artifacts stored at build and reused at
+load; kernel options per engine; concurrent callers each get their own result."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from orthrus_export import builder
+
+
+@pytest.fixture(scope="module")
+def compiled_engine(tmp_path_factory):
+    """tiny with --compile inductor (CPU): compiled at build, artifacts stored."""
+    return builder.build("tiny", out=tmp_path_factory.mktemp("ind") / "c", max_seq_len=256, progress=False,
+                         compile="inductor")
+
+
+def _python(code: str, *args, env=None):
+    p = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                       env={**os.environ, **(env or {})}, timeout=600)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_inductor_engine_stores_artifacts_and_runs_its_compiled_programs(compiled_engine):
+    """The build compiled the engine's own programs, self-checked the compiled passes and stored the artifacts;
+    greedy Orthrus output equals the engine's AR output, and generating does not recompile anything."""
+    from torch._dynamo.utils import counters
+
+    from orthrus_runtime import Engine
+    m = json.loads((compiled_engine / "manifest.json").read_text())
+    assert m["build"]["options"]["backend"] == "inductor" and all(r["ok"] for r in m["self_check"]["passes"].values())
+    comp = m["build"]["compiled"]
+    assert comp["file"] in m["files"] and comp["bytes"] == (compiled_engine / comp["file"]).stat().st_size > 0
+    assert comp["stack"]["torch"] == torch.__version__
+    engine = Engine.load(compiled_engine)
+    graphs = counters["stats"]["unique_graphs"]
+    r = engine.generate("def main():\n", max_new_tokens=24)
+    assert r.output_ids == engine.generate("def main():\n", max_new_tokens=24, use_drafts=False).output_ids
+    engine.generate("def main():\n", max_new_tokens=8, temperature=0.7, seed=3)
+    assert counters["stats"]["unique_graphs"] == graphs  # compiled at load, under the mode generation runs in
+
+
+LOAD = ("import json, sys; from orthrus_runtime import Engine; "
+        "e = Engine.load(sys.argv[1], strict=sys.argv[2] == 'strict', log=lambda m: print('LOG', m)); "
+        "from torch._dynamo.utils import counters; "
+        "print(json.dumps({'stats': e.load_stats, 'hits': counters['inductor']['fxgraph_cache_hit'], "
+        "'ids': e.generate('def main(', max_new_tokens=16).output_ids}))")
+
+
+def test_fresh_process_reuses_the_stored_artifacts(compiled_engine, tmp_path):
+    """A fresh process with an empty Inductor cache gets its compiled programs from the engine (cache hits, no
+    compile), and generates what the build's process generates."""
+    from orthrus_runtime import Engine
+    rc, out, err = _python(LOAD, compiled_engine, "-", env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "empty")})
+    assert rc == 0, err
+    r = json.loads(out.strip().splitlines()[-1])
+    assert r["stats"]["compiled"]["artifacts"] == "loaded" and r["hits"] >= 3, r
+    assert r["ids"] == Engine.load(compiled_engine).generate("def main(", max_new_tokens=16).output_ids
+
+
+def test_stack_mismatch_recompiles_saying_so_or_refuses_with_strict(compiled_engine, tmp_path):
+    e = tmp_path / "e"
+    subprocess.run(["cp", "-r", str(compiled_engine), str(e)], check=True)
+    m = json.loads((e / "manifest.json").read_text())
+    m["build"]["compiled"]["stack"]["torch"] = "2.99.0"
+    (e / "manifest.json").write_text(json.dumps(m))
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    rc, out, err = _python(LOAD, e, "-", env=env)
+    assert rc == 0, err
+    assert "LOG compiled artifacts do not match this stack (torch 2.99.0 (engine) vs" in out
+    assert "recompiling" in out and "LOG compiled and captured in" in out
+    r = json.loads(out.strip().splitlines()[-1])
+    assert r["stats"]["compiled"]["artifacts"] == "mismatch"
+    from orthrus_export.cli import main
+    assert main(["run", "--engine", str(e), "--prompt", "x", "--strict"]) == 2
+
+
+def test_cli_strict_refusal_message(compiled_engine, tmp_path, capsys):
+    e = tmp_path / "e"
+    subprocess.run(["cp", "-r", str(compiled_engine), str(e)], check=True)
+    m = json.loads((e / "manifest.json").read_text())
+    m["build"]["compiled"]["stack"]["python"] = "2.7.18"
+    (e / "manifest.json").write_text(json.dumps(m))
+    from orthrus_export.cli import main
+    assert main(["run", "--engine", str(e), "--prompt", "x", "--strict"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "compiled artifacts were made for another stack (python 2.7.18 (engine)" in err
+
+
+RUNTIME_ONLY = r"""
+import importlib.abc, json, sys
+BLOCKED = ("orthrus_export", "transformers", "huggingface_hub")
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{name} is not part of a deployment")
+sys.meta_path.insert(0, Block())
+from orthrus_runtime import Engine
+e = Engine.load(sys.argv[1])
+greedy = e.generate("def main(", max_new_tokens=40)
+sampled = e.generate("import os", max_new_tokens=20, temperature=0.8, top_k=20, seed=5)
+stream = e.generate("class A:", max_new_tokens=20, stream=True)
+text = "".join(stream)
+print(json.dumps({"greedy": greedy.output_ids, "sampled": sampled.output_ids, "stream": text,
+                  "modules": sorted({m.split(".")[0] for m in sys.modules} & set(BLOCKED))}))
+"""
+
+
+def test_runtime_generates_with_the_builder_unimportable(models):
+    """A deployment needs orthrus_runtime + orthrus_plugins + torch + safetensors + tokenizers only."""
+    from orthrus_runtime import Engine
+    path = models.engine_path("tiny", max_seq_len=256)
+    rc, out, err = _python(RUNTIME_ONLY, path)
+    assert rc == 0, err
+    r = json.loads(out.strip().splitlines()[-1])
+    e = Engine.load(path)
+    assert r["modules"] == []
+    assert r["greedy"] == e.generate("def main(", max_new_tokens=40).output_ids
+    assert r["sampled"] == e.generate("import os", max_new_tokens=20, temperature=0.8, top_k=20, seed=5).output_ids
+    assert r["stream"] == e.generate("class A:", max_new_tokens=20).text
+
+
+def test_runtime_never_imports_the_builder():
+    """Static check of every runtime and plugin module: no import of orthrus_export, anywhere in the module."""
+    import ast
+    import pathlib
+    root = pathlib.Path(__file__).resolve().parents[1]
+    offenders = []
+    for p in [p for d in ("runtime", "plugins") for p in (root / d).rglob("*.py")]:
+        for node in ast.walk(ast.parse(p.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{p.relative_to(root)}: {n}" for n in names if n.split(".")[0] == "orthrus_export"]
+    assert offenders == []
+
+
+def test_concurrent_callers_each_get_their_own_result(models):
+    """Six threads call generate (greedy, sampled, streamed) on one engine at once: each result equals the same
+    request run alone."""
+    from orthrus_runtime import Engine
+    engine = Engine.load(models.engine_path("tiny", max_seq_len=256))
+    requests = [dict(prompt="def main(", max_new_tokens=40), dict(prompt="import sys\n", max_new_tokens=30),
+                dict(prompt="class Foo:", max_new_tokens=35, temperature=0.9, top_k=30, seed=1),
+                dict(prompt="for i in", max_new_tokens=25, temperature=0.6, top_p=0.9, seed=2),
+                dict(prompt="x = [", max_new_tokens=20, stream=True), dict(prompt="if __name__", max_new_tokens=33)]
+
+    def run(req):
+        req = dict(req)
+        if req.pop("stream", False):
+            s = engine.generate(req.pop("prompt"), stream=True, **req)
+            "".join(s)
+            return s.result.output_ids
+        return engine.generate(req.pop("prompt"), **req).output_ids
+    alone = [run(r) for r in requests]
+    results = [None] * len(requests)
+
+    def worker(i):
+        results[i] = run(requests[i])
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert results == alone
+
+
+def test_two_engines_with_different_kernel_options_run_their_own(models):
+    """Kernel options are per engine (written into each engine's program nodes), not process state."""
+    from orthrus_runtime import Engine
+    from orthrus_runtime.program import kernel_attributes
+    a = Engine.load(models.engine_path("tiny", max_seq_len=256))
+    b = Engine.load(models.engine_path("tiny", max_seq_len=256))
+    b.with_options(b.options.replace(attention_splits=8))
+    assert kernel_attributes(a.programs["verify"])["cached_attention"] == {("splits", a.options.attention_splits)}
+    assert kernel_attributes(b.programs["draft"])["diffusion_attention"] == {("splits", 8)}
+    assert a.options.attention_splits == 16
+    assert a.generate("def f(", max_new_tokens=20).output_ids == b.generate("def f(", max_new_tokens=20).output_ids
+
+
+def test_info_reads_only_the_manifest(models):
+    """`info` imports no torch (it reads one JSON file)."""
+    path = models.engine_path("tiny", max_seq_len=256)
+    code = ("import sys; from orthrus_export.cli import main; rc = main(['info', '--engine', sys.argv[1]]); "
+            "print('TORCH', 'torch' in sys.modules); sys.exit(rc)")
+    rc, out, err = _python(code, path)
+    assert rc == 0, err
+    assert "TORCH False" in out and "max_seq_len 256" in out
