@@ -88,7 +88,25 @@ def install(home: Path = HOME, quiet: bool = True) -> Path:
         subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
         subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", *(["-q"] if quiet else []),
                         "numpy<2"], check=True)
+    link_environment(venv)
     return home
+
+
+def link_environment(venv: Path) -> None:
+    """Make this interpreter's packages (orthrus-export, torch, ...) visible in the model environment, after its own
+    (numpy<2 must win). ``--system-site-packages`` reaches only the *base* interpreter's packages: when this Python
+    is itself a virtual environment (the usual install), its site-packages are added through a ``.pth`` file that
+    calls ``site.addsitedir`` (which also runs their ``.pth`` files, e.g. an editable install's finder)."""
+    import site
+    out = subprocess.run([str(venv / "bin" / "python"), "-c", "import site; print(site.getsitepackages()[0])"],
+                         check=True, capture_output=True, text=True).stdout.strip()
+    ours = [d for d in site.getsitepackages() if Path(d).is_dir()]
+    lines = [f"import site; site.addsitedir({d!r})" for d in ours if Path(d).resolve() != Path(out).resolve()]
+    pth = Path(out) / "_orthrus_export_env.pth"
+    if lines:
+        pth.write_text("\n".join(lines) + "\n")
+    elif pth.exists():
+        pth.unlink()
 
 
 def write_repository(engine: Path, out: Path, instances: int = 1, env: Path | None = None,
