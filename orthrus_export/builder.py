@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from orthrus_export.checkpoint import ZOO, open_checkpoint
+from orthrus_export.config import generation_defaults
 from orthrus_export.exporter import PROGRAMS, custom_op_nodes, export_program, program_tokens
 from orthrus_export.verdict import self_check as run_self_check
 from orthrus_runtime import compiled
@@ -153,6 +154,7 @@ def _build_into(tmp: Path, name: str, ckpt, profile, precision, device, max_seq_
         "weights": WEIGHTS,
         "programs": programs,
         "tokenizer": "tokenizer" if tok_files else None,
+        "generation": generation_defaults(ckpt.path),
         "fp8": fp8,
     }
 

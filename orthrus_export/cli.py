@@ -70,9 +70,10 @@ def parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt-ids", help="comma-separated token ids instead of text")
     r.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     r.add_argument("--max-new-tokens", type=int, default=64)
-    r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    r.add_argument("--top-k", type=int, default=0, help="0 = off")
-    r.add_argument("--top-p", type=float, default=1.0)
+    r.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy (default: the checkpoint's generation_config.json; greedy when it does not sample)")
+    r.add_argument("--top-k", type=int, default=None, help="0 = off (default: generation_config.json, else off)")
+    r.add_argument("--top-p", type=float, default=None, help="default: generation_config.json, else 1.0")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--no-drafts", action="store_true", help="plain AR decoding, one token per pass (baseline)")
     r.add_argument("--stream", action="store_true", help="print text as it is generated")

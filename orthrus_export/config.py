@@ -70,3 +70,17 @@ def load_model_config(ckpt_dir: Path) -> ModelConfig:
     if mc.block_size < 2:
         raise OrthrusError(f"{path}: block_size must be >= 2, got {mc.block_size}")
     return mc
+
+
+def generation_defaults(ckpt_dir: Path) -> dict:
+    """The sampling defaults of ``generation_config.json`` (as ``transformers`` and vLLM apply them when a request
+    does not set its own): ``do_sample``, ``temperature``, ``top_k``, ``top_p`` (None where the file is silent)."""
+    gen = ckpt_dir / "generation_config.json"
+    d = read_json(gen) if gen.exists() else {}
+    out = {"source": "generation_config.json" if gen.exists() else None, "do_sample": bool(d.get("do_sample", False))}
+    for key, cast in (("temperature", float), ("top_k", int), ("top_p", float)):
+        try:
+            out[key] = cast(d[key]) if d.get(key) is not None else None
+        except (TypeError, ValueError):
+            raise OrthrusError(f"{gen}: {key} must be a number, got {d[key]!r}") from None
+    return out

@@ -74,8 +74,8 @@ def token_parity(engine, ref: Reference, prompts: list[list[int]], max_new_token
     rows = []
     for prompt in prompts:
         expected = ref.generate_ar(prompt, max_new_tokens)
-        orthrus = engine.generate(prompt, max_new_tokens=max_new_tokens)
-        ar = engine.generate(prompt, max_new_tokens=max_new_tokens, use_drafts=False)
+        orthrus = engine.generate(prompt, max_new_tokens=max_new_tokens, temperature=0.0)
+        ar = engine.generate(prompt, max_new_tokens=max_new_tokens, use_drafts=False, temperature=0.0)
         first_diff = next((i for i, (a, e) in enumerate(zip(orthrus.output_ids, expected)) if a != e), None)
         rows.append({"prompt_tokens": len(prompt), "new_tokens": len(expected),
                      "orthrus_equals_transformers": orthrus.output_ids == expected,

@@ -242,15 +242,28 @@ class Engine:
         return GenerationResult(prompt_ids, ids, text, stats)
 
     # ---- generation -----------------------------------------------------------------------------------------------
-    def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, seed: int = 0, stream: bool = False, use_drafts: bool = True,
+    def sampling_defaults(self) -> tuple[float, int, float]:
+        """(temperature, top_k, top_p) for a request that sets none of them: the checkpoint's
+        ``generation_config.json`` (its temperature, or 1.0, when it sets ``do_sample``; else greedy), as
+        ``transformers`` and vLLM apply it; top-k and top-p from the file, else off."""
+        g = self.manifest.get("generation") or {}
+        temperature = (g.get("temperature") if g.get("temperature") is not None else 1.0) if g.get("do_sample") else 0.0
+        return float(temperature), int(g.get("top_k") or 0), float(g.get("top_p") or 1.0)
+
+    def generate(self, prompt, max_new_tokens: int = 64, temperature: float | None = None, top_k: int | None = None,
+                 top_p: float | None = None, seed: int = 0, stream: bool = False, use_drafts: bool = True,
                  end_id: int | None = None, chat: bool = False, drafter: Drafter | None = None):
         """Generate from ``prompt`` (text or token ids). Returns a GenerationResult, or with ``stream=True`` a
-        TextStream of text deltas whose ``.result`` is set once it is exhausted.
+        TextStream of text deltas whose ``.result`` is set once it is exhausted. ``temperature``, ``top_k`` and
+        ``top_p`` left as None take the checkpoint's defaults (``sampling_defaults``); ``temperature=0`` is greedy.
 
         ``use_drafts=False`` decodes one token per pass (the AR baseline). ``end_id`` replaces the model's EOS
         tokens. ``drafter`` replaces the diffusion drafter (experiments and tests). Safe to call from several
         threads: generations take turns on the engine (each result is that of the request run alone)."""
+        d_temperature, d_top_k, d_top_p = self.sampling_defaults()
+        temperature = d_temperature if temperature is None else temperature
+        top_k = d_top_k if top_k is None else top_k
+        top_p = d_top_p if top_p is None else top_p
         try:
             validate_sampling(float(temperature), top_k, float(top_p))
         except ValueError as e:

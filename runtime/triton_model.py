@@ -64,8 +64,8 @@ class TritonPythonModel:
         prompt = text[0].decode("utf-8") if isinstance(text[0], bytes) else str(text[0])
         max_tokens = _scalar(request, "max_tokens", int)
         kw = {k: _scalar(request, k, cast) for k, cast in OPTIONAL.items()}
-        out = dict(max_new_tokens=max_tokens, temperature=kw["temperature"] or 0.0,
-                   top_k=kw["top_k"] or 0, top_p=1.0 if kw["top_p"] is None else kw["top_p"],
+        # unset sampling parameters take the checkpoint's generation_config.json defaults (Engine.sampling_defaults)
+        out = dict(max_new_tokens=max_tokens, temperature=kw["temperature"], top_k=kw["top_k"], top_p=kw["top_p"],
                    seed=kw["random_seed"] or 0, end_id=kw["end_id"])
         return prompt, bool(kw["stream"]), out
 

@@ -190,3 +190,28 @@ def test_info_reads_only_the_manifest(models):
     rc, out, err = _python(code, path)
     assert rc == 0, err
     assert "TORCH False" in out and "max_seq_len 256" in out
+
+
+def test_sampling_defaults_come_from_generation_config(tmp_path):
+    """A request that sets no sampling parameters samples as the checkpoint's generation_config.json says (as
+    transformers and vLLM do); temperature=0 is greedy; a checkpoint that does not sample stays greedy."""
+    from orthrus_export.synthetic import write_checkpoint
+    from orthrus_runtime import Engine
+    ckpt = tmp_path / "ckpt"
+    write_checkpoint(ckpt, vocab_size=301, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                     num_kv_heads=2, head_dim=16, tokenizer=False, seed=21)
+    gen = json.loads((ckpt / "generation_config.json").read_text())
+    (ckpt / "generation_config.json").write_text(json.dumps({**gen, "do_sample": True, "temperature": 0.7,
+                                                             "top_k": 20, "top_p": 0.8}))
+    engine = Engine.load(builder.build(str(ckpt), out=tmp_path / "e", max_seq_len=128, progress=False,
+                                       self_check=False))
+    assert engine.sampling_defaults() == (0.7, 20, 0.8)
+    prompt = [5, 6, 7]
+    default = engine.generate(prompt, max_new_tokens=30, seed=4).output_ids
+    assert default == engine.generate(prompt, max_new_tokens=30, seed=4, temperature=0.7, top_k=20,
+                                      top_p=0.8).output_ids
+    greedy = engine.generate(prompt, max_new_tokens=30, temperature=0.0).output_ids
+    assert greedy == engine.generate(prompt, max_new_tokens=30, temperature=0.0, seed=9).output_ids
+    assert default != greedy  # it sampled (30 tokens at T 0.7 equal to greedy would be a 1-in-many-millions event)
+    tiny = Engine.load(builder.build("tiny", out=tmp_path / "t", max_seq_len=128, progress=False, self_check=False))
+    assert tiny.sampling_defaults() == (0.0, 0, 1.0)
