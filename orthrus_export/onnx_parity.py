@@ -72,7 +72,7 @@ def compare_engine(engine_dir, variant: str = "orthrus", save_dir=None, seed: in
         feed = _feed(tokens, start, kc, vc)
         kc_t, vc_t = kc.clone(), vc.clone()
         with torch.no_grad():
-            logits = engine.loop.programs[name](engine.loop.w, tokens, start, kc_t, vc_t)
+            logits = engine.run_pass(name, tokens, int(start), kc_t, vc_t)
         expected = {"logits": logits.float().numpy()}
         if ort_programs[name].writes_cache:
             for layer in range(kc.shape[0]):

@@ -49,7 +49,7 @@ def save(engine_dir: Path, device: torch.device) -> dict | None:
     path = Path(engine_dir) / ARTIFACT
     path.parent.mkdir(exist_ok=True)
     path.write_bytes(data)
-    counts = {k: len(v) for k, v in vars(info).items() if isinstance(v, list)} if info is not None else {}
+    counts = {k: len(v) for k, v in getattr(info, "artifacts", {}).items()}
     return {"file": ARTIFACT, "kind": "torch.compiler cache artifacts", "bytes": len(data), "entries": counts,
             "stack": stack_key(device)}
 

@@ -193,14 +193,16 @@ class Engine:
         return EngineTokenizer(path / manifest["tokenizer"])
 
     # ---- tools ----------------------------------------------------------------------------------------------------
-    def run_pass(self, name: str, tokens, start: int) -> torch.Tensor:
+    def run_pass(self, name: str, tokens, start: int, k_cache: torch.Tensor | None = None,
+                 v_cache: torch.Tensor | None = None) -> torch.Tensor:
         """One program run eagerly on ``tokens`` (ids, ``[T]``) at cache position ``start``: logits ``[T, V]``. Verify
-        and decode write the cache at ``start …``: a tool's passes share the cache with generation, so run them
-        between generations."""
+        and decode write the cache at ``start …``: the engine's own cache unless ``k_cache``/``v_cache`` are given
+        (``[L, Hkv, C, D]`` in the engine's dtype); a tool's passes on the engine's cache run between generations."""
         tokens = torch.as_tensor(tokens, dtype=torch.int64).to(self.device)
         with self._lock, torch.no_grad():
-            return self.programs[name](self.weights, tokens, torch.tensor(start, device=self.device),
-                                       self.k_cache, self.v_cache)
+            return self.programs[name](self.weights, tokens, torch.tensor(int(start), device=self.device),
+                                       self.k_cache if k_cache is None else k_cache,
+                                       self.v_cache if v_cache is None else v_cache)
 
     def time_step(self, kind: str, context: int, iters: int = 20, sampled: bool = False) -> float:
         """Median milliseconds of one decoding step (``cycle``, ``decode``) or lone pass (``draft``, ``verify``) at
