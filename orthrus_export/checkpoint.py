@@ -18,25 +18,27 @@ from orthrus_runtime.errors import OrthrusError
 from orthrus_export.weights import checkpoint_shapes, packing_plan, tolerated_extras
 
 ZOO = {"1.7b": "chiennv/Orthrus-Qwen3-1.7B", "4b": "chiennv/Orthrus-Qwen3-4B", "8b": "chiennv/Orthrus-Qwen3-8B"}
+REPOS = {repo.lower(): repo for repo in ZOO.values()}  # a zoo model's repo id is accepted in any case too
 TINY_DIR = Path(__file__).resolve().parent / "assets" / "tiny"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "added_tokens.json", "chat_template.jinja")
 
 
 def resolve(spec: str) -> Path:
-    """Turn ``--model`` into a checkpoint directory."""
-    if spec == "tiny":
+    """Turn ``--model`` into a checkpoint directory. Names (tiny, zoo names, the zoo's repo ids) in any case."""
+    if spec.lower() == "tiny":
         if not (TINY_DIR / "config.json").exists():
             raise OrthrusError(f"the embedded tiny model is missing from {TINY_DIR}: reinstall orthrus-export")
         return TINY_DIR
-    if spec.lower() in ZOO:
-        repo = ZOO[spec.lower()]
+    if spec.lower() in ZOO or spec.lower() in REPOS:
+        repo = ZOO.get(spec.lower()) or REPOS[spec.lower()]
         try:
             from huggingface_hub import snapshot_download
             cache = os.environ.get("HF_HUB_CACHE") or None  # read now, not at import
             return Path(snapshot_download(repo, local_files_only=True, cache_dir=cache))
         except Exception:
-            raise OrthrusError(f"model {spec} ({repo}) is not in the local Hugging Face cache: download it with "
+            named = repo if spec == repo else f"{spec} ({repo})"
+            raise OrthrusError(f"model {named} is not in the local Hugging Face cache: download it with "
                                f"`hf download {repo}` where there is internet, or pass --model /path/to/checkpoint"
                                ) from None
     path = Path(spec).expanduser()
@@ -44,7 +46,8 @@ def resolve(spec: str) -> Path:
         return path
     if path.exists():
         raise OrthrusError(f"--model {spec} is a file: pass the checkpoint directory that holds config.json")
-    raise OrthrusError(f"--model {spec}: no such directory, and not one of tiny, {', '.join(ZOO)}")
+    raise OrthrusError(f"--model {spec}: no such directory, and not one of tiny, {', '.join(ZOO)} (or their repo "
+                       f"ids {', '.join(ZOO.values())})")
 
 
 def _weight_files(ckpt: Path) -> dict[str, Path]:

@@ -5,9 +5,13 @@ Every user error is one line on stderr and exit code 2; ``check`` exits 1 when p
 
 import argparse
 import json
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
+from orthrus_runtime import __version__
 from orthrus_runtime.errors import OrthrusError
 
 
@@ -31,6 +35,37 @@ def _load_args(p):
                         "is `orthrus-export verify`)")
 
 
+def _threads_arg(p):
+    p.add_argument("--threads", type=int,
+                   help="CPU threads for torch (default: 1 for engines under 100 M parameters, else min(CPUs, 8))")
+
+
+BYTES_PER_PARAM = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+
+
+def _set_threads(a, manifest: dict) -> int:
+    """Set torch's CPU thread count for this process (the user's: the runtime library never does): --threads, or a
+    count for the engine's size. Small engines gain nothing from more threads and lose much to contention (one
+    competing process on a 2-core machine made torch's default 40x slower)."""
+    n = a.threads
+    if n is not None and n < 1:
+        raise OrthrusError(f"--threads must be an integer >= 1, got {n}")
+    if n is None:
+        params = manifest["files"][manifest["weights"]]["bytes"] / BYTES_PER_PARAM.get(manifest["precision"], 2)
+        n = 1 if params < 100e6 else min(os.cpu_count() or 1, 8)
+    import torch
+    torch.set_num_threads(n)
+    return n
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that cleanups (``atomic_directory``) run; exit code 143."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def _progress(msg: str) -> None:
     print(f"orthrus-export: {msg}", file=sys.stderr, flush=True)
 
@@ -43,10 +78,12 @@ def _load(a):
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="orthrus-export", description=__doc__.splitlines()[0])
+    ap.add_argument("--version", action="version", version=f"orthrus-export {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("build", help="trace, pack and self-check an engine")
-    b.add_argument("--model", required=True, help="checkpoint directory, zoo name (1.7b, 4b, 8b) or tiny")
+    b.add_argument("--model", required=True,
+                   help="checkpoint directory, zoo name (1.7b, 4b, 8b) or its Hugging Face repo id, or tiny")
     b.add_argument("--gpu", default="cpu", help="build profile from engines/profiles (cpu, h100, h200, ..., auto)")
     b.add_argument("--precision", default="fp32",
                    help="fp32 | bf16 | fp16 (GPU profiles) | fp8 (h100/h200/l40s; emulated with --gpu cpu)")
@@ -78,6 +115,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--no-drafts", action="store_true", help="plain AR decoding, one token per pass (baseline)")
     r.add_argument("--stream", action="store_true", help="print text as it is generated")
     r.add_argument("--json", action="store_true", help="print prompt_ids, output_ids, text and stats as JSON")
+    _threads_arg(r)
     _backend_args(r)
     _load_args(r)
 
@@ -90,6 +128,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
     c.add_argument("--against", choices=["bf16"],
                    help="also report quality against the BF16 base: teacher-forced top-1 agreement, perplexity delta")
+    _threads_arg(c)
     _backend_args(c)
     _load_args(c)
 
@@ -115,6 +154,7 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--acceptance", default="9.6,11.7", help="acceptance lengths to state tokens/s at")
     be.add_argument("--no-sampled", action="store_true", help="skip the sampled-cycle timing")
     be.add_argument("--json", action="store_true")
+    _threads_arg(be)
     _load_args(be)
 
     vf = sub.add_parser("verify", help="hash every byte of an engine against its manifest (parallel)")
@@ -143,9 +183,15 @@ def parser() -> argparse.ArgumentParser:
 
 def cmd_build(a) -> int:
     from orthrus_export.builder import build
-    out = build(a.model, gpu=a.gpu, precision=a.precision, out=a.out, max_seq_len=a.max_seq_len, force=a.force,
-                progress=not a.no_progress, compile=a.compile, autotune=not a.no_autotune, onnx=a.onnx,
-                fp8_lm_head=a.fp8_lm_head)
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None  # SIGTERM cleans up too
+    try:
+        out = build(a.model, gpu=a.gpu, precision=a.precision, out=a.out, max_seq_len=a.max_seq_len, force=a.force,
+                    progress=not a.no_progress, compile=a.compile, autotune=not a.no_autotune, onnx=a.onnx,
+                    fp8_lm_head=a.fp8_lm_head)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     manifest = json.loads((out / "manifest.json").read_text())
     checks = manifest["self_check"]["passes"]
     worst = max(r["budget_used"] for r in checks.values())
@@ -169,8 +215,12 @@ def _prompt_ids(text: str) -> list[int]:
 
 
 def cmd_run(a) -> int:
-    engine = _load(a)
+    from orthrus_runtime.engine_format import check_length, read_manifest
+    manifest = read_manifest(Path(a.engine))  # validate before loading (one small file)
     prompt = a.prompt if a.prompt is not None else _prompt_ids(a.prompt_ids)
+    check_length(None if a.prompt is not None else len(prompt), a.max_new_tokens, manifest["build"]["max_seq_len"])
+    _set_threads(a, manifest)
+    engine = _load(a)
     kwargs = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                   seed=a.seed, use_drafts=not a.no_drafts, chat=a.chat)
     if a.stream and not a.json:
@@ -196,6 +246,8 @@ def cmd_check(a) -> int:
     from orthrus_export.parity import near_tie_bound, random_prompts, token_parity
     from orthrus_export.reference import Reference
     from orthrus_export.verdict import pass_checks, passes_ok, tokens_ok
+    from orthrus_runtime.engine_format import read_manifest
+    _set_threads(a, read_manifest(Path(a.engine)))
     engine = _load(a)
     source = a.model or engine.manifest["model"]["checkpoint_path"]
     if not Path(source).is_dir() and source != "tiny" and not a.model:
@@ -254,12 +306,14 @@ def cmd_bench(a) -> int:
         acceptance = [float(x) for x in a.acceptance.split(",")]
     except ValueError:
         raise OrthrusError("--contexts and --acceptance take comma-separated numbers") from None
-    max_seq_len = read_manifest(Path(a.engine))["build"]["max_seq_len"]  # validate before loading
+    manifest = read_manifest(Path(a.engine))  # validate before loading
+    max_seq_len = manifest["build"]["max_seq_len"]
     too_long = [c for c in contexts if not 0 <= c <= max_seq_len]
     if too_long:
         raise OrthrusError(f"context {too_long[0]} is outside 0..{max_seq_len} (the engine's max_seq_len)")
     if a.iters < 1:
         raise OrthrusError("--iters must be >= 1")
+    _set_threads(a, manifest)
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if a.json else (lambda m: print(m, flush=True))
     engine = _load(a)
     bandwidth = copy_bandwidth(engine.device)
@@ -383,12 +437,28 @@ def main(argv=None) -> int:
                     "verify": cmd_verify,
                     "onnx": cmd_onnx, "onnx-check": cmd_onnx_check,
                     "triton": cmd_triton, "serve": cmd_serve}
-        return commands[args.command](args)
+        rc = commands[args.command](args)
+        sys.stdout.flush()  # a reader that left (`| head -1`) shows here, not in the interpreter's flush at exit
+        return rc
     except OrthrusError as e:
         print(f"orthrus-export: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        _discard_stdout()
+        return 141  # as if killed by SIGPIPE, without a traceback
     except KeyboardInterrupt:
         return 130
+    except Terminated:
+        return 143
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null so that flushing what is still buffered at exit does not fail again (the Python
+    docs' recipe for SIGPIPE)."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # not a real file (tests capture stdout in memory)
+        pass
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from orthrus_plugins.sampling import validate_sampling
 from orthrus_runtime import compiled
 from orthrus_runtime.config import ModelConfig
 from orthrus_runtime.cycle import Steps
-from orthrus_runtime.engine_format import check_versions, read_manifest, verify_files
+from orthrus_runtime.engine_format import check_length, check_versions, read_manifest, verify_files
 from orthrus_runtime.errors import OrthrusError
 from orthrus_runtime.loop import Drafter, Sampling, generate
 from orthrus_runtime.profiles import check_device, load_profile
@@ -275,10 +275,7 @@ class Engine:
         if end_id is not None and not 0 <= end_id < self.config.vocab_size:
             raise OrthrusError(f"end_id {end_id} is outside the vocabulary of {self.config.vocab_size}")
         ids = self.encode(prompt, chat)
-        if len(ids) + max_new_tokens > self.max_seq_len:
-            raise OrthrusError(f"prompt of {len(ids)} tokens + max_new_tokens {max_new_tokens} exceeds the engine's "
-                               f"max_seq_len {self.max_seq_len}: shorten the prompt, ask for fewer tokens, or rebuild "
-                               f"with a larger --max-seq-len")
+        check_length(len(ids), max_new_tokens, self.max_seq_len)
         eos = [end_id] if end_id is not None else list(self.config.eos_token_ids)
         stats = GenerationStats(block_size=self.block_size, prompt_tokens=len(ids))
         sampling = Sampling(float(temperature), int(top_k), float(top_p))

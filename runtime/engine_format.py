@@ -210,6 +210,19 @@ def read_manifest(engine: Path) -> dict:
     return manifest
 
 
+def check_length(prompt_tokens: int | None, max_new_tokens: int, max_seq_len: int) -> None:
+    """The error for a request the engine's cache cannot hold (``Engine.generate``). ``prompt_tokens`` None: the
+    prompt is not tokenized yet (the CLI checks before loading the engine) and counts as one token."""
+    if (1 if prompt_tokens is None else prompt_tokens) + max_new_tokens <= max_seq_len:
+        return
+    if prompt_tokens is None:
+        raise OrthrusError(f"max_new_tokens {max_new_tokens} + a prompt of at least 1 token exceeds the engine's "
+                           f"max_seq_len {max_seq_len}: ask for fewer tokens, or rebuild with a larger --max-seq-len")
+    raise OrthrusError(f"prompt of {prompt_tokens} tokens + max_new_tokens {max_new_tokens} exceeds the engine's "
+                       f"max_seq_len {max_seq_len}: shorten the prompt, ask for fewer tokens, or rebuild with a larger "
+                       "--max-seq-len")
+
+
 def _mismatch(rel: str) -> OrthrusError:
     return OrthrusError(f"engine file {rel} does not match its sha256 in the manifest (corrupted or modified): "
                         "rebuild the engine")

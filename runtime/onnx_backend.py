@@ -61,6 +61,14 @@ class OrtProgram:
 def load_programs(engine_dir: Path, manifest: dict, variant: str) -> dict:
     if variant not in VARIANTS:
         raise OrthrusError(f"unknown ONNX variant {variant!r}: choose {' or '.join(VARIANTS)}")
+    precision = manifest["precision"]
+    if precision == "fp8":
+        raise OrthrusError("FP8 engines have no ONNX export yet (no conversion for orthrus::fp8_linear): use "
+                           "--backend torch, or build an fp32 engine for the onnxruntime backend")
+    if precision != "fp32":
+        raise OrthrusError(f"the onnxruntime backend runs fp32 engines (ONNX Runtime's CPU provider lacks "
+                           f"{precision} kernels for these graphs); this engine is {precision}: build one with "
+                           "--precision fp32")
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
@@ -70,8 +78,4 @@ def load_programs(engine_dir: Path, manifest: dict, variant: str) -> dict:
         flag = " --decompose" if variant == "decomposed" else ""
         raise OrthrusError(f"engine {engine_dir.name} has no {variant} ONNX export: run `orthrus-export onnx --engine "
                            f"{engine_dir}{flag}` first")
-    if manifest["precision"] != "fp32":
-        raise OrthrusError(f"the onnxruntime backend runs fp32 engines (ONNX Runtime's CPU provider lacks "
-                           f"{manifest['precision']} kernels for these graphs); this engine is "
-                           f"{manifest['precision']}: build one with --precision fp32")
     return {name: OrtProgram(engine_dir / rel, variant) for name, rel in record["graphs"].items()}

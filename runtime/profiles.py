@@ -37,10 +37,10 @@ def available() -> list[str]:
 
 
 def load_profile(name: str) -> Profile:
-    if name == "auto":
+    key = name.lower()
+    if key == "auto":
         return detect()
     files = _files()
-    key = name.lower()
     if key not in files:
         raise OrthrusError(f"unknown --gpu {name!r}: choose one of {', '.join(sorted(files))} or auto")
     d = json.loads(files[key].read_text())

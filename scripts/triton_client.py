@@ -5,13 +5,14 @@
 
 Asks three ways — HTTP `generate`, HTTP `generate_stream` (SSE) and gRPC streaming (tritonclient) — and exits 1
 unless all three texts agree, the streamed pieces concatenate to the whole, and (with --engine) the text equals
-the local runtime's greedy output.
+the local runtime's greedy output. A server that does not answer is one line on stderr and exit code 2.
 """
 
 import argparse
 import json
 import queue
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -30,6 +31,14 @@ def http_generate(http, prompt, n, stream):
     return [json.loads(line[6:])["text_output"] for line in text.splitlines() if line.startswith("data: ")]
 
 
+def _raise(error):
+    if error is None:
+        return
+    if "UNAVAILABLE" in str(error.status()):  # nothing listens at the address
+        raise ConnectionError(error.message())
+    raise RuntimeError(str(error))
+
+
 def grpc_stream(url, prompt, n):
     import tritonclient.grpc as grpcclient
     q = queue.Queue()
@@ -44,11 +53,17 @@ def grpc_stream(url, prompt, n):
     client.start_stream(callback=lambda result, error: q.put((result, error)))
     pieces = []
     try:
-        client.async_stream_infer("orthrus", inputs, enable_empty_final_response=True)
+        try:
+            client.async_stream_infer("orthrus", inputs, enable_empty_final_response=True)
+        except Exception as failure:  # the stream failed already: the callback has (or soon has) the reason
+            try:
+                _raise(q.get(timeout=10)[1])
+            except queue.Empty:
+                pass
+            raise failure
         while True:
             result, error = q.get(timeout=300)
-            if error is not None:
-                raise RuntimeError(str(error))
+            _raise(error)
             out = result.as_numpy("text_output")
             if out is not None:
                 pieces.append(b"".join(out.reshape(-1)).decode())
@@ -61,6 +76,22 @@ def grpc_stream(url, prompt, n):
     return pieces
 
 
+class RequestFailed(Exception):
+    """A request no server answered, or one the server refused: one line, exit code 2."""
+
+
+def ask(what, address, request):
+    try:
+        return request()
+    except urllib.error.HTTPError as e:  # a server answered, with an error
+        raise RequestFailed(f"{what} failed: the server at {address} answered HTTP {e.code}: "
+                         f"{e.read().decode(errors='replace').strip()[:200]}") from None
+    except (urllib.error.URLError, OSError) as e:  # ConnectionError, refused, unreachable, timed out
+        reason = getattr(e, "reason", None) or e
+        raise RequestFailed(f"{what} failed ({reason}): no server answers at {address}; start one with "
+                         "`orthrus-export serve --engine E` (or pass --http/--grpc)") from None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompt", default="def main(")
@@ -69,9 +100,15 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--engine", help="also compare with this engine run locally")
     a = ap.parse_args()
-    whole = http_generate(a.http, a.prompt, a.max_tokens, stream=False)[0]
-    sse = "".join(http_generate(a.http, a.prompt, a.max_tokens, stream=True))
-    grpc = "".join(grpc_stream(a.grpc, a.prompt, a.max_tokens))
+    try:
+        whole = ask("HTTP generate", f"http://{a.http}",
+                    lambda: http_generate(a.http, a.prompt, a.max_tokens, stream=False)[0])
+        sse = "".join(ask("HTTP generate_stream", f"http://{a.http}",
+                          lambda: http_generate(a.http, a.prompt, a.max_tokens, stream=True)))
+        grpc = "".join(ask("gRPC streaming", a.grpc, lambda: grpc_stream(a.grpc, a.prompt, a.max_tokens)))
+    except RequestFailed as e:
+        print(f"triton_client: error: {e}", file=sys.stderr)
+        return 2
     print(whole)
     ok = whole == sse == grpc
     if a.engine:

@@ -31,6 +31,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _keep_thread_count():
+    """The CLI sets torch's thread count for its process (``--threads``); a test that calls it in this process must
+    not change the thread count of the tests after it."""
+    n = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
 class Models:
     """Session-wide cache of synthetic checkpoints, references and engines (each built once)."""
 
