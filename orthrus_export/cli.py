@@ -343,7 +343,7 @@ def cmd_verify(a) -> int:
 
 
 def cmd_triton(a) -> int:
-    from orthrus_export.triton_repo import write_repository
+    from orthrus_export.tritonserver import write_repository
     out = write_repository(Path(a.engine), Path(a.out), a.instances, Path(a.env) if a.env else None)
     print(f"model repository written to {out} (model 'orthrus'); start it with `orthrus-export serve` or "
           f"tritonserver --model-repository {out}")
@@ -355,9 +355,9 @@ def cmd_serve(a) -> int:
     import tempfile
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so that the server below is stopped too
 
-    from orthrus_export.triton_repo import Server, write_repository
+    from orthrus_export.tritonserver import Server, write_repository
     with tempfile.TemporaryDirectory() as tmp:
-        from orthrus_export.triton_repo import HOME
+        from orthrus_export.tritonserver import HOME
         home = Path(a.home) if a.home else HOME
         repo = write_repository(Path(a.engine), Path(tmp) / "repo", a.instances, home=home)
         server = Server(repo, a.http_port, a.grpc_port, a.metrics_port, home=home)

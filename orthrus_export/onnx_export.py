@@ -11,10 +11,12 @@ Each program (``draft``, ``verify``, ``decode``) becomes one ONNX graph:
 The attention plugins become ``orthrus``-domain nodes ``CachedAttention`` (outputs ``out``, ``k_cache_out``,
 ``v_cache_out``) and ``DiffusionAttention`` (output ``out``), attributes ``layer`` and ``scale``; with
 ``decompose=True`` they are spelled in standard ONNX ops instead (ScatterND for the cache write; masked softmax
-attention over the whole static capacity, in float32). Graphs whose weights exceed 2 GB (or with
-``external_data=True``) keep their weights in one ``weights.bin`` shared by every graph (ONNX external data).
+attention over the whole static capacity, in float32). Their translations live beside the ops
+(``orthrus_plugins.<op>.onnx``). Graphs whose weights exceed 2 GB (or with ``external_data=True``) keep their
+weights in one ``weights.bin`` shared by every graph (ONNX external data).
 
-The converter walks the FX graph node by node; an operator it does not know is an error naming the operator.
+The converter walks the FX graph node by node and dispatches on ``CONVERTERS`` (fx target -> converter); an
+operator without an entry is an error naming the operator.
 """
 
 import time
@@ -30,6 +32,9 @@ try:
     from onnx import TensorProto, helper, numpy_helper
 except ImportError:  # pragma: no cover - the optional dependency
     raise OrthrusError("ONNX export needs the onnx package: pip install 'orthrus-export[onnx]'") from None
+
+from orthrus_plugins.cached_attention import onnx as cached_attention_onnx  # noqa: E402  (needs onnx)
+from orthrus_plugins.diffusion_attention import onnx as diffusion_attention_onnx  # noqa: E402
 
 OPSET = 18
 DOMAIN = "orthrus"
@@ -92,6 +97,13 @@ def _meta(node) -> torch.Tensor:
 
 
 class _Converter:
+    """The state of one graph's conversion, and what converters use: ``g`` (the graph being built), ``env`` (fx
+    node -> ONNX value), ``val``, ``ints``, ``scalar_like``, ``as_dtype``, ``onnx_dtype``, ``declare``, ``fail``,
+    ``decompose``, ``domain``, and the layer caches' current values ``k_layer``/``v_layer`` (a converter that writes
+    a layer replaces them and sets ``writes_cache``)."""
+
+    domain = DOMAIN
+
     def __init__(self, ep, cfg, decompose: bool):
         self.ep, self.cfg, self.decompose = ep, cfg, decompose
         self.g = _Graph()
@@ -110,13 +122,27 @@ class _Converter:
         dtype = node_or_dtype if isinstance(node_or_dtype, torch.dtype) else _meta(node_or_dtype).dtype
         return self.g.const(value, dtype)
 
-    def operand(self, a, other) -> str:
-        if isinstance(a, torch.fx.Node):
-            return self.env[a]
-        return self.scalar_like(a, other)
-
     def ints(self, values, hint="shape") -> str:
         return self.g.const(list(values), torch.int64, hint)
+
+    def as_dtype(self, x, dtype) -> str:
+        """A node's value cast to ``dtype`` where it differs, or a Python scalar as a ``dtype`` constant."""
+        if isinstance(x, torch.fx.Node):
+            name = self.env[x]
+            return name if _meta(x).dtype == dtype else self.g.op("Cast", [name], to=_DTYPES[dtype])
+        return self.g.const(x, dtype)
+
+    @staticmethod
+    def onnx_dtype(dtype: torch.dtype) -> int:
+        return _DTYPES[dtype]
+
+    def declare(self, name: str, dtype: torch.dtype, shape) -> None:
+        """Declare a value's type: custom nodes' outputs (shape inference cannot know them)."""
+        self.value_info.append(helper.make_tensor_value_info(name, _DTYPES[dtype], list(shape)))
+
+    @staticmethod
+    def fail(message: str):
+        raise OrthrusError(f"ONNX export: {message}")
 
     # ---- the walk -----------------------------------------------------------------------------------------
     def run(self):
@@ -161,145 +187,108 @@ class _Converter:
 
     def call(self, node):
         target = str(node.target)
-        a = node.args
-        g = self.g
-        if target == "aten._assert_tensor_metadata.default":
+        if target in IGNORED:
             return
-        if target == "<built-in function getitem>":
-            self.env[node] = self.env[a[0]][a[1]]
-            return
+        convert = CONVERTERS.get(target)
+        if convert is None:
+            self.fail(f"no conversion for operator {target}: add one to orthrus_export.onnx_export.CONVERTERS")
         for x in node.all_input_nodes:
             if x.op == "placeholder" and self.env[x] not in ("tokens", "cache_len", "k_cache", "v_cache"):
                 self.used_weights.add(self.env[x])
-        out_meta = node.meta.get("val")
-        if target == "aten.arange.default":
-            if len(a) != 1 or node.kwargs.get("dtype") not in (None, torch.int64):
-                raise OrthrusError(f"ONNX export: unsupported arange {a} {node.kwargs}")
-            r = g.const(list(range(int(a[0]))), torch.int64, "arange")
-        elif target in ("aten.add.Tensor", "aten.mul.Tensor"):
-            if node.kwargs.get("alpha", 1) != 1:
-                raise OrthrusError("ONNX export: add with alpha is not supported")
-            x, y = a
-            dtype = out_meta.dtype
-            r = g.op("Add" if "add" in target else "Mul", [self._as(x, dtype), self._as(y, dtype)])
-        elif target == "aten.index_select.default":
-            r = g.op("Gather", [self.val(a[0]), self.val(a[2])], axis=int(a[1]))
-        elif target == "aten.embedding.default":
-            r = g.op("Gather", [self.val(a[0]), self.val(a[1])], axis=0)
-        elif target == "aten.to.dtype":
-            r = g.op("Cast", [self.val(a[0])], to=_DTYPES[a[1]])
-        elif target == "aten.unsqueeze.default":
-            r = g.op("Unsqueeze", [self.val(a[0]), self.ints([a[1]], "axes")])
-        elif target == "aten.pow.Tensor_Scalar":
-            r = g.op("Pow", [self.val(a[0]), self.scalar_like(a[1], a[0])])
-        elif target == "aten.mean.dim":
-            keep = int(a[2]) if len(a) > 2 else int(node.kwargs.get("keepdim", False))
-            r = g.op("ReduceMean", [self.val(a[0]), self.ints(a[1], "axes")], keepdims=keep)
-        elif target == "aten.rsqrt.default":
-            r = g.op("Reciprocal", [g.op("Sqrt", [self.val(a[0])])])
-        elif target == "aten.linear.default":
-            if len(a) > 2 and a[2] is not None:
-                raise OrthrusError("ONNX export: linear with bias is not supported")
-            if _meta(a[0]).dim() != 2:
-                raise OrthrusError("ONNX export: linear expects a 2-D input")
-            r = g.op("Gemm", [self.val(a[0]), self.val(a[1])], transB=1)
-        elif target in ("aten.split_with_sizes.default", "aten.chunk.default"):
-            dim = int(a[2]) if len(a) > 2 else 0
-            if target == "aten.chunk.default":
-                sizes = [t.shape[dim] for t in out_meta]
-            else:
-                sizes = list(a[1])
-            r = g.op("Split", [self.val(a[0]), self.ints(sizes, "split")], n_out=len(sizes), axis=dim)
-            r = r if isinstance(r, list) else [r]
-        elif target == "aten.reshape.default":
-            r = g.op("Reshape", [self.val(a[0]), self.ints(a[1])])
-        elif target == "aten.slice.Tensor":
-            dim = int(a[1]) if len(a) > 1 else 0
-            start = a[2] if len(a) > 2 and a[2] is not None else 0
-            end = a[3] if len(a) > 3 and a[3] is not None else 2 ** 63 - 1
-            step = a[4] if len(a) > 4 else 1
-            r = g.op("Slice", [self.val(a[0]), self.ints([start], "starts"), self.ints([min(end, 2 ** 63 - 1)], "ends"),
-                               self.ints([dim], "axes"), self.ints([step], "steps")])
-        elif target == "aten.neg.default":
-            r = g.op("Neg", [self.val(a[0])])
-        elif target == "aten.cat.default":
-            dim = int(a[1]) if len(a) > 1 else 0
-            r = g.op("Concat", [self.val(x) for x in a[0]], axis=dim)
-        elif target == "aten.silu.default":
-            x = self.val(a[0])
-            r = g.op("Mul", [x, g.op("Sigmoid", [x])])
-        elif target in ("orthrus.cached_attention.default", "orthrus.diffusion_attention.default"):
-            r = self.attention(node, causal=target.startswith("orthrus.cached"))
-        else:
-            raise OrthrusError(f"ONNX export: no conversion for operator {target}: extend orthrus_export.onnx_export")
-        self.env[node] = r
+        self.env[node] = convert(self, node)
 
-    def _as(self, x, dtype) -> str:
-        if isinstance(x, torch.fx.Node):
-            name = self.env[x]
-            return name if _meta(x).dtype == dtype else self.g.op("Cast", [name], to=_DTYPES[dtype])
-        return self.g.const(x, dtype)
 
-    # ---- attention ----------------------------------------------------------------------------------------
-    def attention(self, node, causal: bool) -> str:
-        q, k, v, kc, vc, cache_len, layer, scale = node.args
-        if self.env[kc] != "k_cache" or self.env[vc] != "v_cache" or self.env[cache_len] != "cache_len":
-            raise OrthrusError("ONNX export: attention ops must read the program's cache and length inputs")
-        layer, scale = int(layer), float(scale)
-        qn, kn, vn = self.val(q), self.val(k), self.val(v)
-        k_in, v_in = self.k_layer[layer], self.v_layer[layer]
-        g = self.g
-        if not self.decompose:  # custom nodes: their output types are declared (shape inference cannot know them)
-            out_t = helper.make_tensor_value_info
-            q_meta, c_meta = _meta(q), _meta(kc)
-            if causal:
-                out, k_new, v_new = g.op("CachedAttention", [qn, kn, vn, k_in, v_in, "cache_len"], n_out=3,
-                                         domain=DOMAIN, layer=layer, scale=scale)
-                self.k_layer[layer], self.v_layer[layer] = k_new, v_new
-                self.writes_cache = True
-                for name in (k_new, v_new):
-                    self.value_info.append(out_t(name, _DTYPES[c_meta.dtype], list(c_meta.shape[1:])))
-            else:
-                out = g.op("DiffusionAttention", [qn, kn, vn, k_in, v_in, "cache_len"], domain=DOMAIN, layer=layer,
-                           scale=scale)
-            self.value_info.append(out_t(out, _DTYPES[q_meta.dtype], list(q_meta.shape)))
-            return out
-        b, hq, d = _meta(q).shape
-        hkv, cap = _meta(kc).shape[1], _meta(kc).shape[2]
-        pos = g.op("Add", ["cache_len", g.const(list(range(b)), torch.int64, "block")])  # [B]
-        keys_pos = g.const(list(range(cap)), torch.int64, "cache_pos")  # [C]
-        if causal:
-            # write the block's K/V at rows pos of every head: indices [Hkv, B, 2] = (head, position)
-            heads = g.op("Expand", [g.const(np.arange(hkv).reshape(hkv, 1, 1).tolist(), torch.int64, "heads"),
-                                    self.ints([hkv, b, 1])])
-            rows = g.op("Expand", [g.op("Reshape", [pos, self.ints([1, b, 1])]), self.ints([hkv, b, 1])])
-            idx = g.op("Concat", [heads, rows], axis=2)
-            k_new = g.op("ScatterND", [k_in, idx, g.op("Transpose", [kn], perm=[1, 0, 2])])
-            v_new = g.op("ScatterND", [v_in, idx, g.op("Transpose", [vn], perm=[1, 0, 2])])
-            self.k_layer[layer], self.v_layer[layer] = k_new, v_new
-            self.writes_cache = True
-            keys, values = k_new, v_new
-            mask = g.op("LessOrEqual", [g.op("Reshape", [keys_pos, self.ints([1, cap])]),
-                                        g.op("Reshape", [pos, self.ints([b, 1])])])  # [B, C]
-        else:
-            keys = g.op("Concat", [k_in, g.op("Transpose", [kn], perm=[1, 0, 2])], axis=1)  # [Hkv, C+B, D]
-            values = g.op("Concat", [v_in, g.op("Transpose", [vn], perm=[1, 0, 2])], axis=1)
-            valid = g.op("Less", [keys_pos, "cache_len"])
-            mask = g.op("Concat", [valid, g.const([True] * b, torch.bool, "block_keys")], axis=0)
-            mask = g.op("Reshape", [mask, self.ints([1, cap + b])])
-        grp = hq // hkv
-        f32 = TensorProto.FLOAT
-        qf = g.op("Transpose", [g.op("Reshape", [g.op("Cast", [qn], to=f32), self.ints([b, hkv, grp, d])])],
-                  perm=[1, 2, 0, 3])  # [Hkv, G, B, D]
-        kt = g.op("Unsqueeze", [g.op("Transpose", [g.op("Cast", [keys], to=f32)], perm=[0, 2, 1]),
-                                self.ints([1], "axes")])  # [Hkv, 1, D, S]
-        scores = g.op("Mul", [g.op("MatMul", [qf, kt]), g.const(scale, torch.float32, "scale")])
-        scores = g.op("Where", [mask, scores, g.const(float("-inf"), torch.float32, "neg_inf")])
-        probs = g.op("Softmax", [scores], axis=-1)
-        vf = g.op("Unsqueeze", [g.op("Cast", [values], to=f32), self.ints([1], "axes")])  # [Hkv, 1, S, D]
-        out = g.op("Transpose", [g.op("MatMul", [probs, vf])], perm=[2, 0, 1, 3])  # [B, Hkv, G, D]
-        out = g.op("Reshape", [out, self.ints([b, hq, d])])
-        return g.op("Cast", [out], to=_DTYPES[_meta(q).dtype])
+# ---- converters: fx target -> function(converter, node) returning the node's ONNX value name(s) ----------------
+IGNORED = {"aten._assert_tensor_metadata.default"}
+
+
+def _getitem(cx, node):
+    return cx.env[node.args[0]][node.args[1]]
+
+
+def _arange(cx, node):
+    a = node.args
+    if len(a) != 1 or node.kwargs.get("dtype") not in (None, torch.int64):
+        cx.fail(f"unsupported arange {a} {node.kwargs}")
+    return cx.g.const(list(range(int(a[0]))), torch.int64, "arange")
+
+
+def _add_mul(cx, node):
+    if node.kwargs.get("alpha", 1) != 1:
+        cx.fail("add with alpha is not supported")
+    x, y = node.args
+    dtype = _meta(node).dtype
+    op = "Add" if "add" in str(node.target) else "Mul"
+    return cx.g.op(op, [cx.as_dtype(x, dtype), cx.as_dtype(y, dtype)])
+
+
+def _mean(cx, node):
+    a = node.args
+    keep = int(a[2]) if len(a) > 2 else int(node.kwargs.get("keepdim", False))
+    return cx.g.op("ReduceMean", [cx.val(a[0]), cx.ints(a[1], "axes")], keepdims=keep)
+
+
+def _linear(cx, node):
+    a = node.args
+    if len(a) > 2 and a[2] is not None:
+        cx.fail("linear with bias is not supported")
+    if _meta(a[0]).dim() != 2:
+        cx.fail("linear expects a 2-D input")
+    return cx.g.op("Gemm", [cx.val(a[0]), cx.val(a[1])], transB=1)
+
+
+def _split(cx, node):
+    a = node.args
+    dim = int(a[2]) if len(a) > 2 else 0
+    if str(node.target) == "aten.chunk.default":
+        sizes = [t.shape[dim] for t in _meta(node)]
+    else:
+        sizes = list(a[1])
+    r = cx.g.op("Split", [cx.val(a[0]), cx.ints(sizes, "split")], n_out=len(sizes), axis=dim)
+    return r if isinstance(r, list) else [r]
+
+
+def _slice(cx, node):
+    a = node.args
+    dim = int(a[1]) if len(a) > 1 else 0
+    start = a[2] if len(a) > 2 and a[2] is not None else 0
+    end = a[3] if len(a) > 3 and a[3] is not None else 2 ** 63 - 1
+    step = a[4] if len(a) > 4 else 1
+    return cx.g.op("Slice", [cx.val(a[0]), cx.ints([start], "starts"), cx.ints([min(end, 2 ** 63 - 1)], "ends"),
+                             cx.ints([dim], "axes"), cx.ints([step], "steps")])
+
+
+def _silu(cx, node):
+    x = cx.val(node.args[0])
+    return cx.g.op("Mul", [x, cx.g.op("Sigmoid", [x])])
+
+
+CONVERTERS = {
+    "<built-in function getitem>": _getitem,
+    "aten.arange.default": _arange,
+    "aten.add.Tensor": _add_mul,
+    "aten.mul.Tensor": _add_mul,
+    "aten.index_select.default":
+        lambda cx, n: cx.g.op("Gather", [cx.val(n.args[0]), cx.val(n.args[2])], axis=int(n.args[1])),
+    "aten.embedding.default": lambda cx, n: cx.g.op("Gather", [cx.val(n.args[0]), cx.val(n.args[1])], axis=0),
+    "aten.to.dtype": lambda cx, n: cx.g.op("Cast", [cx.val(n.args[0])], to=_DTYPES[n.args[1]]),
+    "aten.unsqueeze.default": lambda cx, n: cx.g.op("Unsqueeze", [cx.val(n.args[0]), cx.ints([n.args[1]], "axes")]),
+    "aten.pow.Tensor_Scalar": lambda cx, n: cx.g.op("Pow", [cx.val(n.args[0]), cx.scalar_like(n.args[1], n.args[0])]),
+    "aten.mean.dim": _mean,
+    "aten.rsqrt.default": lambda cx, n: cx.g.op("Reciprocal", [cx.g.op("Sqrt", [cx.val(n.args[0])])]),
+    "aten.linear.default": _linear,
+    "aten.split_with_sizes.default": _split,
+    "aten.chunk.default": _split,
+    "aten.reshape.default": lambda cx, n: cx.g.op("Reshape", [cx.val(n.args[0]), cx.ints(n.args[1])]),
+    "aten.slice.Tensor": _slice,
+    "aten.neg.default": lambda cx, n: cx.g.op("Neg", [cx.val(n.args[0])]),
+    "aten.cat.default":
+        lambda cx, n: cx.g.op("Concat", [cx.val(x) for x in n.args[0]], axis=int(n.args[1]) if len(n.args) > 1 else 0),
+    "aten.silu.default": _silu,
+    # the orthrus ops: each plugin folder's onnx.py
+    cached_attention_onnx.TARGET: cached_attention_onnx.convert,
+    diffusion_attention_onnx.TARGET: diffusion_attention_onnx.convert,
+}
 
 
 def _external(t: torch.Tensor, name: str, offset: int, length: int) -> TensorProto:

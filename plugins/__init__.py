@@ -7,9 +7,15 @@ Importing this package registers every op with ``torch.library``:
 - ``orthrus::accept``              (:mod:`orthrus_plugins.accept`)
 - ``orthrus::fp8_linear``          (:mod:`orthrus_plugins.fp8_linear`)
 
-Each op has a plain reference implementation (the CPU kernel) and a fake implementation so that
-``torch.export`` keeps it as a single node. Each module's docstring is the op's contract. Kernel settings (attention
-splits, the FP8 kernel) are op attributes, set per engine in its programs' nodes: there is no process-wide setting.
+One folder per op: ``__init__.py`` holds the contract (its docstring), the plain reference implementation (the CPU
+kernel) and a fake implementation so that ``torch.export`` keeps the op as a single node; beside it, where the op
+has them, ``kernel.py`` (its Triton GPU kernel), ``onnx.py`` (its ONNX translation, used by
+``orthrus_export.onnx_export``) and ``onnxruntime.py`` (its ONNX Runtime custom-op implementation, used by
+``orthrus_runtime.onnx_backend``). The two attention ops share ``attention_common/`` (the reference arithmetic, one
+Triton kernel, the ONNX attention spelling). Importing this package never imports onnx or onnxruntime.
+
+Kernel settings (attention splits, the FP8 kernel) are op attributes, set per engine in its programs' nodes: there
+is no process-wide setting.
 """
 
 from orthrus_plugins import accept, cached_attention, diffusion_attention, fp8_linear  # noqa: F401  (registers)
@@ -18,8 +24,8 @@ from orthrus_plugins.sampling import filter_logits, sample_token  # noqa: F401
 fp8_linear.register_cuda()  # torch._scaled_mm (no Triton needed)
 
 try:  # GPU kernels where Triton is installed; the reference kernels serve every other device
-    from orthrus_plugins import triton_attention as _triton_attention
-    _triton_attention.register()
+    cached_attention.register_cuda()
+    diffusion_attention.register_cuda()
     GPU_KERNELS = "triton"
 except ImportError:
     GPU_KERNELS = None

@@ -4,8 +4,10 @@ the CPU, behind the same program interface as the traced programs, so the same c
 A program is called as ``program(weights, tokens, start, k_cache, v_cache)`` and returns float32 logits; programs
 that write the cache (verify, decode) write the updated layers back into the engine's ``[L, Hkv, C, D]`` caches,
 which is what the traced programs do in place. The ``orthrus``-domain nodes run the plugins' reference
-implementations through onnxruntime-extensions' Python custom ops (:mod:`orthrus_runtime.onnx_ops`); the
-decomposed graphs need nothing beyond ONNX Runtime.
+implementations through onnxruntime-extensions' Python custom ops (each op's ``orthrus_plugins.<op>.onnxruntime``);
+the decomposed graphs need nothing beyond ONNX Runtime. onnxruntime-extensions registers Python ops in its own
+domain (``ai.onnx.contrib``): :func:`to_extension_domain` maps a model's ``orthrus`` nodes onto it in memory when a
+session is created, and the files keep the ``orthrus`` domain.
 """
 
 from pathlib import Path
@@ -16,6 +18,32 @@ import torch
 from orthrus_runtime.errors import OrthrusError
 
 VARIANTS = ("orthrus", "decomposed")
+_REGISTERED = False
+
+
+def custom_ops_library() -> str:
+    """onnxruntime-extensions' library, the orthrus ops' Python implementations registered with it (once)."""
+    global _REGISTERED
+    from onnxruntime_extensions import get_library_path
+    if not _REGISTERED:
+        from orthrus_plugins.cached_attention import onnxruntime as cached_attention
+        from orthrus_plugins.diffusion_attention import onnxruntime as diffusion_attention
+        cached_attention.register()
+        diffusion_attention.register()
+        _REGISTERED = True
+    return get_library_path()
+
+
+def to_extension_domain(model) -> None:
+    from onnx import helper
+    from onnxruntime_extensions import default_opset_domain
+    contrib = default_opset_domain()
+    for node in model.graph.node:
+        if node.domain == "orthrus":
+            node.domain = contrib
+    kept = [o for o in model.opset_import if o.domain not in ("orthrus", contrib)]
+    del model.opset_import[:]
+    model.opset_import.extend(kept + [helper.make_operatorsetid(contrib, 1)])
 
 
 def session(path: Path, variant: str):
@@ -27,10 +55,9 @@ def session(path: Path, variant: str):
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     import onnx
 
-    from orthrus_runtime import onnx_ops
-    so.register_custom_ops_library(onnx_ops.library_path())
+    so.register_custom_ops_library(custom_ops_library())
     model = onnx.load(str(path))  # external data (if any) is read into memory: the graph is rewritten below
-    onnx_ops.to_extension_domain(model)
+    to_extension_domain(model)
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 

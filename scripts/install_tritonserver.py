@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from orthrus_export.triton_repo import HOME, install, server_binary  # noqa: E402
+from orthrus_export.tritonserver import HOME, install, server_binary  # noqa: E402
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()

@@ -22,7 +22,7 @@ def tolerance(dtype):
 @pytest.mark.parametrize("n", [0, 5, 1000, 4133])
 @pytest.mark.parametrize("causal", [False, True])
 def test_triton_attention_matches_reference(dtype, b, hq, hkv, d, n, causal):
-    from orthrus_plugins import triton_attention as ta
+    from orthrus_plugins.attention_common import kernel as ta
     g = torch.Generator(device="cuda").manual_seed(n + 7 * b + hq)
     layers, cap = 3, 4200
 
@@ -32,7 +32,7 @@ def test_triton_attention_matches_reference(dtype, b, hq, hkv, d, n, causal):
     kc, vc = r(layers, hkv, cap, d), r(layers, hkv, cap, d)
     kc_ref, vc_ref = kc.clone(), vc.clone()
     # the reference implementation's arithmetic, called directly (the op itself dispatches to Triton on CUDA)
-    from orthrus_plugins._attention import attend
+    from orthrus_plugins.attention_common import attend
     if causal:
         kc_ref[1, :, n:n + b] = k.transpose(0, 1)
         vc_ref[1, :, n:n + b] = v.transpose(0, 1)
@@ -156,8 +156,8 @@ def test_tiny_acceptance_on_gpu_within_3_percent_of_cpu(tiny_gpu):
 @pytest.mark.parametrize("n", [0, 77, 4133])
 def test_triton_attention_every_tuned_split_count(splits, n):
     """The autotuner's alternatives compute the same attention (bf16, the 8B head layout)."""
-    from orthrus_plugins import triton_attention as ta
-    from orthrus_plugins._attention import attend
+    from orthrus_plugins.attention_common import kernel as ta
+    from orthrus_plugins.attention_common import attend
     g = torch.Generator(device="cuda").manual_seed(n + splits)
     q = torch.randn(32, 32, 128, device="cuda", generator=g).bfloat16()
     k, v = (torch.randn(32, 8, 128, device="cuda", generator=g).bfloat16() for _ in range(2))

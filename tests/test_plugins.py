@@ -1,6 +1,9 @@
-"""The attention plugins against an independent float64 loop implementation; tracing keeps them as single nodes."""
+"""The attention plugins against an independent float64 loop implementation; tracing keeps them as single nodes;
+importing the plugins loads no ONNX package."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -97,3 +100,11 @@ def test_ops_survive_export_as_single_nodes():
     eager = Step()(q, k, v, kc1, vc1, torch.tensor(3))
     traced = ep.module()(q, k, v, kc2, vc2, torch.tensor(3))
     assert torch.equal(eager, traced) and torch.equal(kc1, kc2), "the traced step must mutate the cache like eager"
+
+
+def test_importing_the_plugins_imports_no_onnx():
+    """onnx and onnxruntime are optional extras: only the ONNX code paths import the ops' onnx/onnxruntime parts."""
+    code = ("import sys, orthrus_plugins; print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('onnx', 'onnxruntime', 'onnxruntime_extensions') or m.endswith(('.onnx', '.onnxruntime'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from orthrus_export.builder import build
-from orthrus_export.triton_repo import Server, install, write_repository
+from orthrus_export.tritonserver import Server, install, write_repository
 
 # the client example's gRPC streaming function, so that the tests exercise the code users copy
 _spec = importlib.util.spec_from_file_location(

@@ -128,7 +128,8 @@ def write_repository(engine: Path, out: Path, instances: int = 1, env: Path | No
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         (tmp / MODEL / "1").mkdir(parents=True)
-        shutil.copy2(str(resources.files("orthrus_runtime") / "triton_model.py"), tmp / MODEL / "1" / "model.py")
+        model_file = resources.files("orthrus_runtime") / "tritonserver_model.py"
+        shutil.copy2(str(model_file), tmp / MODEL / "1" / "model.py")
         (tmp / MODEL / "config.pbtxt").write_text(CONFIG.format(name=MODEL, instances=instances, engine=engine,
                                                                 env=env))
         home = Path(home).resolve()

@@ -1,4 +1,6 @@
-"""Shared plain attention used by the reference implementations of the attention ops."""
+"""What ``orthrus::cached_attention`` and ``orthrus::diffusion_attention`` share: the plain attention of their
+reference implementations (here), one Triton kernel for both (``kernel.py``), the standard-ONNX spelling of the
+attention (``onnx.py``) and the ONNX Runtime helpers (``onnxruntime.py``). Not an op itself."""
 
 import torch
 

@@ -16,11 +16,17 @@ Contract
 
 Rejected speculative K/V are not erased: the caller simply passes a smaller ``cache_len`` next time and the
 stale positions are overwritten. Dtypes: float32, bfloat16, float16; accumulation in float32.
+
+Implementations: the reference (below, any device); on CUDA the split-K Triton kernel shared with
+``orthrus::diffusion_attention`` (:mod:`orthrus_plugins.attention_common.kernel`). ONNX (``onnx.py``): an
+``orthrus``-domain ``CachedAttention`` node (inputs one layer's ``[Hkv, C, D]`` caches; outputs ``out``,
+``k_cache_out``, ``v_cache_out``; attributes ``layer``, ``scale``) or, decomposed, standard ops; ONNX Runtime runs
+that node with the reference (``onnxruntime.py``).
 """
 
 import torch
 
-from orthrus_plugins._attention import attend, check_shapes
+from orthrus_plugins.attention_common import attend, check_shapes
 
 
 @torch.library.custom_op("orthrus::cached_attention", mutates_args=("k_cache", "v_cache"))
@@ -43,3 +49,12 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
 @cached_attention.register_fake
 def _(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=16):
     return q.new_empty(q.shape)  # contiguous, like every real kernel
+
+
+def register_cuda() -> None:
+    """Make the shared Triton kernel the op's CUDA implementation (ImportError without Triton)."""
+    from orthrus_plugins.attention_common.kernel import attention
+
+    @cached_attention.register_kernel("cuda")
+    def _(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=16):
+        return attention(q, k, v, k_cache, v_cache, cache_len, layer, scale, causal=True, splits=splits)

@@ -9,7 +9,8 @@ memory inside the kernel, so one launch configuration — and one captured CUDA 
   are already in the cache.
 - a second kernel merges the splits' partial (max, sum, accumulator) with the usual log-sum-exp rescaling.
 
-Contracts are those of the ops (see their modules). Accumulation in float32; inputs fp32/bf16/fp16.
+Contracts are those of the ops (see their packages, which register :func:`attention` as their CUDA
+implementations). Accumulation in float32; inputs fp32/bf16/fp16.
 """
 
 import torch
@@ -136,16 +137,3 @@ def attention(q, k, v, k_cache, v_cache, cache_len, layer: int, scale: float, ca
                                       SPLITS=splits, ROWS=16, num_warps=4)
     return out
 
-
-def register() -> None:
-    """Make these kernels the CUDA implementations of the ops."""
-    from orthrus_plugins.cached_attention import cached_attention
-    from orthrus_plugins.diffusion_attention import diffusion_attention
-
-    @diffusion_attention.register_kernel("cuda")
-    def _(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=16):
-        return attention(q, k, v, k_cache, v_cache, cache_len, layer, scale, causal=False, splits=splits)
-
-    @cached_attention.register_kernel("cuda")
-    def _(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=16):
-        return attention(q, k, v, k_cache, v_cache, cache_len, layer, scale, causal=True, splits=splits)

@@ -27,6 +27,9 @@ Greedy: ``n`` is the longest prefix with ``d_{i+1} == argmax p_i``; the emitted 
 are accepted from ``p_{B-1}`` — so emitted text is distributed exactly as the base model's. If an emitted token is in
 the slot's ``eos_ids``, its ``n_emitted`` is cut to end with it. Slots are independent: a slot's result does not
 depend on the other slots.
+
+Implementation: the reference only, on every device (tensor ops, no host synchronisation, so it runs on the GPU as
+it is). It runs in the runtime's cycle, outside the exported programs, so it has no ONNX translation.
 """
 
 import torch

@@ -16,9 +16,10 @@ Contract
   the same values for the same token), which keeps an FP8 engine's Orthrus output equal to its own AR output.
 
 Reference implementation (any device): the product-sum exactly, in float64 (see ``_reference``). CUDA kernels
-(GPUs with FP8): a Triton kernel for M <= 32 that pads every call to 32 rows, so each row runs the same instruction
-sequence whatever M is (fp32 accumulation, batch-invariant); ``torch._scaled_mm`` with row-wise scales. The build
-times both and records the choice in the engine's manifest.
+(GPUs with FP8): a Triton kernel for M <= 32 (``kernel.py``) that pads every call to 32 rows, so each row runs the
+same instruction sequence whatever M is (fp32 accumulation, batch-invariant); ``torch._scaled_mm`` with row-wise
+scales. The build times both and records the choice in the engine's manifest. No ONNX translation: the ONNX export
+refuses FP8 engines.
 """
 
 import torch
@@ -84,8 +85,8 @@ def _reference(x, weight, weight_scale):
 
 CUDA_KERNELS = {"torch._scaled_mm": scaled_mm, "reference": _reference}
 try:
-    from orthrus_plugins import triton_fp8 as _triton_fp8
-    CUDA_KERNELS["triton"] = _triton_fp8.fp8_linear
+    from orthrus_plugins.fp8_linear import kernel as _triton_kernel
+    CUDA_KERNELS["triton"] = _triton_kernel.fp8_linear
 except ImportError:  # no Triton: torch._scaled_mm or the reference
     pass
 DEFAULT_CUDA_KERNEL = "triton" if "triton" in CUDA_KERNELS else "torch._scaled_mm"

@@ -17,11 +17,17 @@ Contract
   keys — **no causal mask**. The block's K/V are never written to the cache.
 
 Dtypes: float32, bfloat16, float16 (cache in the same dtype as q). Accumulation in float32.
+
+Implementations: the reference (below, any device); on CUDA the split-K Triton kernel shared with
+``orthrus::cached_attention`` (:mod:`orthrus_plugins.attention_common.kernel`). ONNX (``onnx.py``): an
+``orthrus``-domain ``DiffusionAttention`` node (inputs one layer's ``[Hkv, C, D]`` caches; output ``out``; attributes
+``layer``, ``scale``) or, decomposed, standard ops; ONNX Runtime runs that node with the reference
+(``onnxruntime.py``).
 """
 
 import torch
 
-from orthrus_plugins._attention import attend, check_shapes
+from orthrus_plugins.attention_common import attend, check_shapes
 
 
 @torch.library.custom_op("orthrus::diffusion_attention", mutates_args=())
@@ -39,3 +45,12 @@ def diffusion_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
 @diffusion_attention.register_fake
 def _(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=16):
     return q.new_empty(q.shape)  # contiguous, like every real kernel
+
+
+def register_cuda() -> None:
+    """Make the shared Triton kernel the op's CUDA implementation (ImportError without Triton)."""
+    from orthrus_plugins.attention_common.kernel import attention
+
+    @diffusion_attention.register_kernel("cuda")
+    def _(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=16):
+        return attention(q, k, v, k_cache, v_cache, cache_len, layer, scale, causal=False, splits=splits)
