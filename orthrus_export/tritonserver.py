@@ -112,7 +112,7 @@ def link_environment(venv: Path) -> None:
 def write_repository(engine: Path, out: Path, instances: int = 1, env: Path | None = None,
                      home: Path = HOME) -> Path:
     """A model repository serving ``engine``; written to a temporary directory and renamed when complete."""
-    from orthrus_runtime.engine_format import read_manifest
+    from orthrus_runtime.engine_format import atomic_directory, read_manifest
     engine = Path(engine).resolve()
     read_manifest(engine)
     if instances < 1:
@@ -124,9 +124,7 @@ def write_repository(engine: Path, out: Path, instances: int = 1, env: Path | No
     out = Path(out)
     if out.exists():
         raise OrthrusError(f"{out} already exists: choose another --out or remove it")
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_directory(out) as tmp:
         (tmp / MODEL / "1").mkdir(parents=True)
         model_file = resources.files("orthrus_runtime") / "tritonserver_model.py"
         shutil.copy2(str(model_file), tmp / MODEL / "1" / "model.py")
@@ -137,10 +135,6 @@ def write_repository(engine: Path, out: Path, instances: int = 1, env: Path | No
         launch.write_text(LAUNCH.format(libs=home / "pytriton" / "nvidia_pytriton.libs", binary=server_binary(home),
                                         backends=home / "backends"))
         launch.chmod(0o755)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -125,7 +125,7 @@ def write_manifest(engine_dir: Path, manifest: dict, reuse: dict | None = None) 
 
 
 @contextmanager
-def atomic_directory(out: Path, force: bool = False, what: str = "engine") -> Iterator[Path]:
+def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``out`` to write into; rename it to ``out`` when the block completes (an existing
     ``out`` is replaced only with ``force`` and survives a failure); remove it on any failure. The one helper for
     every directory this project writes (engines, ONNX exports, model repositories)."""
