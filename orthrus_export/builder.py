@@ -160,7 +160,7 @@ def _build_into(tmp: Path, name: str, ckpt, profile, precision, device, max_seq_
 
     step("compile and capture")
     t0 = time.perf_counter()
-    tokenizer = Engine._tokenizer(tmp, manifest)
+    tokenizer = Engine.load_tokenizer(tmp, manifest)
     engine = Engine(tmp, manifest, device, weights, exported, tokenizer,
                     options.replace(backend=backends[0]) if tune else options)
     manifest["build"]["load_seconds"] = round(time.perf_counter() - t0, 3)

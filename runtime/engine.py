@@ -156,7 +156,7 @@ class Engine:
         if backend not in ("torch", "onnxruntime"):
             raise OrthrusError(f"unknown backend {backend!r}: choose torch or onnxruntime")
         options = KernelOptions.from_dict(manifest["build"]["options"])
-        tokenizer = cls._tokenizer(path, manifest)
+        tokenizer = cls.load_tokenizer(path, manifest)
         if backend == "onnxruntime":
             from orthrus_runtime.onnx_backend import load_programs
             programs = load_programs(path, manifest, onnx_variant)
@@ -186,7 +186,8 @@ class Engine:
         return engine
 
     @staticmethod
-    def _tokenizer(path: Path, manifest: dict):
+    def load_tokenizer(path: Path, manifest: dict):
+        """The engine's tokenizer (None for a token-id-only engine)."""
         if not manifest.get("tokenizer"):
             return None
         from orthrus_runtime.tokenizer import EngineTokenizer
