@@ -174,6 +174,8 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--grpc-port", type=int, default=8001)
     sv.add_argument("--metrics-port", type=int, default=8002)
     sv.add_argument("--home", help="tritonserver installation (default: .triton in the checkout)")
+    sv.add_argument("--env", help="Python environment the model runs in (default: <home>/venv)")
+    sv.add_argument("--log-file", help="tritonserver's log (default: a file in the temporary directory, printed)")
 
     i = sub.add_parser("info", help="show an engine's manifest summary (reads the manifest only)")
     _engine_arg(i)
@@ -248,6 +250,7 @@ def cmd_check(a) -> int:
     from orthrus_export.verdict import pass_checks, passes_ok, tokens_ok
     from orthrus_runtime.engine_format import read_manifest
     _set_threads(a, read_manifest(Path(a.engine)))
+    _progress(f"loading {a.engine} …")
     engine = _load(a)
     source = a.model or engine.manifest["model"]["checkpoint_path"]
     if not Path(source).is_dir() and source != "tiny" and not a.model:
@@ -263,8 +266,10 @@ def cmd_check(a) -> int:
     prompts = random_prompts(engine.config.vocab_size, a.prompts, a.seed,
                              lengths=tuple(n for n in (1, 7, b + 1, 3 * b + 5) if n + a.max_new_tokens
                                            <= engine.max_seq_len))
-    rows = token_parity(engine, ref, prompts, a.max_new_tokens,
-                        near_tie=0.0 if fp8 else near_tie_bound(passes))
+    _progress(f"per-pass logits checked; greedy tokens on {len(prompts)} prompts (engine Orthrus, engine AR, "
+              "transformers generate) …")
+    rows = token_parity(engine, ref, prompts, a.max_new_tokens, near_tie=0.0 if fp8 else near_tie_bound(passes),
+                        log=lambda i, r: _progress(f"  prompt {i + 1}/{len(prompts)} done"))
     ok = passes_ok(passes) and tokens_ok(precision, rows)
     identical = sum(r["orthrus_equals_transformers"] for r in rows)
     report = {"engine": str(engine.path), "precision": engine.manifest["precision"], "ok": ok, "passes": passes,
@@ -315,13 +320,14 @@ def cmd_bench(a) -> int:
         raise OrthrusError("--iters must be >= 1")
     _set_threads(a, manifest)
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if a.json else (lambda m: print(m, flush=True))
+    log(f"loading {a.engine} …")
     engine = _load(a)
     bandwidth = copy_bandwidth(engine.device)
     log(f"{engine.path.name} on {engine.manifest['gpu']['device_name']}: copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     result = bench_engine(engine, engine.config, contexts, a.iters, bandwidth, acceptance, log=log,
                           sampled=not a.no_sampled)
-    result.update(engine=str(engine.path), copy_bandwidth_GBps=bandwidth / 1e9, iters=a.iters,
-                  load_stats=engine.load_stats)
+    result.update(engine=str(engine.path), device=engine.manifest["gpu"]["device_name"],
+                  copy_bandwidth_GBps=bandwidth / 1e9, iters=a.iters, load_stats=engine.load_stats)
     if a.json:
         print(json.dumps(result, indent=2))
     return 0
@@ -355,12 +361,14 @@ def cmd_serve(a) -> int:
     import tempfile
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so that the server below is stopped too
 
-    from orthrus_export.tritonserver import Server, write_repository
+    from orthrus_export.tritonserver import HOME, Server, write_repository
+    log_file = Path(a.log_file) if a.log_file else Path(tempfile.mkdtemp(prefix="orthrus-serve-")) / "tritonserver.log"
     with tempfile.TemporaryDirectory() as tmp:
-        from orthrus_export.tritonserver import HOME
         home = Path(a.home) if a.home else HOME
-        repo = write_repository(Path(a.engine), Path(tmp) / "repo", a.instances, home=home)
-        server = Server(repo, a.http_port, a.grpc_port, a.metrics_port, home=home)
+        repo = write_repository(Path(a.engine), Path(tmp) / "repo", a.instances, Path(a.env) if a.env else None,
+                                home=home)
+        server = Server(repo, a.http_port, a.grpc_port, a.metrics_port, home=home, log=log_file)
+        print(f"tritonserver log: {log_file}", file=sys.stderr, flush=True)
         try:
             server.wait_ready()
             print(f"serving {a.engine} as model 'orthrus': HTTP 127.0.0.1:{a.http_port}, gRPC 127.0.0.1:"

@@ -68,7 +68,7 @@ def divergence_margin(ref: Reference, prompt: list[int], common: list[int], boun
 
 @torch.no_grad()
 def token_parity(engine, ref: Reference, prompts: list[list[int]], max_new_tokens: int,
-                 near_tie: float = 0.0) -> list[dict]:
+                 near_tie: float = 0.0, log=None) -> list[dict]:
     """Greedy tokens: engine Orthrus, engine AR and transformers' generate, per prompt. Where Orthrus differs
     from transformers, the fp32 top-2 margin at the first divergence is compared with ``near_tie``."""
     rows = []
@@ -85,6 +85,8 @@ def token_parity(engine, ref: Reference, prompts: list[list[int]], max_new_token
                      "divergence": None if first_diff is None else
                      divergence_margin(ref, prompt, expected[:first_diff], near_tie),
                      "acceptance_length": orthrus.stats.acceptance_length, "tpf": orthrus.stats.tpf})
+        if log:
+            log(len(rows) - 1, rows[-1])
     return rows
 
 

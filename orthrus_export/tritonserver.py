@@ -109,6 +109,22 @@ def link_environment(venv: Path) -> None:
         pth.unlink()
 
 
+def check_environment(env: Path) -> None:
+    """Refuse a model environment the Python backend cannot serve from: numpy 2 breaks its BYTES tensors (every
+    request then fails with "Stub process is not healthy"), and the engine's runtime must import there."""
+    probe = ("import numpy, sys; v = numpy.__version__; import orthrus_runtime; print(v)")
+    p = subprocess.run([str(env / "bin" / "python"), "-c", probe], capture_output=True, text=True)
+    if p.returncode != 0:
+        last = (p.stderr.strip().splitlines() or ["?"])[-1]
+        raise OrthrusError(f"the model environment {env} cannot import what the model needs ({last}): use the one "
+                           "`python scripts/install_tritonserver.py` makes, or install orthrus-export and numpy<2 there")
+    version = p.stdout.strip().splitlines()[-1]
+    if int(version.split(".")[0]) >= 2:
+        raise OrthrusError(f"the model environment {env} has numpy {version}; Triton's Python backend needs numpy<2 "
+                           "(numpy 2 breaks its string tensors): `pip install 'numpy<2'` there, or use the environment "
+                           "`python scripts/install_tritonserver.py` makes")
+
+
 def write_repository(engine: Path, out: Path, instances: int = 1, env: Path | None = None,
                      home: Path = HOME) -> Path:
     """A model repository serving ``engine``; written to a temporary directory and renamed when complete."""
@@ -121,6 +137,7 @@ def write_repository(engine: Path, out: Path, instances: int = 1, env: Path | No
     if not (env / "bin" / "activate").exists():
         raise OrthrusError(f"no Python environment at {env}: run `python scripts/install_tritonserver.py` first "
                            "or pass --env")
+    check_environment(env)
     out = Path(out)
     if out.exists():
         raise OrthrusError(f"{out} already exists: choose another --out or remove it")
@@ -150,6 +167,7 @@ class Server:
                                "`python scripts/install_tritonserver.py`")
         self.http, self.grpc, self.metrics = http, grpc, metrics
         env = dict(os.environ, LD_LIBRARY_PATH=str(home / "pytriton" / "nvidia_pytriton.libs"))
+        self.log_path = Path(log) if log else None
         self.log = open(log, "w") if log else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             [str(binary), "--model-repository", str(Path(repo).resolve()), "--backend-directory",
@@ -157,11 +175,25 @@ class Server:
              "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
              "--exit-timeout-secs", "5"], stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
+    def decisive_lines(self, n: int = 3) -> list[str]:
+        """The log lines that say why the server failed (model load errors, bind errors, import errors)."""
+        if self.log_path is None or not self.log_path.exists():
+            return []
+        keys = ("error", "failed", "address already in use", "modulenotfounderror", "importerror", "unhealthy")
+        lines = [ln.strip() for ln in self.log_path.read_text(errors="replace").splitlines()]
+        hits = [ln for ln in lines if any(k in ln.lower() for k in keys)]
+        return hits[:n]
+
     def wait_ready(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise OrthrusError(f"tritonserver exited with code {self.proc.returncode} while starting")
+                if self.log is not subprocess.DEVNULL:
+                    self.log.flush()
+                why = self.decisive_lines()
+                where = f" (log: {self.log_path})" if self.log_path else ""
+                raise OrthrusError(f"tritonserver exited with code {self.proc.returncode} while starting{where}"
+                                   + (": " + " | ".join(why) if why else ""))
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.http}/v2/health/ready", timeout=2) as r:
                     if r.status == 200:

@@ -170,3 +170,35 @@ def test_repository_launch_script(served, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_numpy2_environment_is_refused(tmp_path):
+    """The test's own environment as the model environment: refused in one line when it has numpy 2 (which breaks
+    the Python backend's string tensors), accepted otherwise."""
+    import sys
+
+    import numpy
+
+    from orthrus_export.tritonserver import check_environment
+    from orthrus_runtime.errors import OrthrusError
+    if int(numpy.__version__.split(".")[0]) < 2:
+        check_environment(Path(sys.prefix))
+        return
+    with pytest.raises(OrthrusError, match=f"has numpy {numpy.__version__}; Triton's Python backend needs numpy<2"):
+        check_environment(Path(sys.prefix))
+
+
+def test_serve_says_why_the_server_did_not_start(served, tmp_path):
+    """A port already in use: `serve` fails in one line naming tritonserver's own reason and keeps its log."""
+    import subprocess
+    import sys
+    server, engine = served
+    log = tmp_path / "serve.log"
+    p = subprocess.run([sys.executable, "-m", "orthrus_export", "serve", "--engine", str(engine.path),
+                        "--http-port", str(server.http), "--grpc-port", str(free_port()), "--metrics-port",
+                        str(free_port()), "--log-file", str(log)], capture_output=True, text=True, timeout=180)
+    assert p.returncode == 2, p.stderr
+    err = [ln for ln in p.stderr.splitlines() if ln.startswith("orthrus-export: error:")]
+    assert len(err) == 1 and "tritonserver exited with code" in err[0] and str(log) in err[0]
+    assert "address already in use" in err[0].lower() or "failed" in err[0].lower(), err[0]
+    assert log.exists() and log.stat().st_size > 0
