@@ -112,6 +112,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--top-k", type=int, default=None, help="0 = off (default: generation_config.json, else off)")
     r.add_argument("--top-p", type=float, default=None, help="default: generation_config.json, else 1.0")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--stop", action="append", metavar="TEXT",
+                   help="a stop string (repeatable): the text ends before it")
     r.add_argument("--no-drafts", action="store_true", help="plain AR decoding, one token per pass (baseline)")
     r.add_argument("--stream", action="store_true", help="print text as it is generated")
     r.add_argument("--json", action="store_true", help="print prompt_ids, output_ids, text and stats as JSON")
@@ -224,7 +226,7 @@ def cmd_run(a) -> int:
     _set_threads(a, manifest)
     engine = _load(a)
     kwargs = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                  seed=a.seed, use_drafts=not a.no_drafts, chat=a.chat)
+                  seed=a.seed, use_drafts=not a.no_drafts, chat=a.chat, stop=a.stop)
     if a.stream and not a.json:
         stream = engine.generate(prompt, stream=True, **kwargs)
         for piece in stream:

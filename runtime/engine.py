@@ -24,7 +24,7 @@ from orthrus_runtime.loop import Drafter, Sampling, generate
 from orthrus_runtime.profiles import check_device, load_profile
 from orthrus_runtime.program import KernelOptions, deserialize_program, program_weights, runnable
 from orthrus_runtime.stats import GenerationStats
-from orthrus_runtime.text import TextDeltas
+from orthrus_runtime.text import StopStrings, TextDeltas
 
 
 @dataclass
@@ -42,10 +42,11 @@ class GenerationResult:
 class TextStream:
     """Iterator of text deltas (or token-id lists for an engine without tokenizer); ``.result`` once exhausted."""
 
-    def __init__(self, engine: "Engine", chunks: Iterator[list[int]], prompt_ids, stats):
-        self._engine, self._chunks, self._prompt, self._stats = engine, chunks, prompt_ids, stats
+    def __init__(self, engine: "Engine", chunks: Iterator[list[int]], prompt_ids, stats,
+                 stops: StopStrings | None = None):
+        self._engine, self._chunks, self._prompt, self._stats, self._stops = engine, chunks, prompt_ids, stats, stops
         self._ids: list[int] = []
-        self._deltas = TextDeltas(engine.tokenizer) if engine.tokenizer is not None else None
+        self._deltas = TextDeltas(engine.tokenizer, stops) if engine.tokenizer is not None else None
         self.result: GenerationResult | None = None
 
     def __iter__(self):
@@ -61,7 +62,7 @@ class TextStream:
             tail = self._deltas.push([], final=True)
             if tail:
                 yield tail
-        self.result = self._engine._result(self._prompt, self._ids, self._stats)
+        self.result = self._engine._result(self._prompt, self._ids, self._stats, self._stops)
 
 
 def _quiet(_msg: str) -> None:
@@ -239,9 +240,11 @@ class Engine:
             raise OrthrusError("the prompt is empty: give at least one token")
         return ids
 
-    def _result(self, prompt_ids, ids, stats) -> GenerationResult:
+    def _result(self, prompt_ids, ids, stats, stops: StopStrings | None = None) -> GenerationResult:
         stats.new_tokens = len(ids)
         text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else None
+        if stops is not None:
+            text = stops.text(text)
         return GenerationResult(prompt_ids, ids, text, stats)
 
     # ---- generation -----------------------------------------------------------------------------------------------
@@ -255,13 +258,15 @@ class Engine:
 
     def generate(self, prompt, max_new_tokens: int = 64, temperature: float | None = None, top_k: int | None = None,
                  top_p: float | None = None, seed: int = 0, stream: bool = False, use_drafts: bool = True,
-                 end_id: int | None = None, chat: bool = False, drafter: Drafter | None = None):
+                 end_id: int | None = None, chat: bool = False, drafter: Drafter | None = None,
+                 stop: list[str] | None = None):
         """Generate from ``prompt`` (text or token ids). Returns a GenerationResult, or with ``stream=True`` a
         TextStream of text deltas whose ``.result`` is set once it is exhausted. ``temperature``, ``top_k`` and
         ``top_p`` left as None take the checkpoint's defaults (``sampling_defaults``); ``temperature=0`` is greedy.
 
         ``use_drafts=False`` decodes one token per pass (the AR baseline). ``end_id`` replaces the model's EOS
-        tokens. ``drafter`` replaces the diffusion drafter (experiments and tests). Safe to call from several
+        tokens. ``stop``: strings that end the generation; the text ends before the first one, the tokens include
+        the one that completed it. ``drafter`` replaces the diffusion drafter (experiments and tests). Safe to call from several
         threads: generations take turns on the engine (each result is that of the request run alone)."""
         d_temperature, d_top_k, d_top_p = self.sampling_defaults()
         temperature = d_temperature if temperature is None else temperature
@@ -277,15 +282,24 @@ class Engine:
             raise OrthrusError(f"end_id {end_id} is outside the vocabulary of {self.config.vocab_size}")
         ids = self.encode(prompt, chat)
         check_length(len(ids), max_new_tokens, self.max_seq_len)
+        stops = None
+        if stop:
+            if isinstance(stop, str) or not all(isinstance(x, str) and x for x in stop):
+                raise OrthrusError("stop must be a list of non-empty strings")
+            if self.tokenizer is None:
+                raise OrthrusError(f"engine {self.path.name} has no tokenizer: stop strings need one (use end_id)")
+            stops = StopStrings(self.tokenizer, list(stop))
         eos = [end_id] if end_id is not None else list(self.config.eos_token_ids)
         stats = GenerationStats(block_size=self.block_size, prompt_tokens=len(ids))
         sampling = Sampling(float(temperature), int(top_k), float(top_p))
         chunks = self._locked(generate(self.steps, self.run_pass, ids, int(max_new_tokens), sampling, int(seed),
                                        eos, stats, use_drafts, drafter))
+        if stops is not None:
+            chunks = _until_stop(chunks, stops)
         if stream:
-            return TextStream(self, chunks, ids, stats)
+            return TextStream(self, chunks, ids, stats, stops)
         out = [t for chunk in chunks for t in chunk]
-        return self._result(ids, out, stats)
+        return self._result(ids, out, stats, stops)
 
     def _locked(self, chunks):
         """Hold the engine for the whole generation (released when the stream is exhausted or closed). No-grad, not
@@ -293,3 +307,17 @@ class Engine:
         no_grad); a different mode would recompile them in the first request."""
         with self._lock, torch.no_grad():
             yield from chunks
+
+
+def _until_stop(chunks, stops: StopStrings):
+    """Pass chunks through until one completes a stop string; cut it there and end the generation (which releases
+    the engine)."""
+    ids: list[int] = []
+    for chunk in chunks:
+        k = stops.cut(ids, chunk)
+        if k is not None:
+            yield chunk[:k]
+            chunks.close()
+            return
+        ids += chunk
+        yield chunk

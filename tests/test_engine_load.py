@@ -215,3 +215,24 @@ def test_sampling_defaults_come_from_generation_config(tmp_path):
     assert default != greedy  # it sampled (30 tokens at T 0.7 equal to greedy would be a 1-in-many-millions event)
     tiny = Engine.load(builder.build("tiny", out=tmp_path / "t", max_seq_len=128, progress=False, self_check=False))
     assert tiny.sampling_defaults() == (0.0, 0, 1.0)
+
+
+def test_stop_strings_cut_text_tokens_and_stream(models):
+    """A stop string ends the generation at the token that completes it; the text ends before it; a stream's deltas
+    concatenate to that text and never show any of the stop string; a stop that never occurs changes nothing."""
+    from orthrus_runtime import Engine
+    engine = Engine.load(models.engine_path("tiny", max_seq_len=256))
+    full = engine.generate("def main(", max_new_tokens=60)
+    stop = full.text[len(full.text) // 2:len(full.text) // 2 + 3]
+    assert len(stop) == 3
+    cut = engine.generate("def main(", max_new_tokens=60, stop=[stop, "never-there"])
+    assert cut.text == full.text[:full.text.index(stop)]
+    n = len(cut.output_ids)
+    assert cut.output_ids == full.output_ids[:n]
+    assert stop in engine.tokenizer.decode(cut.output_ids) and stop not in engine.tokenizer.decode(cut.output_ids[:-1])
+    s = engine.generate("def main(", max_new_tokens=60, stop=[stop], stream=True)
+    pieces = list(s)
+    assert "".join(pieces) == cut.text == s.result.text and s.result.output_ids == cut.output_ids
+    assert engine.generate("def main(", max_new_tokens=60, stop=["never-there"]).output_ids == full.output_ids
+    from orthrus_export.cli import main
+    assert main(["run", "--engine", str(engine.path), "--prompt", "x", "--stop", ""]) == 2
