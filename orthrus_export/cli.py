@@ -397,8 +397,9 @@ def _onnx_check(engine, variants, save, seed, as_json) -> int:
     from orthrus_export.onnx_parity import compare_engine
     reports = {}
     for v in variants:
+        _progress(f"onnx-check {v}: loading the engine and the ONNX Runtime sessions …")
         reports[v] = compare_engine(engine, v, save_dir=Path(save) / v if save else None, seed=seed,
-                                    log=(lambda m: None) if as_json else print)
+                                    log=_progress if as_json else print)
     if as_json:
         print(json.dumps(reports, indent=2))
     return 0 if all(r["ok"] for rep in reports.values() for r in rep.values()) else 1
