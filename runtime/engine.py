@@ -40,7 +40,8 @@ class GenerationResult:
 
 
 class TextStream:
-    """Iterator of text deltas (or token-id lists for an engine without tokenizer); ``.result`` once exhausted."""
+    """Iterator of text deltas (or token-id lists for an engine without tokenizer); ``.result`` once exhausted.
+    A stream holds the engine until it is exhausted or closed: ``close()`` one you stop reading early."""
 
     def __init__(self, engine: "Engine", chunks: Iterator[list[int]], prompt_ids, stats,
                  stops: StopStrings | None = None):
@@ -63,6 +64,10 @@ class TextStream:
             if tail:
                 yield tail
         self.result = self._engine._result(self._prompt, self._ids, self._stats, self._stops)
+
+    def close(self) -> None:
+        """Stop the generation now (frees the engine for other callers)."""
+        self._chunks.close()
 
 
 def _quiet(_msg: str) -> None:

@@ -236,3 +236,22 @@ def test_stop_strings_cut_text_tokens_and_stream(models):
     assert engine.generate("def main(", max_new_tokens=60, stop=["never-there"]).output_ids == full.output_ids
     from orthrus_export.cli import main
     assert main(["run", "--engine", str(engine.path), "--prompt", "x", "--stop", ""]) == 2
+
+
+def test_a_closed_stream_frees_the_engine(models):
+    """Closing a stream part-way ends its generation at once: another thread's request then runs, and equals its
+    result alone."""
+    from orthrus_runtime import Engine
+    engine = Engine.load(models.engine_path("tiny", max_seq_len=256))
+    alone = engine.generate("import os", max_new_tokens=20).output_ids
+    s = engine.generate("def main(", max_new_tokens=200, stream=True)
+    it = iter(s)
+    next(it)
+    out = {}
+    t = threading.Thread(target=lambda: out.update(ids=engine.generate("import os", max_new_tokens=20).output_ids))
+    t.start()
+    t.join(timeout=2)
+    assert t.is_alive()  # waits: the open stream holds the engine
+    s.close()
+    t.join(timeout=120)
+    assert not t.is_alive() and out["ids"] == alone
