@@ -175,7 +175,8 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--http-port", type=int, default=8000)
     sv.add_argument("--grpc-port", type=int, default=8001)
     sv.add_argument("--metrics-port", type=int, default=8002)
-    sv.add_argument("--home", help="tritonserver installation (default: .triton in the checkout)")
+    sv.add_argument("--home", help="tritonserver installation (default: .triton in the checkout, or "
+                    "~/.cache/orthrus-export/triton for an installed package)")
     sv.add_argument("--env", help="Python environment the model runs in (default: <home>/venv)")
     sv.add_argument("--log-file", help="tritonserver's log (default: a file in the temporary directory, printed)")
 

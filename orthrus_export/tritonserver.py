@@ -20,7 +20,10 @@ from pathlib import Path
 from orthrus_runtime.errors import OrthrusError
 
 PYTRITON = "nvidia-pytriton==0.7.0"
-HOME = Path(__file__).resolve().parents[1] / ".triton"  # beside engines/ in the checkout
+_CHECKOUT = Path(__file__).resolve().parents[1]
+# .triton beside engines/ in a checkout (editable install); a per-user cache folder for an installed package
+HOME = _CHECKOUT / ".triton" if (_CHECKOUT / "pyproject.toml").exists() else \
+    Path.home() / ".cache" / "orthrus-export" / "triton"
 MODEL = "orthrus"
 
 CONFIG = """name: "{name}"

@@ -1,6 +1,7 @@
 """Install the real Triton Inference Server (from the nvidia-pytriton wheel) and the model environment under .triton/.
 
-    python scripts/install_tritonserver.py [--home DIR]   (default: .triton in the checkout)
+    python scripts/install_tritonserver.py [--home DIR]   (default: .triton in the checkout; for an installed
+    package ~/.cache/orthrus-export/triton)
 """
 
 import argparse
