@@ -38,7 +38,7 @@ def main():
     a = ap.parse_args()
     runs = [(Path(f).stem, normalise(json.loads(Path(f).read_text()), Path(f).stem)) for f in a.files]
     shapes = list(runs[0][1]["shapes"])
-    fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(shapes), figsize=(max(9, 5 * len(shapes)), 4), squeeze=False)
     for ax, shape in zip(axes[0], shapes):
         for label, run in runs:
             if shape not in run["shapes"]:
