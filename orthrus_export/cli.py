@@ -376,7 +376,8 @@ def cmd_serve(a) -> int:
             server.wait_ready()
             print(f"serving {a.engine} as model 'orthrus': HTTP 127.0.0.1:{a.http_port}, gRPC 127.0.0.1:"
                   f"{a.grpc_port}, metrics 127.0.0.1:{a.metrics_port}/metrics (Ctrl-C stops)", flush=True)
-            server.proc.wait()
+            if server.proc.wait() != 0:  # it stopped by itself (SIGTERM to serve stops it through `finally`)
+                raise server.failure()
         finally:
             server.stop()
     return 0

@@ -11,6 +11,7 @@ import os
 from importlib import resources
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -169,6 +170,13 @@ class Server:
             raise OrthrusError(f"tritonserver is not installed under {home}: run "
                                "`python scripts/install_tritonserver.py`")
         self.http, self.grpc, self.metrics = http, grpc, metrics
+        for flag, port in (("--http-port", http), ("--grpc-port", grpc), ("--metrics-port", metrics)):
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    raise OrthrusError(f"port {port} on 127.0.0.1 is already in use (another server?): choose another "
+                                       f"{flag}") from None
         env = dict(os.environ, LD_LIBRARY_PATH=str(home / "pytriton" / "nvidia_pytriton.libs"))
         self.log_path = Path(log) if log else None
         self.log = open(log, "w") if log else subprocess.DEVNULL
@@ -187,16 +195,20 @@ class Server:
         hits = [ln for ln in lines if any(k in ln.lower() for k in keys)]
         return hits[:n]
 
+    def failure(self) -> OrthrusError:
+        """The error for a server that exited by itself: its code, where the log is, the log's decisive lines."""
+        if self.log is not subprocess.DEVNULL:
+            self.log.flush()
+        why = self.decisive_lines()
+        where = f" (log: {self.log_path})" if self.log_path else ""
+        return OrthrusError(f"tritonserver exited with code {self.proc.returncode}{where}"
+                            + (": " + " | ".join(why) if why else ""))
+
     def wait_ready(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                if self.log is not subprocess.DEVNULL:
-                    self.log.flush()
-                why = self.decisive_lines()
-                where = f" (log: {self.log_path})" if self.log_path else ""
-                raise OrthrusError(f"tritonserver exited with code {self.proc.returncode} while starting{where}"
-                                   + (": " + " | ".join(why) if why else ""))
+                raise self.failure()
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.http}/v2/health/ready", timeout=2) as r:
                     if r.status == 200:
