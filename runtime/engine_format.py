@@ -80,12 +80,6 @@ def file_digests(path: Path, workers: int | None = None) -> list[str]:
         return list(pool.map(lambda i: _chunk_digest(path, i), range(n)))
 
 
-def sha256(path: Path) -> str:
-    """One digest for a file (its single chunk digest, or the digest of its chunk digests)."""
-    d = file_digests(Path(path))
-    return d[0] if len(d) == 1 else hashlib.sha256("".join(d).encode()).hexdigest()
-
-
 def safetensors_header(path: Path) -> bytes:
     """The raw JSON header of a safetensors file (8-byte little-endian length, then the header)."""
     with open(path, "rb") as f:
