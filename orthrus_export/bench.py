@@ -12,6 +12,7 @@ import time
 import torch
 
 from orthrus_runtime.config import ModelConfig
+from orthrus_runtime.cycle import time_it
 from orthrus_export.exporter import PROGRAMS, export_program
 from orthrus_runtime.program import program_weights
 from orthrus_export.weights import engine_shapes
@@ -36,29 +37,6 @@ def copy_bandwidth(device: torch.device) -> float:
     b = torch.empty_like(a)
     times = time_it(lambda: b.copy_(a), 20, device=device)
     return 2 * n / (statistics.median(times) / 1e3)
-
-
-def time_it(fn, iters, warmup=5, device=torch.device("cuda")) -> list[float]:
-    """Milliseconds per call: CUDA events on a GPU, the host clock on the CPU."""
-    for _ in range(warmup):
-        fn()
-    if device.type != "cuda":
-        out = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            out.append((time.perf_counter() - t0) * 1e3)
-        return out
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(iters):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        out.append(s.elapsed_time(e))
-    return out
 
 
 def random_weights(cfg: ModelConfig, dtype) -> dict:

@@ -42,7 +42,7 @@ def choose_kernel(cfg, device, iters: int = 30) -> dict:
     """Time the CUDA kernels of ``orthrus::fp8_linear`` at M = 1 and M = 32 on the model's largest projection
     (gate_up) and pick the faster (sum of both); also record whether each is batch-invariant (the rows of an M = 32
     call equal, bit for bit, the same rows computed one at a time)."""
-    from orthrus_export.bench import time_it
+    from orthrus_runtime.cycle import time_it
     n, k = 2 * cfg.intermediate_size, cfg.hidden_size
     g = torch.Generator(device=device).manual_seed(0)
     w = torch.randn(n, k, device=device, generator=g).to(torch.bfloat16) * 0.02

@@ -161,21 +161,32 @@ class Steps:
             self.graphs[(kind, False)] = self._capture(kind, False)
         self.x.fill_(5)
         self.block.random_(0, self.vocab)
-        times = []
+        run = self.graphs[(kind, sampled)].replay if cuda else (lambda: self.body(kind, sampled))
         with torch.no_grad():  # the grad mode the programs were compiled and captured in
-            for i in range(warmup + iters):
-                self.s.fill_(context)
-                if cuda:
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    self.graphs[(kind, sampled)].replay()
-                    end.record()
-                    end.synchronize()
-                    ms = start.elapsed_time(end)
-                else:
-                    t0 = time.perf_counter()
-                    self.body(kind, sampled)
-                    ms = (time.perf_counter() - t0) * 1e3
-                if i >= warmup:
-                    times.append(ms)
+            times = time_it(run, iters, warmup, self.device, setup=lambda: self.s.fill_(context))
         return statistics.median(times)
+
+
+def time_it(fn, iters: int, warmup: int = 5, device: torch.device = torch.device("cuda"),
+            setup=None) -> list[float]:
+    """Milliseconds per call of ``fn`` after ``warmup`` calls: CUDA events around each call on a GPU, the host clock
+    on the CPU. ``setup`` (untimed) runs before every call."""
+    cuda = device.type == "cuda"
+    times = []
+    for i in range(warmup + iters):
+        if setup is not None:
+            setup()
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            ms = start.elapsed_time(end)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            ms = (time.perf_counter() - t0) * 1e3
+        if i >= warmup:
+            times.append(ms)
+    return times

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from orthrus_export.bench import copy_bandwidth, time_it  # noqa: E402
+from orthrus_export.bench import copy_bandwidth  # noqa: E402
+from orthrus_runtime.cycle import time_it  # noqa: E402
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 24576), "down": (12288, 4096),
           "lm_head": (4096, 151936)}
