@@ -137,3 +137,10 @@ def attention(q, k, v, k_cache, v_cache, cache_len, layer: int, scale: float, ca
                                       SPLITS=splits, ROWS=16, num_warps=4)
     return out
 
+
+
+def register(op, causal: bool) -> None:
+    """Make ``attention`` (cached mode when ``causal``) the CUDA implementation of the attention op ``op``."""
+    @op.register_kernel("cuda")
+    def _(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=16):
+        return attention(q, k, v, k_cache, v_cache, cache_len, layer, scale, causal=causal, splits=splits)

@@ -49,8 +49,5 @@ def _(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=16):
 
 def register_cuda() -> None:
     """Make the shared Triton kernel the op's CUDA implementation (ImportError without Triton)."""
-    from orthrus_plugins.attention_common.kernel import attention
-
-    @diffusion_attention.register_kernel("cuda")
-    def _(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=16):
-        return attention(q, k, v, k_cache, v_cache, cache_len, layer, scale, causal=False, splits=splits)
+    from orthrus_plugins.attention_common.kernel import register
+    register(diffusion_attention, causal=False)
