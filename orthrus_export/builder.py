@@ -6,6 +6,7 @@ deserialises the graphs it wrote and drives them through an ``orthrus_runtime.En
 self-check), then stores the compiled artifacts.
 """
 
+import math
 import platform
 import shutil
 import time
@@ -20,6 +21,7 @@ from orthrus_export.config import generation_defaults
 from orthrus_export.exporter import PROGRAMS, custom_op_nodes, export_program, program_tokens
 from orthrus_export.verdict import self_check as run_self_check
 from orthrus_runtime import compiled
+from orthrus_runtime.cycle import buckets_for
 from orthrus_runtime.engine import Engine
 from orthrus_runtime.engine_format import SCHEMA, SCHEMA_VERSION, atomic_directory, library_versions, write_manifest
 from orthrus_runtime.errors import OrthrusError
@@ -27,6 +29,9 @@ from orthrus_runtime.profiles import COMPUTE_DTYPES, DTYPES, check_device, devic
 from orthrus_runtime.program import KernelOptions, deserialize_program, program_weights, serialize_program
 
 WEIGHTS = "weights.safetensors"
+DEFAULT_MAX_BATCH_SIZE = 8
+DRAFT_SAMPLING_DEFAULT = "argmax"  # sampled requests' drafts (README "Sampling acceptance": measured on tiny)
+MAX_BATCH_SIZE = 256
 
 
 def engine_name(model: str, profile: str, precision: str) -> str:
@@ -41,7 +46,8 @@ def engine_name(model: str, profile: str, precision: str) -> str:
 
 def build(model: str, gpu: str = "cpu", precision: str = "fp32", out: str | Path | None = None,
           max_seq_len: int = 2048, force: bool = False, progress: bool = True, self_check: bool = True,
-          compile: str = "auto", autotune: bool = True, onnx: str | None = None, fp8_lm_head: bool = False) -> Path:
+          compile: str = "auto", autotune: bool = True, onnx: str | None = None, fp8_lm_head: bool = False,
+          max_batch_size: int = DEFAULT_MAX_BATCH_SIZE) -> Path:
     profile = load_profile(gpu)
     precision = precision.lower()
     if precision not in DTYPES and precision != "fp8":
@@ -62,15 +68,51 @@ def build(model: str, gpu: str = "cpu", precision: str = "fp32", out: str | Path
     if not cfg.block_size * 2 <= max_seq_len <= cfg.max_position_embeddings:
         raise OrthrusError(f"--max-seq-len {max_seq_len} must be between {cfg.block_size * 2} (two blocks) and the "
                            f"model's max_position_embeddings {cfg.max_position_embeddings}")
+    if isinstance(max_batch_size, bool) or not 1 <= int(max_batch_size) <= MAX_BATCH_SIZE:
+        raise OrthrusError(f"--max-batch-size {max_batch_size} must be between 1 and {MAX_BATCH_SIZE}")
+    check_memory(cfg, profile, precision, max_seq_len, int(max_batch_size))
     out = Path(out) if out else Path("engines") / engine_name(model, profile.name, precision)
     with atomic_directory(out, force) as tmp:
         _build_into(tmp, out.name, ckpt, profile, precision, device, max_seq_len, progress, self_check, compile,
-                    autotune, fp8_lm_head)
+                    autotune, fp8_lm_head, int(max_batch_size))
         if onnx:
             from orthrus_export.onnx_export import export_engine
             for decompose in {"orthrus": [False], "decomposed": [True], "both": [False, True]}[onnx]:
                 export_engine(tmp, decompose=decompose, progress=tqdm.write if progress else (lambda m: None))
     return out
+
+
+def memory_budget(cfg, precision: str, max_seq_len: int, max_batch_size: int) -> dict:
+    """Bytes an engine needs on its device: weights (both attention sets, the MLPs, the embedding and head), the KV
+    cache (``max_batch_size`` + 1 slots — one scratch slot for padding rows — of ``max_seq_len`` + one block, in the
+    compute dtype) and the step's largest transients (float32 logits of draft and verify and their sampling
+    distributions at the largest bucket: about 6 × rows × B × V × 4 bytes, plus one layer's activations)."""
+    from orthrus_export.weights import engine_shapes
+    weight_elem = 1 if precision == "fp8" else COMPUTE_DTYPES[precision].itemsize
+    cache_elem = COMPUTE_DTYPES[precision].itemsize
+    weights = sum(math.prod(shape) * (weight_elem if len(shape) == 2 and precision == "fp8" and name != "embed"
+                                      else cache_elem) for name, shape in engine_shapes(cfg).items())
+    capacity = max_seq_len + cfg.block_size
+    cache = 2 * cfg.num_layers * (max_batch_size + 1) * cfg.num_kv_heads * capacity * cfg.head_dim * cache_elem
+    tokens = max_batch_size * cfg.block_size
+    transients = 6 * tokens * cfg.vocab_size * 4 + 4 * tokens * cfg.intermediate_size * cache_elem
+    return {"weights": weights, "kv_cache": cache, "transients": transients, "total": weights + cache + transients}
+
+
+def check_memory(cfg, profile, precision: str, max_seq_len: int, max_batch_size: int) -> dict:
+    """Refuse a build whose engine cannot fit on the profile's memory (90% of it: the CUDA context, allocator
+    slack and CUDA graphs' pools need the rest), with the numbers."""
+    need = memory_budget(cfg, precision, max_seq_len, max_batch_size)
+    if profile.memory_gib:
+        have = profile.memory_gib * 1024 ** 3 * 0.9
+        if need["total"] > have:
+            gib = {k: v / 1024 ** 3 for k, v in need.items()}
+            raise OrthrusError(
+                f"the engine needs {gib['total']:.1f} GiB (weights {gib['weights']:.1f}, KV cache {gib['kv_cache']:.1f} "
+                f"for {max_batch_size} sequences of {max_seq_len} tokens, transients {gib['transients']:.1f}) but "
+                f"{profile.name} has {have / 1024 ** 3:.1f} GiB usable (90% of {profile.memory_gib}): lower "
+                "--max-batch-size or --max-seq-len")
+    return need
 
 
 def _compile_backends(device, precision, choice, autotune) -> list[str]:
@@ -90,7 +132,7 @@ def _kernels(device) -> str:
 
 
 def _build_into(tmp: Path, name: str, ckpt, profile, precision, device, max_seq_len, progress, check, compile,
-                autotune, fp8_lm_head=False) -> dict:
+                autotune, fp8_lm_head=False, max_batch_size: int = 1) -> dict:
     cfg = ckpt.config
     dtype = COMPUTE_DTYPES[precision]
     capacity = max_seq_len + cfg.block_size  # a cycle at the last position writes a whole block
@@ -123,7 +165,7 @@ def _build_into(tmp: Path, name: str, ckpt, profile, precision, device, max_seq_
     (tmp / "programs").mkdir()
     for prog in PROGRAMS:
         step(f"trace {prog}")
-        ep = export_program(cfg, weights, prog, capacity)
+        ep = export_program(cfg, weights, prog, capacity, slots=max_batch_size + 1, max_rows=max_batch_size)
         rel = f"programs/{prog}.json"
         (tmp / rel).write_bytes(serialize_program(ep))
         # the runtime's programs are the deserialised files: build with exactly those graphs
@@ -149,6 +191,9 @@ def _build_into(tmp: Path, name: str, ckpt, profile, precision, device, max_seq_
         "gpu": {"profile": profile.name, **device_description(profile), "host": platform.node()},
         "versions": library_versions(),
         "build": {"max_seq_len": max_seq_len, "cache_capacity": capacity, "block_size": cfg.block_size,
+                  "max_batch_size": max_batch_size, "batch_buckets": list(buckets_for(max_batch_size)),
+                  "draft_sampling": DRAFT_SAMPLING_DEFAULT,
+                  "memory_bytes": memory_budget(cfg, precision, max_seq_len, max_batch_size),
                   "kernels": _kernels(device), "cuda_graphs": device.type == "cuda",
                   "options": options.to_dict(), "tuning": None, "compiled": None, "timings_s": timings},
         "weights": WEIGHTS,

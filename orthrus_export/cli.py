@@ -89,7 +89,10 @@ def parser() -> argparse.ArgumentParser:
                    help="fp32 | bf16 | fp16 (GPU profiles) | fp8 (h100/h200/l40s; emulated with --gpu cpu)")
     b.add_argument("--fp8-lm-head", action="store_true", help="fp8 engines: quantize the head too (default BF16)")
     b.add_argument("--out", help="engine directory (default engines/orthrus-qwen3-<model>.<gpu>.<precision>)")
-    b.add_argument("--max-seq-len", type=int, default=2048, help="prompt + generated tokens the cache holds")
+    b.add_argument("--max-seq-len", type=int, default=2048,
+                   help="prompt + generated tokens the cache holds, per sequence")
+    b.add_argument("--max-batch-size", type=int, default=8,
+                   help="sequences that share every pass (cache slots; batch buckets 1, 2, 4, … up to it)")
     b.add_argument("--force", action="store_true", help="replace an existing engine")
     b.add_argument("--compile", default="auto",
                    help="auto | none | inductor (auto on a GPU: the autotuner times both for bf16/fp16)")
@@ -193,7 +196,7 @@ def cmd_build(a) -> int:
     try:
         out = build(a.model, gpu=a.gpu, precision=a.precision, out=a.out, max_seq_len=a.max_seq_len, force=a.force,
                     progress=not a.no_progress, compile=a.compile, autotune=not a.no_autotune, onnx=a.onnx,
-                    fp8_lm_head=a.fp8_lm_head)
+                    fp8_lm_head=a.fp8_lm_head, max_batch_size=a.max_batch_size)
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)

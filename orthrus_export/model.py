@@ -1,9 +1,11 @@
 """The engine's forward passes over packed weights: the AR view (verify/prefill/decode) and the diffusion view (draft).
 
-Pure functions of ``(weights, tokens, start, k_cache, v_cache)`` so that ``torch.export`` traces them with the
-weights as inputs (one copy in ``weights.safetensors`` serves every traced program) and the attention plugins
-as single nodes. Shapes are static: ``tokens`` is ``[T]`` (T = block size, or 1 for decode), ``start`` an int64
-scalar tensor (the cache length), caches ``[L, Hkv, C, D]``.
+Pure functions of ``(weights, tokens, start, slots, k_cache, v_cache)`` so that ``torch.export`` traces them with
+the weights as inputs (one copy in ``weights.safetensors`` serves every traced program) and the attention plugins
+as single nodes. Batched: ``tokens`` ``[b, T]`` (T = block size, or 1 for decode; b rows, each a block of the
+sequence in cache slot ``slots[i]`` at positions ``start[i] …``), ``start`` and ``slots`` int64 ``[b]``, caches
+``[L, S, Hkv, C, D]``. Single sequence (``slots`` None; the ONNX export's graphs): ``tokens`` ``[T]``, ``start`` a
+scalar, caches ``[L, Hkv, C, D]``. Every projection runs on all ``b·T`` rows at once; only attention sees the rows.
 """
 
 import torch
@@ -36,15 +38,21 @@ def linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tens
 
 
 def forward(cfg: ModelConfig, view: str, w: dict[str, torch.Tensor], tokens: torch.Tensor, start: torch.Tensor,
-            k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-    """Logits [T, V] (float32) of one pass of ``view`` over ``tokens`` at positions ``start … start+T-1``.
+            slots: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    """Logits [..., T, V] (float32, the shape of ``tokens`` plus V) of one pass of ``view`` over each row of
+    ``tokens`` at positions ``start … start+T-1`` of its slot.
 
     ``view == "ar"``: causal, writes the block's K/V into the caches at ``start`` (verify, prefill chunk, decode).
     ``view == "diff"``: the diffusion set; attends to cache ``[0, start)`` plus the block, writes nothing (draft).
     """
+    lead = tokens.shape
+    block = torch.arange(lead[-1], device=tokens.device)
+    if slots is None:
+        pos, extra = start + block, {}
+    else:  # all rows' tokens as one [b·T] sequence of rows for every projection
+        tokens, pos, extra = tokens.reshape(-1), (start[:, None] + block).reshape(-1), {"slots": slots}
     t = tokens.shape[0]
     dtype = w["embed"].dtype
-    pos = start + torch.arange(t, device=tokens.device)
     cos = w["rope.cos"].index_select(0, pos).to(dtype)[:, None, :]
     sin = w["rope.sin"].index_select(0, pos).to(dtype)[:, None, :]
     scale = cfg.head_dim ** -0.5
@@ -59,27 +67,36 @@ def forward(cfg: ModelConfig, view: str, w: dict[str, torch.Tensor], tokens: tor
         v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if view == "ar":
-            o = torch.ops.orthrus.cached_attention(q, k, v, k_cache, v_cache, start, n, scale)
+            o = torch.ops.orthrus.cached_attention(q, k, v, k_cache, v_cache, start, n, scale, **extra)
         else:
-            o = torch.ops.orthrus.diffusion_attention(q, k, v, k_cache, v_cache, start, n, scale)
+            o = torch.ops.orthrus.diffusion_attention(q, k, v, k_cache, v_cache, start, n, scale, **extra)
         x = x + linear(o.reshape(t, cfg.q_size), w, f"{p}{view}.o")
         h = rms_norm(x, w[p + "mlp_norm"], cfg.rms_norm_eps)
         gate, up = linear(h, w, p + "gate_up").chunk(2, dim=-1)
         x = x + linear(F.silu(gate) * up, w, p + "down")
     x = rms_norm(x, w["norm"], cfg.rms_norm_eps)
     if "lm_head.scale" in w:  # FP8 head (a quantized copy of the tied embedding, or of lm_head)
-        return linear(x, w, "lm_head").float()
-    head = w["embed"] if cfg.tie_word_embeddings else w["lm_head"]
-    return F.linear(x, head).float()
+        logits = linear(x, w, "lm_head")
+    else:
+        logits = F.linear(x, w["embed"] if cfg.tie_word_embeddings else w["lm_head"])
+    logits = logits.float()
+    return logits if slots is None else logits.reshape(*lead, logits.shape[-1])
 
 
 class Pass(torch.nn.Module):
-    """One traced entry point: ``forward(weights, tokens, start, k_cache, v_cache) -> logits``."""
+    """One traced entry point: ``forward(weights, tokens, start, slots, k_cache, v_cache) -> logits`` (batched)."""
 
     def __init__(self, cfg: ModelConfig, view: str):
         super().__init__()
         assert view in VIEWS
         self.cfg, self.view = cfg, view
 
+    def forward(self, weights, tokens, start, slots, k_cache, v_cache):
+        return forward(self.cfg, self.view, weights, tokens, start, slots, k_cache, v_cache)
+
+
+class SinglePass(Pass):
+    """``forward(weights, tokens, start, k_cache, v_cache) -> logits``: one sequence (the ONNX export's graphs)."""
+
     def forward(self, weights, tokens, start, k_cache, v_cache):
-        return forward(self.cfg, self.view, weights, tokens, start, k_cache, v_cache)
+        return forward(self.cfg, self.view, weights, tokens, start, None, k_cache, v_cache)

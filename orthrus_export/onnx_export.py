@@ -1,4 +1,5 @@
-"""ONNX export of an engine's traced programs (the same ``torch.export`` graphs the engine runs).
+"""ONNX export of an engine's passes: the engine's forward traced for one sequence (``exporter.export_single``: the
+same model code and weights as the engine's batched programs, at batch 1 with a one-sequence cache).
 
 Each program (``draft``, ``verify``, ``decode``) becomes one ONNX graph:
 
@@ -357,7 +358,8 @@ def export_engine(engine_dir, decompose: bool = False, external_data: bool | Non
 
     from orthrus_runtime.config import ModelConfig
     from orthrus_runtime.engine_format import atomic_directory, verify_engine, write_manifest
-    from orthrus_runtime.program import deserialize_program, program_weights
+    from orthrus_export.exporter import export_single
+    from orthrus_runtime.program import program_weights
     engine_dir = Path(engine_dir)
     manifest = verify_engine(engine_dir)
     cfg = ModelConfig.from_dict(manifest["model"]["config"])
@@ -369,9 +371,9 @@ def export_engine(engine_dir, decompose: bool = False, external_data: bool | Non
     total = sum(t.numel() * t.element_size() for t in weights.values())
     external = total > TWO_GB if external_data is None else external_data
     with atomic_directory(engine_dir / sub, force=True) as tmp:
-        programs = {name: (lambda info=info: deserialize_program((engine_dir / info["file"]).read_bytes(),
-                                                                 f"program {info['file']}"))
-                    for name, info in manifest["programs"].items()}
+        capacity = manifest["build"]["cache_capacity"]
+        programs = {name: (lambda name=name: export_single(cfg, weights, name, capacity))
+                    for name in manifest["programs"]}
         write_graphs(programs, cfg, weights, tmp, decompose, external, progress)
         files = sorted(f"{sub}/{p.name}" for p in tmp.iterdir())
     record = {"opset": OPSET, "domain": None if decompose else DOMAIN, "external_data": external,

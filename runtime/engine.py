@@ -1,13 +1,18 @@
-"""``Engine``: load a built engine (verified), own its static KV cache and step buffers, and generate.
+"""``Engine``: load a built engine (verified), own its static KV cache (one slot per concurrent sequence), its step
+buffers and its scheduler, and generate.
+
+Requests go through one path: ``submit`` queues a request with the scheduler (in-flight batching: every running
+request shares each pass) and returns a ``Handle``; ``generate`` submits and waits (or streams). Any number of
+threads may submit or generate at once; each result equals the same request run alone.
 
 Public surface for tools (parity, quality, autotune, bench, tests): ``run_pass(name, tokens, start)`` runs one
-program eagerly, ``time_step(kind, context, iters)`` times a step as decoding runs it, ``with_options`` re-specialises
-the programs with other kernel options, ``load_stats`` says where loading spent its time.
+program eagerly, ``time_step(kind, context, iters, batch=…)`` times a step as decoding runs it, ``with_options``
+re-specialises the programs with other kernel options, ``load_stats`` says where loading spent its time,
+``scheduler_stats()`` what the scheduler has run.
 """
 
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,12 +22,12 @@ from safetensors.torch import load_file
 from orthrus_plugins.sampling import validate_sampling
 from orthrus_runtime import compiled
 from orthrus_runtime.config import ModelConfig
-from orthrus_runtime.cycle import Steps
+from orthrus_runtime.cycle import Steps, buckets_for
 from orthrus_runtime.engine_format import check_length, check_versions, read_manifest, verify_files
 from orthrus_runtime.errors import OrthrusError
-from orthrus_runtime.loop import Drafter, Sampling, generate
 from orthrus_runtime.profiles import check_device, load_profile
 from orthrus_runtime.program import KernelOptions, deserialize_program, program_weights, runnable
+from orthrus_runtime.scheduler import Drafter, Handle, QueueFull, Request, Sampling, Scheduler  # noqa: F401
 from orthrus_runtime.stats import GenerationStats
 from orthrus_runtime.text import StopStrings, TextDeltas
 
@@ -41,18 +46,17 @@ class GenerationResult:
 
 class TextStream:
     """Iterator of text deltas (or token-id lists for an engine without tokenizer); ``.result`` once exhausted.
-    A stream holds the engine until it is exhausted or closed: ``close()`` one you stop reading early."""
+    ``close()`` a stream you stop reading early: it cancels the request and frees its slot."""
 
-    def __init__(self, engine: "Engine", chunks: Iterator[list[int]], prompt_ids, stats,
-                 stops: StopStrings | None = None):
-        self._engine, self._chunks, self._prompt, self._stats, self._stops = engine, chunks, prompt_ids, stats, stops
-        self._ids: list[int] = []
+    def __init__(self, engine: "Engine", handle: Handle, stops: StopStrings | None = None):
+        self._engine, self.handle, self._stops = engine, handle, stops
         self._deltas = TextDeltas(engine.tokenizer, stops) if engine.tokenizer is not None else None
         self.result: GenerationResult | None = None
 
     def __iter__(self):
-        for chunk in self._chunks:
-            self._ids += chunk
+        ids = []
+        for chunk in self.handle:
+            ids += chunk
             if self._deltas is None:
                 yield chunk
             else:
@@ -63,11 +67,11 @@ class TextStream:
             tail = self._deltas.push([], final=True)
             if tail:
                 yield tail
-        self.result = self._engine._result(self._prompt, self._ids, self._stats, self._stops)
+        self.result = self._engine._result(self.handle.prompt_ids, ids, self.handle.stats, self._stops)
 
     def close(self) -> None:
-        """Stop the generation now (frees the engine for other callers)."""
-        self._chunks.close()
+        """Cancel the generation now (its slot is freed for other requests)."""
+        self.handle.cancel()
 
 
 def _quiet(_msg: str) -> None:
@@ -76,8 +80,12 @@ def _quiet(_msg: str) -> None:
 
 class Engine:
     def __init__(self, path: Path, manifest: dict, device: torch.device, weights: dict, programs: dict,
-                 tokenizer, options: KernelOptions, backend: str = "torch", log=_quiet):
-        """``programs``: name -> ExportedProgram (torch backend) or a ready callable (onnxruntime)."""
+                 tokenizer, options: KernelOptions, backend: str = "torch", log=_quiet, max_queue: int = 256,
+                 prefill_chunks: int | None = None, draft_sampling: str | None = None):
+        """``programs``: name -> ExportedProgram (torch backend) or a ready callable (onnxruntime). ``max_queue``:
+        requests that may wait for a slot (more are refused with ``QueueFull``); ``prefill_chunks``: prompt chunks
+        (of one block each) a step may add (default: the largest bucket); ``draft_sampling``: how sampled requests
+        draft (``argmax`` with a one-hot draft distribution, or ``sample``; default the engine's)."""
         self.path, self.manifest, self.device = Path(path), manifest, device
         self.config = ModelConfig.from_dict(manifest["model"]["config"])
         self.block_size = self.config.block_size
@@ -91,11 +99,16 @@ class Engine:
         self.log = log
         self.load_stats: dict = {}
         self._exported = programs if backend == "torch" else None
-        self._lock = threading.RLock()  # one generation at a time owns the cache and the step buffers
+        self._lock = threading.RLock()  # one step (or tool pass) at a time owns the cache and the step buffers
+        self.max_batch_size = manifest["build"]["max_batch_size"]
+        self.buckets = tuple(manifest["build"]["batch_buckets"])
+        self.draft_sampling = draft_sampling or manifest["build"].get("draft_sampling", "argmax")
+        self._queue_args = dict(max_queue=max_queue, prefill_chunks=prefill_chunks)
         cfg = self.config
-        shape = (cfg.num_layers, cfg.num_kv_heads, self.capacity, cfg.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=device)
-        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=device)
+        # one slot per concurrent sequence, and a scratch slot (padding rows, tool passes)
+        self.k_cache = torch.zeros(self.cache_shape(), dtype=self.dtype, device=device)
+        self.v_cache = torch.zeros(self.cache_shape(), dtype=self.dtype, device=device)
+        self.scratch_slot = self.max_batch_size
         if device.type == "cuda":
             import orthrus_plugins
             if orthrus_plugins.GPU_KERNELS is None:
@@ -110,16 +123,28 @@ class Engine:
             self.programs = programs
         cfg = self.config
         self.steps = Steps(self.programs, self.weights, self.k_cache, self.v_cache, cfg.block_size,
-                           cfg.mask_token_id, cfg.vocab_size, self.device)
-        if self.device.type == "cuda":  # compiles (Inductor, first call) and captures every step
+                           cfg.mask_token_id, cfg.vocab_size, self.device, self.buckets, self.draft_sampling)
+        if self.device.type == "cuda":  # compiles (Inductor, first call) and captures every step at every bucket
             self.load_stats["capture_s"] = round(self.steps.capture(), 3)
-        elif self.options.backend == "inductor":  # compile now, not in the first request
+        elif self.options.backend == "inductor":  # compile every bucket now, not in the first requests
             t1 = time.perf_counter()
             with torch.no_grad():
-                for name in self.programs:
-                    self.run_pass(name, torch.zeros(1 if name == "decode" else self.block_size, dtype=torch.int64), 0)
+                for rows in self.buckets:
+                    self.steps.clear(rows)
+                    for kind in ("cycle", "decode"):
+                        self.steps.body(kind, False, rows)
             self.load_stats["compile_s"] = round(time.perf_counter() - t1, 3)
+        self.scheduler = Scheduler(self.steps, self.max_batch_size, self._lock, **self._queue_args)
         self.load_stats["prepare_s"] = round(time.perf_counter() - t0, 3)
+
+    def cache_shape(self, slots: int | None = None) -> tuple[int, ...]:
+        """``[L, S, Hkv, C, D]`` of the engine's cache (S = ``slots``, by default the max batch size + the scratch
+        slot), or with ``slots=0`` the ``[L, Hkv, C, D]`` of one sequence (what ``run_pass`` takes)."""
+        cfg = self.config
+        per_slot = (cfg.num_kv_heads, self.capacity, cfg.head_dim)
+        if slots == 0:
+            return (cfg.num_layers, *per_slot)
+        return (cfg.num_layers, self.max_batch_size + 1 if slots is None else slots, *per_slot)
 
     def with_options(self, options: KernelOptions) -> "Engine":
         """Re-specialise the programs with other kernel options (and recapture the graphs), in place: the autotuner
@@ -127,10 +152,22 @@ class Engine:
         if self.backend != "torch":
             raise OrthrusError("kernel options apply to the torch backend only")
         with self._lock:
+            if self.scheduler.busy:
+                raise OrthrusError("with_options while requests run: wait for them to finish")
+            self.scheduler.close()
             self.options = options
             self.manifest = {**self.manifest, "build": {**self.manifest["build"], "options": options.to_dict()}}
             self._prepare(self._exported)
         return self
+
+    def close(self) -> None:
+        """Stop the scheduler thread (requests still queued or running fail with an error)."""
+        self.scheduler.close()
+
+    def scheduler_stats(self) -> dict:
+        """The scheduler's counters since load (``EngineStats``): requests, steps, rows, tokens per pass, slots in
+        use and waiting now."""
+        return self.scheduler.stats.to_dict()
 
     @property
     def cuda_graphs(self) -> bool:
@@ -202,29 +239,33 @@ class Engine:
     # ---- tools ----------------------------------------------------------------------------------------------------
     def run_pass(self, name: str, tokens, start: int, k_cache: torch.Tensor | None = None,
                  v_cache: torch.Tensor | None = None) -> torch.Tensor:
-        """One program run eagerly on ``tokens`` (ids, ``[T]``) at cache position ``start``: logits ``[T, V]``. Verify
-        and decode write the cache at ``start …``: the engine's own cache unless ``k_cache``/``v_cache`` are given
-        (``[L, Hkv, C, D]`` in the engine's dtype); a tool's passes on the engine's cache run between generations."""
+        """One program run eagerly on one sequence's ``tokens`` (ids, ``[T]``) at cache position ``start``: logits
+        ``[T, V]``. Verify and decode write the cache at ``start …``: the engine's scratch slot (never a request's)
+        unless ``k_cache``/``v_cache`` are given (``[L, Hkv, C, D]`` in the engine's dtype, ``cache_shape(0)``)."""
         tokens = torch.as_tensor(tokens, dtype=torch.int64).to(self.device)
+        i64 = dict(dtype=torch.int64, device=self.device)
+        if k_cache is None:
+            kc, vc, slot = self.k_cache, self.v_cache, self.scratch_slot
+        else:
+            kc, vc, slot = k_cache.unsqueeze(1), v_cache.unsqueeze(1), 0
         with self._lock, torch.no_grad():
-            return self.programs[name](self.weights, tokens, torch.tensor(int(start), device=self.device),
-                                       self.k_cache if k_cache is None else k_cache,
-                                       self.v_cache if v_cache is None else v_cache)
+            return self.programs[name](self.weights, tokens[None], torch.tensor([int(start)], **i64),
+                                       torch.tensor([slot], **i64), kc, vc)[0]
 
-    def time_step(self, kind: str, context: int, iters: int = 20, sampled: bool = False) -> float:
-        """Median milliseconds of one decoding step (``cycle``, ``decode``) or lone pass (``draft``, ``verify``) at
-        cache length ``context``: the CUDA-graph replay that decoding runs (CUDA events), or the eager call on the
-        CPU (host clock). Sampled steps run at the published sampling defaults (T 0.6, top-k 20, top-p 0.95).
-        Overwrites the cache: between generations only."""
+    def time_step(self, kind: str, context: int, iters: int = 20, sampled: bool = False, batch: int = 1) -> float:
+        """Median milliseconds of one decoding step (``cycle``, ``decode``) or lone pass (``draft``, ``verify``) over
+        ``batch`` sequences, each at cache length ``context``: the CUDA-graph replay that decoding runs (CUDA
+        events), or the eager call on the CPU (host clock). Sampled steps run at the published sampling defaults
+        (T 0.6, top-k 20, top-p 0.95). Overwrites the cache: only while no request runs."""
         if not 0 <= context <= self.max_seq_len:
             raise OrthrusError(f"context {context} is outside 0..{self.max_seq_len} (the engine's max_seq_len)")
+        if not 1 <= batch <= self.max_batch_size:
+            raise OrthrusError(f"batch {batch} is outside 1..{self.max_batch_size} (the engine's max batch size): "
+                               "rebuild with a larger --max-batch-size")
         with self._lock:
-            if sampled:
-                self.steps.start(5, context, [], 0.6, 20, 0.95)
-                self.steps.u.uniform_()
-            else:
-                self.steps.start(5, context, [])
-            return self.steps.time(kind, context, iters, sampled)
+            if self.scheduler.busy:
+                raise OrthrusError("time_step while requests run: it overwrites their cache; wait for them")
+            return self.steps.time(kind, context, iters, sampled, rows=batch)
 
     # ---- inputs ---------------------------------------------------------------------------------------------------
     def encode(self, prompt, chat: bool = False) -> list[int]:
@@ -246,7 +287,6 @@ class Engine:
         return ids
 
     def _result(self, prompt_ids, ids, stats, stops: StopStrings | None = None) -> GenerationResult:
-        stats.new_tokens = len(ids)
         text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else None
         if stops is not None:
             text = stops.text(text)
@@ -261,27 +301,21 @@ class Engine:
         temperature = (g.get("temperature") if g.get("temperature") is not None else 1.0) if g.get("do_sample") else 0.0
         return float(temperature), int(g.get("top_k") or 0), float(g.get("top_p") or 1.0)
 
-    def generate(self, prompt, max_new_tokens: int = 64, temperature: float | None = None, top_k: int | None = None,
-                 top_p: float | None = None, seed: int = 0, stream: bool = False, use_drafts: bool = True,
-                 end_id: int | None = None, chat: bool = False, drafter: Drafter | None = None,
-                 stop: list[str] | None = None):
-        """Generate from ``prompt`` (text or token ids). Returns a GenerationResult, or with ``stream=True`` a
-        TextStream of text deltas whose ``.result`` is set once it is exhausted. ``temperature``, ``top_k`` and
-        ``top_p`` left as None take the checkpoint's defaults (``sampling_defaults``); ``temperature=0`` is greedy.
-
-        ``use_drafts=False`` decodes one token per pass (the AR baseline). ``end_id`` replaces the model's EOS
-        tokens. ``stop``: strings that end the generation; the text ends before the first one, the tokens include
-        the one that completed it. ``drafter`` replaces the diffusion drafter (experiments and tests). Safe to call from several
-        threads: generations take turns on the engine (each result is that of the request run alone)."""
+    def submit(self, prompt, max_new_tokens: int = 64, temperature: float | None = None, top_k: int | None = None,
+               top_p: float | None = None, seed: int = 0, use_drafts: bool = True, end_id: int | None = None,
+               chat: bool = False, drafter: Drafter | None = None, stop: list[str] | None = None) -> Handle:
+        """Queue a request (parameters as ``generate``) and return its ``Handle`` at once: iterate it for the new
+        token ids as they come, ``cancel()`` it, ``wait()`` for all. Raises ``OrthrusError`` for a bad request and
+        ``QueueFull`` when ``max_queue`` requests already wait."""
         d_temperature, d_top_k, d_top_p = self.sampling_defaults()
         temperature = d_temperature if temperature is None else temperature
         top_k = d_top_k if top_k is None else top_k
         top_p = d_top_p if top_p is None else top_p
         try:
             validate_sampling(float(temperature), top_k, float(top_p))
-        except ValueError as e:
+        except (TypeError, ValueError) as e:
             raise OrthrusError(f"invalid sampling parameters: {e}") from None
-        if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
+        if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
             raise OrthrusError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
         if end_id is not None and not 0 <= end_id < self.config.vocab_size:
             raise OrthrusError(f"end_id {end_id} is outside the vocabulary of {self.config.vocab_size}")
@@ -296,33 +330,31 @@ class Engine:
             stops = StopStrings(self.tokenizer, list(stop))
         eos = [end_id] if end_id is not None else list(self.config.eos_token_ids)
         stats = GenerationStats(block_size=self.block_size, prompt_tokens=len(ids))
-        sampling = Sampling(float(temperature), int(top_k), float(top_p))
-        chunks = self._locked(generate(self.steps, self.run_pass, ids, int(max_new_tokens), sampling, int(seed),
-                                       eos, stats, use_drafts, drafter))
-        if stops is not None:
-            chunks = _until_stop(chunks, stops)
+        req = Request(prompt=ids, max_new_tokens=int(max_new_tokens),
+                      sampling=Sampling(float(temperature), int(top_k), float(top_p)), seed=int(seed), eos_ids=eos,
+                      stats=stats, use_drafts=use_drafts, drafter=drafter, stops=stops)
+        return self.scheduler.submit(req)
+
+    def generate(self, prompt, max_new_tokens: int = 64, temperature: float | None = None, top_k: int | None = None,
+                 top_p: float | None = None, seed: int = 0, stream: bool = False, use_drafts: bool = True,
+                 end_id: int | None = None, chat: bool = False, drafter: Drafter | None = None,
+                 stop: list[str] | None = None):
+        """Generate from ``prompt`` (text or token ids). Returns a GenerationResult, or with ``stream=True`` a
+        TextStream of text deltas whose ``.result`` is set once it is exhausted. ``temperature``, ``top_k`` and
+        ``top_p`` left as None take the checkpoint's defaults (``sampling_defaults``); ``temperature=0`` is greedy.
+
+        ``use_drafts=False`` decodes one token per pass (the AR baseline). ``end_id`` replaces the model's EOS
+        tokens. ``stop``: strings that end the generation; the text ends before the first one, the tokens include
+        the one that completed it. ``seed`` seeds the request's own random stream: a sampled result depends on the
+        seed only, not on what else runs. ``drafter`` replaces the diffusion drafter (experiments and tests).
+        Goes through the scheduler (``submit``): safe to call from many threads at once, which share passes."""
+        handle = self.submit(prompt, max_new_tokens, temperature, top_k, top_p, seed, use_drafts, end_id, chat,
+                             drafter, stop)
         if stream:
-            return TextStream(self, chunks, ids, stats, stops)
-        out = [t for chunk in chunks for t in chunk]
-        return self._result(ids, out, stats, stops)
-
-    def _locked(self, chunks):
-        """Hold the engine for the whole generation (released when the stream is exhausted or closed). No-grad, not
-        inference mode: compiled programs are guarded on the grad mode they were compiled in (at load, under
-        no_grad); a different mode would recompile them in the first request."""
-        with self._lock, torch.no_grad():
-            yield from chunks
-
-
-def _until_stop(chunks, stops: StopStrings):
-    """Pass chunks through until one completes a stop string; cut it there and end the generation (which releases
-    the engine)."""
-    ids: list[int] = []
-    for chunk in chunks:
-        k = stops.cut(ids, chunk)
-        if k is not None:
-            yield chunk[:k]
-            chunks.close()
-            return
-        ids += chunk
-        yield chunk
+            return TextStream(self, handle, handle.stops)
+        try:
+            out = handle.wait()
+        except BaseException:
+            handle.cancel()
+            raise
+        return self._result(handle.prompt_ids, out, handle.stats, handle.stops)

@@ -31,7 +31,7 @@ from orthrus_runtime import __version__
 from orthrus_runtime.errors import OrthrusError
 
 SCHEMA = "orthrus-engine"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: batched programs (tokens [b, T], per-row start and slot), caches [L, S+1, Hkv, C, D]
 MANIFEST = "manifest.json"
 CHUNK = 64 << 20        # files are hashed in chunks of this size (one digest per chunk)
 SMALL = 256 << 20       # files up to this size are fully hashed on every load

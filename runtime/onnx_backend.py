@@ -1,9 +1,11 @@
 """The ``onnxruntime`` backend: an engine's exported ONNX graphs (``orthrus-export onnx``) run by ONNX Runtime on
 the CPU, behind the same program interface as the traced programs, so the same cycle loop drives them.
 
-A program is called as ``program(weights, tokens, start, k_cache, v_cache)`` and returns float32 logits; programs
-that write the cache (verify, decode) write the updated layers back into the engine's ``[L, Hkv, C, D]`` caches,
-which is what the traced programs do in place. The ``orthrus``-domain nodes run the plugins' reference
+The exported graphs are single-sequence (``tokens [T]``, ``[L, Hkv, C, D]`` caches); ``Batched`` runs one per row
+behind the engine's batched program interface ``program(weights, tokens [b, T], start [b], slots [b], k_cache,
+v_cache)`` (rows in order, so consecutive prefill chunks of one prompt see each other), returning float32 logits
+``[b, T, V]``; programs that write the cache (verify, decode) write the updated layers back into the row's slot of
+the engine's caches, which is what the traced programs do in place. The ``orthrus``-domain nodes run the plugins' reference
 implementations through onnxruntime-extensions' Python custom ops (each op's ``orthrus_plugins.<op>.onnxruntime``);
 the decomposed graphs need nothing beyond ONNX Runtime. onnxruntime-extensions registers Python ops in its own
 domain (``ai.onnx.contrib``): :func:`to_extension_domain` maps a model's ``orthrus`` nodes onto it in memory when a
@@ -72,8 +74,8 @@ class OrtProgram:
         feed = {"tokens": tokens.cpu().numpy().astype(np.int64),
                 "cache_len": np.asarray(int(start), dtype=np.int64)}
         for i in range(k_cache.shape[0]):
-            feed[f"k_cache.{i}"] = k_cache[i].numpy()
-            feed[f"v_cache.{i}"] = v_cache[i].numpy()
+            feed[f"k_cache.{i}"] = np.ascontiguousarray(k_cache[i].numpy())
+            feed[f"v_cache.{i}"] = np.ascontiguousarray(v_cache[i].numpy())
         return feed
 
     def __call__(self, weights, tokens, start, k_cache, v_cache) -> torch.Tensor:
@@ -83,6 +85,17 @@ class OrtProgram:
                 kind, layer = name.split("_cache_out.")
                 (k_cache if kind == "k" else v_cache)[int(layer)].copy_(torch.from_numpy(value))
         return torch.from_numpy(outs[0])
+
+
+class Batched:
+    """A single-sequence program behind the batched interface: one run per row, in row order."""
+
+    def __init__(self, single: OrtProgram):
+        self.single = single
+
+    def __call__(self, weights, tokens, start, slots, k_cache, v_cache) -> torch.Tensor:
+        return torch.stack([self.single(weights, tokens[i], start[i], k_cache[:, int(slot)], v_cache[:, int(slot)])
+                            for i, slot in enumerate(slots.tolist())])
 
 
 def load_programs(engine_dir: Path, manifest: dict, variant: str) -> dict:
@@ -105,4 +118,4 @@ def load_programs(engine_dir: Path, manifest: dict, variant: str) -> dict:
         flag = " --decompose" if variant == "decomposed" else ""
         raise OrthrusError(f"engine {engine_dir.name} has no {variant} ONNX export: run `orthrus-export onnx --engine "
                            f"{engine_dir}{flag}` first")
-    return {name: OrtProgram(engine_dir / rel, variant) for name, rel in record["graphs"].items()}
+    return {name: Batched(OrtProgram(engine_dir / rel, variant)) for name, rel in record["graphs"].items()}

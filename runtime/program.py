@@ -108,11 +108,21 @@ def specialize(module: torch.fx.GraphModule, options: KernelOptions) -> torch.fx
             continue
         op = str(node.target).split(".")[1]
         if op in _ATTENTION:
-            node.kwargs = {**node.kwargs, "splits": options.attention_splits}
+            _set_argument(node, "splits", options.attention_splits)
         elif op == "fp8_linear":
-            node.kwargs = {**node.kwargs, "kernel": options.fp8_kernel}
+            _set_argument(node, "kernel", options.fp8_kernel)
     module.recompile()
     return module
+
+
+def _set_argument(node: torch.fx.Node, name: str, value) -> None:
+    """Set the op argument ``name`` of ``node`` whether the graph passes it by position or by keyword."""
+    names = [a.name for a in node.target._schema.arguments]
+    i = names.index(name)
+    if i < len(node.args):
+        node.args = (*node.args[:i], value, *node.args[i + 1:])
+    else:
+        node.kwargs = {**node.kwargs, name: value}
 
 
 def kernel_attributes(module: torch.fx.GraphModule) -> dict[str, set]:
@@ -121,7 +131,9 @@ def kernel_attributes(module: torch.fx.GraphModule) -> dict[str, set]:
     for node in module.graph.nodes:
         if node.op == "call_function" and str(node.target).startswith("orthrus."):
             op = str(node.target).split(".")[1]
-            out.setdefault(op, set()).update((k, v) for k, v in node.kwargs.items() if k in ("splits", "kernel"))
+            names = [a.name for a in node.target._schema.arguments]
+            given = {**dict(zip(names, node.args)), **node.kwargs}
+            out.setdefault(op, set()).update((k, v) for k, v in given.items() if k in ("splits", "kernel"))
     return out
 
 

@@ -1,6 +1,16 @@
 """What ``orthrus::cached_attention`` and ``orthrus::diffusion_attention`` share: the plain attention of their
 reference implementations (here), one Triton kernel for both (``kernel.py``), the standard-ONNX spelling of the
-attention (``onnx.py``) and the ONNX Runtime helpers (``onnxruntime.py``). Not an op itself."""
+attention (``onnx.py``) and the ONNX Runtime helpers (``onnxruntime.py``). Not an op itself.
+
+Both ops come in two layouts (see their contracts):
+
+- **single sequence**: ``q`` ``[T, Hq, D]``, caches ``[L, Hkv, C, D]``, ``cache_len`` a scalar, ``slots`` None (the
+  ONNX export's graphs);
+- **batched**: ``q`` ``[b·T, Hq, D]`` (b rows of T tokens, row-major), caches ``[L, S, Hkv, C, D]`` (S sequence
+  slots), ``cache_len`` ``[b]`` and ``slots`` ``[b]`` int64: row ``i`` is a block of T tokens of the sequence in
+  cache slot ``slots[i]`` at positions ``cache_len[i] …``. Several rows may name one slot (consecutive prefill
+  chunks of one prompt): the causal op writes every row's K/V before any row attends.
+"""
 
 import torch
 
@@ -24,14 +34,61 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: flo
     return out.permute(2, 0, 1, 3).reshape(t, hq, d).to(q.dtype).contiguous()
 
 
-def check_shapes(name: str, q, k, v, k_cache, v_cache, layer: int) -> None:
+def batched_view(k_cache, v_cache, cache_len, slots):
+    """Both layouts as the batched one: ``(k_cache [L, S, Hkv, C, D], v_cache, cache_len [b], slots [b])``. A
+    single-sequence call is one row in slot 0 (the caches are viewed, not copied)."""
+    if slots is None:
+        return k_cache.unsqueeze(1), v_cache.unsqueeze(1), cache_len.reshape(1), cache_len.new_zeros(1)
+    return k_cache, v_cache, cache_len, slots
+
+
+def check_shapes(name: str, q, k, v, k_cache, v_cache, cache_len, layer: int, slots) -> None:
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
-        raise ValueError(f"{name}: q, k, v must be [B, H, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"{name}: k_cache and v_cache must both be [L, Hkv, C, D], got "
+        raise ValueError(f"{name}: q, k, v must be [T, H, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    want = 4 if slots is None else 5
+    layout = "[L, Hkv, C, D]" if slots is None else "[L, S, Hkv, C, D] (with slots)"
+    if k_cache.dim() != want or k_cache.shape != v_cache.shape:
+        raise ValueError(f"{name}: k_cache and v_cache must both be {layout}, got "
                          f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    if q.shape[1] % k.shape[1] != 0 or k.shape[1] != k_cache.shape[1]:
+    hkv_cache = k_cache.shape[-3]
+    if q.shape[1] % k.shape[1] != 0 or k.shape[1] != hkv_cache:
         raise ValueError(f"{name}: {q.shape[1]} query heads are not a multiple of {k.shape[1]} kv heads "
-                         f"(cache has {k_cache.shape[1]})")
+                         f"(cache has {hkv_cache})")
     if not 0 <= layer < k_cache.shape[0]:
         raise ValueError(f"{name}: layer {layer} outside the cache's {k_cache.shape[0]} layers")
+    if slots is not None and (cache_len.shape != slots.shape or cache_len.dim() != 1
+                              or q.shape[0] % max(1, slots.shape[0]) != 0):
+        raise ValueError(f"{name}: cache_len {tuple(cache_len.shape)} and slots {tuple(slots.shape)} must both be [b] "
+                         f"with b dividing the {q.shape[0]} query rows")
+
+
+def reference(name: str, q, k, v, k_cache, v_cache, cache_len, layer: int, scale: float, causal: bool, slots):
+    """The reference of both ops (either layout): causal (cached) mode writes each row's K/V into its slot at
+    ``cache_len[i] …`` and attends causally; diffusion mode attends to the slot's first ``cache_len[i]`` positions
+    plus the row's own block, writing nothing."""
+    check_shapes(name, q, k, v, k_cache, v_cache, cache_len, layer, slots)
+    kc, vc, lens, sl = batched_view(k_cache, v_cache, cache_len, slots)
+    lens, sl = [int(n) for n in lens.tolist()], [int(s) for s in sl.tolist()]
+    b = len(lens)
+    t = q.shape[0] // b
+    cap = kc.shape[3]
+    for n, s in zip(lens, sl):
+        if not 0 <= s < kc.shape[1]:
+            raise ValueError(f"{name}: slot {s} outside the cache's {kc.shape[1]} slots")
+        if n < 0 or n + t > cap:
+            raise ValueError(f"{name}: cache_len {n} + block {t} exceeds cache capacity {cap}")
+    if causal:  # every row's K/V first: a later chunk of one prompt sees an earlier one's
+        for i, (n, s) in enumerate(zip(lens, sl)):
+            kc[layer, s, :, n:n + t] = k[i * t:(i + 1) * t].transpose(0, 1)
+            vc[layer, s, :, n:n + t] = v[i * t:(i + 1) * t].transpose(0, 1)
+    out = []
+    for i, (n, s) in enumerate(zip(lens, sl)):
+        rows = slice(i * t, (i + 1) * t)
+        if causal:  # query j (position n+j) sees keys at positions <= n+j
+            mask = torch.arange(n + t, device=q.device)[None, :] <= (n + torch.arange(t, device=q.device))[:, None]
+            out.append(attend(q[rows], kc[layer, s, :, :n + t], vc[layer, s, :, :n + t], scale, mask))
+        else:
+            keys = torch.cat([kc[layer, s, :, :n], k[rows].transpose(0, 1)], dim=1)
+            values = torch.cat([vc[layer, s, :, :n], v[rows].transpose(0, 1)], dim=1)
+            out.append(attend(q[rows], keys, values, scale, mask=None))
+    return torch.cat(out) if b > 1 else out[0]

@@ -1,13 +1,18 @@
 """GPU kernels (Triton) for ``orthrus::diffusion_attention`` and ``orthrus::cached_attention``.
 
-Split-K ("flash-decoding") attention for a block of B queries at batch 1. The cache length is read from device
-memory inside the kernel, so one launch configuration — and one captured CUDA graph — serves every length.
+Split-K ("flash-decoding") attention for b rows of B queries each (one row per sequence slot, or several for the
+chunks of one prompt; b = 1 is a single sequence). Each row's cache length and slot are read from device memory
+inside the kernel, so one launch configuration — and one captured CUDA graph — serves every length and every
+assignment of rows to slots.
 
-- grid ``(Hkv, SPLITS + 1)``: each program takes one KV head and all its ``G = Hq / Hkv`` query heads for the B
-  block rows (``M = B·G`` rows, so each K/V tile is read once per group), and one slice of the key range; the last
-  split index handles the diffusion block's own keys (diffusion mode) and is idle in cached mode, whose block keys
-  are already in the cache.
+- grid ``(Hkv, SPLITS + 1, b)``: each program takes one row, one KV head and all its ``G = Hq / Hkv`` query heads
+  for the row's B block positions (``M = B·G`` rows, so each K/V tile is read once per group), and one slice of the
+  row's key range; the last split index handles the diffusion block's own keys (diffusion mode) and is idle in
+  cached mode, whose block keys are already in the cache.
 - a second kernel merges the splits' partial (max, sum, accumulator) with the usual log-sum-exp rescaling.
+
+A row's result depends only on its own queries, keys and length (the split boundaries are a function of its own
+length), never on the other rows: batching is invariant by construction.
 
 Contracts are those of the ops (see their packages, which register :func:`attention` as their CUDA
 implementations). Accumulation in float32; inputs fp32/bf16/fp16.
@@ -17,25 +22,32 @@ import torch
 import triton
 import triton.language as tl
 
+from orthrus_plugins.attention_common import batched_view
+
 SPLIT_CHOICES = (4, 8, 16, 32, 64)  # the ops' ``splits`` attribute (an engine option, tuned at build)
 BLOCK_N = 64
 
 
 @triton.jit
-def _split_kernel(Q, KC, VC, KB, VB, LEN, ACC, MS, LS, layer, scale,
-                  sq_b, sq_h, sc_l, sc_h, sc_s, sb_b, sb_h,
+def _split_kernel(Q, KC, VC, KB, VB, LEN, SLOT, ACC, MS, LS, layer, scale,
+                  sq_b, sq_h, sc_l, sc_slot, sc_h, sc_s, sb_b, sb_h,
                   B: tl.constexpr, G: tl.constexpr, D: tl.constexpr, M_PAD: tl.constexpr,
                   BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, CAUSAL: tl.constexpr,
                   PREC: tl.constexpr):
     h = tl.program_id(0)
     split = tl.program_id(1)
+    r = tl.program_id(2)                # the batch row
+    Q += r * B * sq_b
+    KB += r * B * sb_b
+    VB += r * B * sb_b
     rows = tl.arange(0, M_PAD)
     row_ok = rows < B * G
     i = rows // G                       # block position of the row
     qh = h * G + rows % G               # query head of the row
     d = tl.arange(0, D)
     q = tl.load(Q + i[:, None] * sq_b + qh[:, None] * sq_h + d[None, :], mask=row_ok[:, None], other=0.0)
-    n = tl.max(tl.load(LEN + tl.arange(0, 1)), 0)  # scalar cache length from device memory
+    n = tl.load(LEN + r)                # the row's cache length and slot, from device memory
+    slot_off = tl.load(SLOT + r).to(tl.int64) * sc_slot
     m_i = tl.full([M_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([M_PAD], tl.float32)
     acc = tl.zeros([M_PAD, D], tl.float32)
@@ -45,8 +57,8 @@ def _split_kernel(Q, KC, VC, KB, VB, LEN, ACC, MS, LS, layer, scale,
         chunk = tl.cdiv(tl.cdiv(total, SPLITS), BLOCK_N) * BLOCK_N
         start = split * chunk
         end = tl.minimum(start + chunk, total)
-        base = KC + layer * sc_l + h * sc_h
-        vbase = VC + layer * sc_l + h * sc_h
+        base = KC + layer * sc_l + slot_off + h * sc_h
+        vbase = VC + layer * sc_l + slot_off + h * sc_h
         for s0 in range(start, end, BLOCK_N):
             kidx = s0 + cols
             kok = kidx < end
@@ -73,7 +85,7 @@ def _split_kernel(Q, KC, VC, KB, VB, LEN, ACC, MS, LS, layer, scale,
         p = tl.where(kok[None, :], tl.exp(s - m_i[:, None]), 0.0)
         l_i = tl.sum(p, 1)
         acc = tl.dot(p.to(v.dtype), v, input_precision=PREC).to(tl.float32)
-    slot = h * (SPLITS + 1) + split
+    slot = (r * tl.num_programs(0) + h) * (SPLITS + 1) + split
     tl.store(MS + slot * M_PAD + rows, m_i)
     tl.store(LS + slot * M_PAD + rows, l_i)
     tl.store(ACC + (slot * M_PAD + rows[:, None]) * D + d[None, :], acc)
@@ -85,14 +97,17 @@ def _merge_kernel(ACC, MS, LS, O, so_b, so_h,
                   ROWS: tl.constexpr):
     h = tl.program_id(0)
     rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+    r = tl.program_id(2)
+    O += r * B * so_b
+    first = (r * tl.num_programs(0) + h) * (SPLITS + 1)
     d = tl.arange(0, D)
     m = tl.full([ROWS], float("-inf"), tl.float32)
     for sp in range(SPLITS + 1):
-        m = tl.maximum(m, tl.load(MS + (h * (SPLITS + 1) + sp) * M_PAD + rows))
+        m = tl.maximum(m, tl.load(MS + (first + sp) * M_PAD + rows))
     l_tot = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, D], tl.float32)
     for sp in range(SPLITS + 1):
-        slot = h * (SPLITS + 1) + sp
+        slot = first + sp
         ms = tl.load(MS + slot * M_PAD + rows)
         w = tl.where(ms == float("-inf"), 0.0, tl.exp(ms - m))
         l_tot += w * tl.load(LS + slot * M_PAD + rows)
@@ -105,42 +120,48 @@ def _merge_kernel(ACC, MS, LS, O, so_b, so_h,
 
 
 def attention(q, k, v, k_cache, v_cache, cache_len, layer: int, scale: float, causal: bool, splits: int = 16,
-              out=None):
-    """Launch both kernels. Cached mode (``causal``) first writes the block's K/V at ``cache_len`` (device index,
-    no host read). ``splits``: key-range splits (one of SPLIT_CHOICES)."""
+              slots=None):
+    """Launch both kernels, either layout (:mod:`orthrus_plugins.attention_common`). Cached mode (``causal``) first
+    writes every row's K/V at its slot and ``cache_len`` (device indices, no host read). ``splits``: key-range splits
+    (one of SPLIT_CHOICES)."""
     if splits not in SPLIT_CHOICES:
         raise ValueError(f"attention splits must be one of {SPLIT_CHOICES}, got {splits}")
-    b, hq, d = q.shape
+    k_cache, v_cache, lens, slots = batched_view(k_cache, v_cache, cache_len, slots)
+    rows = lens.shape[0]
+    n, hq, d = q.shape
+    b = n // rows                       # tokens per row
     hkv = k.shape[1]
     g = hq // hkv
-    if causal:
-        idx = cache_len.reshape(1) + torch.arange(b, device=q.device)
-        k_cache[layer].index_copy_(1, idx, k.transpose(0, 1).to(k_cache.dtype))
-        v_cache[layer].index_copy_(1, idx, v.transpose(0, 1).to(v_cache.dtype))
+    if causal:  # cache[layer, slot_i, :, len_i + j] = k[i·b + j]
+        pos = (lens[:, None] + torch.arange(b, device=q.device)[None, :]).reshape(-1)
+        slot_rows = slots[:, None].expand(rows, b).reshape(-1)
+        k_cache[layer].transpose(1, 2).index_put_((slot_rows, pos), k.to(k_cache.dtype))
+        v_cache[layer].transpose(1, 2).index_put_((slot_rows, pos), v.to(v_cache.dtype))
     q = q.contiguous()
     k, v = k.contiguous(), v.contiguous()
     m_pad = max(16, triton.next_power_of_2(b * g))
-    slots = hkv * (splits + 1)
-    acc = torch.empty(slots, m_pad, d, device=q.device, dtype=torch.float32)
-    ms = torch.empty(slots, m_pad, device=q.device, dtype=torch.float32)
-    ls = torch.empty(slots, m_pad, device=q.device, dtype=torch.float32)
-    out = torch.empty_like(q) if out is None else out
-    length = cache_len.reshape(1).to(torch.int32) if cache_len.dtype != torch.int32 else cache_len.reshape(1)
-    _split_kernel[(hkv, splits + 1)](
-        q, k_cache, v_cache, k, v, length, acc, ms, ls, layer, scale,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k.stride(0), k.stride(1),
+    parts = rows * hkv * (splits + 1)
+    acc = torch.empty(parts, m_pad, d, device=q.device, dtype=torch.float32)
+    ms = torch.empty(parts, m_pad, device=q.device, dtype=torch.float32)
+    ls = torch.empty(parts, m_pad, device=q.device, dtype=torch.float32)
+    out = torch.empty_like(q)
+    length = lens.to(torch.int32) if lens.dtype != torch.int32 else lens
+    _split_kernel[(hkv, splits + 1, rows)](
+        q, k_cache, v_cache, k, v, length, slots, acc, ms, ls, layer, scale,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
+        k.stride(0), k.stride(1),
         B=b, G=g, D=d, M_PAD=m_pad, BLOCK_N=BLOCK_N, SPLITS=splits, CAUSAL=causal,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 engines stay exact
         num_warps=8 if m_pad * d >= 128 * 64 else 4)  # a [M_PAD, D] fp32 accumulator: spread it over 8 warps
     # merge: 16 rows a program (one program a head serialised 36 us a layer on an H100)
-    _merge_kernel[(hkv, m_pad // 16)](acc, ms, ls, out, out.stride(0), out.stride(1), B=b, G=g, D=d, M_PAD=m_pad,
-                                      SPLITS=splits, ROWS=16, num_warps=4)
+    _merge_kernel[(hkv, m_pad // 16, rows)](acc, ms, ls, out, out.stride(0), out.stride(1), B=b, G=g, D=d,
+                                            M_PAD=m_pad, SPLITS=splits, ROWS=16, num_warps=4)
     return out
-
 
 
 def register(op, causal: bool) -> None:
     """Make ``attention`` (cached mode when ``causal``) the CUDA implementation of the attention op ``op``."""
     @op.register_kernel("cuda")
-    def _(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=16):
-        return attention(q, k, v, k_cache, v_cache, cache_len, layer, scale, causal=causal, splits=splits)
+    def _(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=16, slots=None):
+        return attention(q, k, v, k_cache, v_cache, cache_len, layer, scale, causal=causal, splits=splits,
+                         slots=slots)

@@ -2,13 +2,16 @@
 
 Contract
 --------
-``cached_attention(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=16) -> out``
+``cached_attention(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=16, slots=None) -> out``
 
 - ``q``: ``[B, Hq, D]``; ``k``, ``v``: ``[B, Hkv, D]`` — the AR view's projections of a block at positions
   ``cache_len … cache_len+B-1`` (normed, rotated). ``Hq`` is a multiple of ``Hkv``. B = 1 is a decode step.
 - ``k_cache``, ``v_cache``: ``[L, Hkv, C, D]``, **mutated**: ``k``/``v`` are written to
   ``cache[layer, :, cache_len:cache_len+B]`` before attending. Nothing else in the cache changes.
 - ``cache_len``: int64 scalar tensor, positions already valid (``cache_len + B <= C``).
+- ``slots`` (batched layout, :mod:`orthrus_plugins.attention_common`): int64 ``[b]``; then ``q``/``k``/``v`` hold b
+  rows of T = B/b tokens, the caches are ``[L, S, Hkv, C, D]``, ``cache_len`` is ``[b]`` and row ``i`` is written to
+  and attends within slot ``slots[i]`` at ``cache_len[i] …``. Every row's K/V is written before any row attends.
 - ``layer`` (int attribute), ``scale`` (float attribute).
 - ``splits`` (int attribute, a kernel setting): key-range splits of the GPU kernel (4, 8, 16, 32 or 64; the engine's
   tuned value, written into the program's nodes at load); the reference ignores it.
@@ -26,28 +29,19 @@ that node with the reference (``onnxruntime.py``).
 
 import torch
 
-from orthrus_plugins.attention_common import attend, check_shapes
+from orthrus_plugins.attention_common import reference
 
 
 @torch.library.custom_op("orthrus::cached_attention", mutates_args=("k_cache", "v_cache"))
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, cache_len: torch.Tensor, layer: int, scale: float,
-                     splits: int = 16) -> torch.Tensor:
+                     splits: int = 16, slots: torch.Tensor | None = None) -> torch.Tensor:
     """Reference implementation (any device)."""
-    check_shapes("orthrus::cached_attention", q, k, v, k_cache, v_cache, layer)
-    n, b = int(cache_len), q.shape[0]
-    if n + b > k_cache.shape[2]:
-        raise ValueError(f"orthrus::cached_attention: cache_len {n} + block {b} exceeds cache capacity "
-                         f"{k_cache.shape[2]}")
-    k_cache[layer, :, n:n + b] = k.transpose(0, 1)
-    v_cache[layer, :, n:n + b] = v.transpose(0, 1)
-    # query i (absolute position n+i) sees keys at positions <= n+i
-    mask = torch.arange(n + b, device=q.device)[None, :] <= (n + torch.arange(b, device=q.device))[:, None]
-    return attend(q, k_cache[layer, :, :n + b], v_cache[layer, :, :n + b], scale, mask)
+    return reference("orthrus::cached_attention", q, k, v, k_cache, v_cache, cache_len, layer, scale, True, slots)
 
 
 @cached_attention.register_fake
-def _(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=16):
+def _(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=16, slots=None):
     return q.new_empty(q.shape)  # contiguous, like every real kernel
 
 

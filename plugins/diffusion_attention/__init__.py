@@ -2,7 +2,7 @@
 
 Contract
 --------
-``diffusion_attention(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=16) -> out``
+``diffusion_attention(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=16, slots=None) -> out``
 
 - ``q``: ``[B, Hq, D]``; ``k``, ``v``: ``[B, Hkv, D]`` — the block's diffusion-view projections, already
   normed and rotated (RoPE at positions ``cache_len … cache_len+B-1``). ``Hq`` is a multiple of ``Hkv`` (GQA).
@@ -12,6 +12,9 @@ Contract
 - ``splits`` (int attribute, a kernel setting): key-range splits of the GPU kernel (4, 8, 16, 32 or 64; the
   engine's tuned value, written into the program's nodes at load). Results do not depend on it beyond rounding; the
   reference ignores it.
+- ``slots`` (batched layout, :mod:`orthrus_plugins.attention_common`): int64 ``[b]``; then ``q``/``k``/``v`` hold b
+  rows of T = B/b tokens, the caches are ``[L, S, Hkv, C, D]`` and ``cache_len`` is ``[b]``: row ``i`` attends to
+  slot ``slots[i]``'s first ``cache_len[i]`` positions and to its own T block keys.
 - ``layer`` (int attribute): which layer of the cache; ``scale`` (float attribute): softmax scale, usually D^-0.5.
 - ``out``: ``[B, Hq, D]``, q's dtype. Every query attends to cache positions ``[0, cache_len)`` and to all B block
   keys — **no causal mask**. The block's K/V are never written to the cache.
@@ -27,23 +30,20 @@ Implementations: the reference (below, any device); on CUDA the split-K Triton k
 
 import torch
 
-from orthrus_plugins.attention_common import attend, check_shapes
+from orthrus_plugins.attention_common import reference
 
 
 @torch.library.custom_op("orthrus::diffusion_attention", mutates_args=())
 def diffusion_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                         v_cache: torch.Tensor, cache_len: torch.Tensor, layer: int, scale: float,
-                        splits: int = 16) -> torch.Tensor:
+                        splits: int = 16, slots: torch.Tensor | None = None) -> torch.Tensor:
     """Reference implementation (any device)."""
-    check_shapes("orthrus::diffusion_attention", q, k, v, k_cache, v_cache, layer)
-    n = int(cache_len)
-    keys = torch.cat([k_cache[layer, :, :n], k.transpose(0, 1)], dim=1)
-    values = torch.cat([v_cache[layer, :, :n], v.transpose(0, 1)], dim=1)
-    return attend(q, keys, values, scale, mask=None)
+    return reference("orthrus::diffusion_attention", q, k, v, k_cache, v_cache, cache_len, layer, scale, False,
+                     slots)
 
 
 @diffusion_attention.register_fake
-def _(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=16):
+def _(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=16, slots=None):
     return q.new_empty(q.shape)  # contiguous, like every real kernel
 
 
