@@ -8,7 +8,8 @@ Programs (all take ``(weights, tokens, start, slots, k_cache, v_cache)`` and ret
 
 ``tokens`` is ``[b, T]`` with the row count ``b`` a dynamic dimension (1 … max batch size): one graph per program
 serves every batch bucket, and the runtime compiles and captures it at each bucket's static shape. The caches are
-``[L, S, Hkv, C, D]`` (S = max batch size + 1 slots, the last a scratch slot for padding rows).
+``[L, S, Hkv, C, D]`` (S = max batch size + 1 slots, the last a scratch slot for padding rows; S is dynamic too, so
+tools can run a pass on a one-sequence cache).
 
 Weights are graph *inputs*, so a serialized program holds only the graph (JSON, no pickle, no tensors) and one
 ``weights.safetensors`` serves all of them.
@@ -45,7 +46,9 @@ def export_program(cfg: ModelConfig, weights: dict, name: str, capacity: int, sl
     """The batched program ``name`` for caches of ``slots`` slots, rows 1 … ``max_rows`` (dynamic)."""
     module = Pass(cfg, PROGRAMS[name])
     rows = torch.export.Dim("rows", min=1, max=max(2, max_rows))
-    shapes = ({k: None for k in weights}, {0: rows}, {0: rows}, {0: rows}, None, None)
+    cache_slots = torch.export.Dim("slots", min=1, max=max(3, slots))  # tools pass one-sequence caches too
+    cache = {1: cache_slots}
+    shapes = ({k: None for k in weights}, {0: rows}, {0: rows}, {0: rows}, cache, cache)
     return torch.export.export(module, example_inputs(cfg, weights, name, capacity, slots), dynamic_shapes=shapes,
                                strict=False)
 

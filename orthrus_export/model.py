@@ -49,9 +49,8 @@ def forward(cfg: ModelConfig, view: str, w: dict[str, torch.Tensor], tokens: tor
     block = torch.arange(lead[-1], device=tokens.device)
     if slots is None:
         pos, extra = start + block, {}
-    else:  # all rows' tokens as one [b·T] sequence of rows for every projection
+    else:  # all rows' tokens as one [b·T] sequence for every projection (reshapes by -1: no symbolic numel)
         tokens, pos, extra = tokens.reshape(-1), (start[:, None] + block).reshape(-1), {"slots": slots}
-    t = tokens.shape[0]
     dtype = w["embed"].dtype
     cos = w["rope.cos"].index_select(0, pos).to(dtype)[:, None, :]
     sin = w["rope.sin"].index_select(0, pos).to(dtype)[:, None, :]
@@ -62,15 +61,15 @@ def forward(cfg: ModelConfig, view: str, w: dict[str, torch.Tensor], tokens: tor
         h = rms_norm(x, w[p + "attn_norm"], cfg.rms_norm_eps)
         qkv = linear(h, w, f"{p}{view}.qkv")
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        q = rms_norm(q.reshape(t, cfg.num_heads, cfg.head_dim), w[f"{p}{view}.q_norm"], cfg.rms_norm_eps)
-        k = rms_norm(k.reshape(t, cfg.num_kv_heads, cfg.head_dim), w[f"{p}{view}.k_norm"], cfg.rms_norm_eps)
-        v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
+        q = rms_norm(q.reshape(-1, cfg.num_heads, cfg.head_dim), w[f"{p}{view}.q_norm"], cfg.rms_norm_eps)
+        k = rms_norm(k.reshape(-1, cfg.num_kv_heads, cfg.head_dim), w[f"{p}{view}.k_norm"], cfg.rms_norm_eps)
+        v = v.reshape(-1, cfg.num_kv_heads, cfg.head_dim)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if view == "ar":
             o = torch.ops.orthrus.cached_attention(q, k, v, k_cache, v_cache, start, n, scale, **extra)
         else:
             o = torch.ops.orthrus.diffusion_attention(q, k, v, k_cache, v_cache, start, n, scale, **extra)
-        x = x + linear(o.reshape(t, cfg.q_size), w, f"{p}{view}.o")
+        x = x + linear(o.reshape(-1, cfg.q_size), w, f"{p}{view}.o")
         h = rms_norm(x, w[p + "mlp_norm"], cfg.rms_norm_eps)
         gate, up = linear(h, w, p + "gate_up").chunk(2, dim=-1)
         x = x + linear(F.silu(gate) * up, w, p + "down")
@@ -80,7 +79,7 @@ def forward(cfg: ModelConfig, view: str, w: dict[str, torch.Tensor], tokens: tor
     else:
         logits = F.linear(x, w["embed"] if cfg.tie_word_embeddings else w["lm_head"])
     logits = logits.float()
-    return logits if slots is None else logits.reshape(*lead, logits.shape[-1])
+    return logits if slots is None else logits.reshape(lead[0], lead[1], -1)
 
 
 class Pass(torch.nn.Module):

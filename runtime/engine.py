@@ -182,12 +182,13 @@ class Engine:
 
     @classmethod
     def load(cls, path, backend: str = "torch", onnx_variant: str = "orthrus", strict: bool = False,
-             verify_weights: bool = False, log=_quiet) -> "Engine":
+             verify_weights: bool = False, log=_quiet, **serving) -> "Engine":
         """Load a built engine: the manifest, small files' sha256 and the weights' size and header are verified
         (every byte with ``verify_weights``). ``backend="onnxruntime"`` runs the exported ONNX graphs (``onnx_variant``
         "orthrus" or "decomposed") on the CPU. Compiled engines reuse the compiled artifacts they hold when this
         device and software stack match the build's; otherwise they recompile (``log`` says so) or, with
-        ``strict``, refuse. ``engine.load_stats`` has the seconds of each stage."""
+        ``strict``, refuse. ``engine.load_stats`` has the seconds of each stage. ``serving``: the scheduler's
+        ``max_queue``, ``prefill_chunks`` and ``draft_sampling`` (see ``Engine``)."""
         t0 = time.perf_counter()
         path = Path(path)
         stats = {}
@@ -204,7 +205,7 @@ class Engine:
             from orthrus_runtime.onnx_backend import load_programs
             programs = load_programs(path, manifest, onnx_variant)
             engine = cls(path, manifest, torch.device("cpu"), {}, programs, tokenizer, options.replace(
-                backend="none"), backend="onnxruntime", log=log)
+                backend="none"), backend="onnxruntime", log=log, **serving)
             engine.load_stats = {**stats, **engine.load_stats}
             return engine
         profile = load_profile(manifest["gpu"]["profile"])
@@ -222,7 +223,7 @@ class Engine:
         stats["programs_s"] = round(time.perf_counter() - t1, 3)
         if options.backend == "inductor":
             stats["compiled"] = compiled.prepare(path, manifest["build"].get("compiled"), device, strict, log)
-        engine = cls(path, manifest, device, weights, programs, tokenizer, options, log=log)
+        engine = cls(path, manifest, device, weights, programs, tokenizer, options, log=log, **serving)
         engine.load_stats = {**stats, **engine.load_stats, "total_s": round(time.perf_counter() - t0, 3)}
         if stats.get("compiled", {}).get("artifacts") in ("mismatch", "none"):
             log(f"compiled and captured in {engine.load_stats['prepare_s']:.1f} s")

@@ -203,7 +203,12 @@ class Scheduler:
                 self._admit()
                 work = list(self._active)
             if work:
-                self._iteration(work)
+                try:
+                    self._iteration(work)
+                except Exception as e:  # a bug here must not kill the thread that serves everyone
+                    with self._cv:
+                        for req in work:
+                            self._fail(req, e)
 
     def _drop_cancelled(self) -> None:
         for req in [r for r in self._active if r.cancelled]:
@@ -223,8 +228,17 @@ class Scheduler:
     def _iteration(self, work: list[Request]) -> None:
         """One cycle step (running drafters plus prefill chunks) and one decode step (running AR requests)."""
         b = self.steps.b
-        cycle = [(r, self._row(r)) for r in work if not r.prefilling and r.use_drafts]
-        decode = [(r, self._row(r)) for r in work if not r.prefilling and not r.use_drafts]
+        cycle, decode = [], []
+        for req in work:
+            if req.prefilling:
+                continue
+            try:
+                row = self._row(req)
+            except Exception as e:  # e.g. a drafter that raises: that request fails, the others go on
+                with self._cv:
+                    self._fail(req, e)
+                continue
+            (cycle if req.use_drafts else decode).append((req, row))
         # prompt chunks in admission order: at most prefill_chunks rows, or more where they only fill rows the bucket
         # pads anyway; never more rows than the largest bucket
         chunks = []

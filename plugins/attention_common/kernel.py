@@ -46,8 +46,9 @@ def _split_kernel(Q, KC, VC, KB, VB, LEN, SLOT, ACC, MS, LS, layer, scale,
     qh = h * G + rows % G               # query head of the row
     d = tl.arange(0, D)
     q = tl.load(Q + i[:, None] * sq_b + qh[:, None] * sq_h + d[None, :], mask=row_ok[:, None], other=0.0)
-    n = tl.load(LEN + r)                # the row's cache length and slot, from device memory
-    slot_off = tl.load(SLOT + r).to(tl.int64) * sc_slot
+    one = tl.arange(0, 1)               # the row's cache length and slot, as scalars from device memory
+    n = tl.max(tl.load(LEN + r + one), 0)
+    slot_off = tl.max(tl.load(SLOT + r + one), 0).to(tl.int64) * sc_slot
     m_i = tl.full([M_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([M_PAD], tl.float32)
     acc = tl.zeros([M_PAD, D], tl.float32)
