@@ -12,7 +12,7 @@ import time
 import torch
 
 from orthrus_runtime.config import ModelConfig
-from orthrus_runtime.cycle import time_it
+from orthrus_runtime.cycle import buckets_for, time_it
 from orthrus_export.exporter import PROGRAMS, export_program
 from orthrus_runtime.program import program_weights
 from orthrus_export.weights import engine_shapes
@@ -97,6 +97,32 @@ def bench_engine(engine, cfg, contexts, iters, bandwidth, acceptance_lengths, ti
     return {"weight_bytes": {"ar_pass": w_ar, "draft_pass": w_diff}, "contexts": rows}
 
 
+def bench_batches(engine, contexts, batches, iters, acceptance_lengths, log=print, sampled: bool = True) -> dict:
+    """Cycle latency over ``b`` sequences (each at the context, in slots 0 … b-1) for each batch size: the CUDA-graph
+    replay of the bucket decoding runs. Reports each size's ratio to batch 1 (the first size given when 1 is not
+    among them) and the aggregate tokens/s at each acceptance length (b × acceptance / cycle)."""
+    engine.k_cache.normal_()
+    engine.v_cache.normal_()
+    rows = []
+    for ctx in contexts:
+        base = None
+        for b in batches:
+            t = {"cycle": engine.time_step("cycle", ctx, iters, batch=b)}
+            if sampled:
+                t["sampled_cycle"] = engine.time_step("cycle", ctx, iters, sampled=True, batch=b)
+            base = base or t
+            row = {"context": ctx, "batch": b, "bucket": engine.steps.bucket(b), "ms": t,
+                   "ratio_to_first": {k: t[k] / base[k] for k in t},
+                   "aggregate_tokens_per_s": {str(a): b * a * 1e3 / t["cycle"] for a in acceptance_lengths}}
+            rows.append(row)
+            extra = f"  sampled {t['sampled_cycle']:.3f} ms ({row['ratio_to_first']['sampled_cycle']:.2f}x)" \
+                if sampled else ""
+            tps = ", ".join(f"{v:,.0f} tok/s at {k}" for k, v in row["aggregate_tokens_per_s"].items())
+            log(f"  ctx {ctx:6d} batch {b:3d}: cycle {t['cycle']:.3f} ms ({row['ratio_to_first']['cycle']:.2f}x "
+                f"batch {batches[0]}){extra}  {tps}")
+    return {"batches": rows}
+
+
 def hf_generate_tokens_per_s(cfg: ModelConfig, dtype, prompt_len=512, new=32) -> float:
     from transformers import Qwen3Config, Qwen3ForCausalLM
     hf = Qwen3Config(**cfg.hf_config_dict())
@@ -120,7 +146,8 @@ def hf_generate_tokens_per_s(cfg: ModelConfig, dtype, prompt_len=512, new=32) ->
     return new / dt
 
 
-def build_random(name, dtype, max_ctx, compile=False, autotune_contexts=None, log=print, precision="bf16"):
+def build_random(name, dtype, max_ctx, compile=False, autotune_contexts=None, log=print, precision="bf16",
+                 max_batch_size: int = 1):
     """An in-memory engine at a published shape with random weights, run by the same ``orthrus_runtime.Engine``.
     With ``autotune_contexts`` the build-time autotuner picks the backend (``compile`` ignored) and the attention
     splits, as ``orthrus-export build`` does; returns ``(cfg, engine, export seconds, load seconds, tuning record or
@@ -137,13 +164,15 @@ def build_random(name, dtype, max_ctx, compile=False, autotune_contexts=None, lo
     capacity = max_seq_len + cfg.block_size
     full = program_weights(cfg, weights, capacity)
     t0 = time.perf_counter()
-    programs = {p: export_program(cfg, full, p, capacity) for p in PROGRAMS}
+    programs = {p: export_program(cfg, full, p, capacity, slots=max_batch_size + 1, max_rows=max_batch_size)
+                for p in PROGRAMS}
     export_s = time.perf_counter() - t0
     options = KernelOptions(backend="inductor" if compile and not autotune_contexts else "none",
                             compute_dtype=str(dtype).removeprefix("torch."),
                             fp8_kernel=(fp8 or {}).get("kernel", {}).get("name", "auto"))
     manifest = {"name": f"qwen3-{name}", "precision": precision, "model": {"config": cfg.to_dict()}, "fp8": fp8,
-                "build": {"max_seq_len": max_seq_len, "cache_capacity": capacity, "options": options.to_dict()}}
+                "build": {"max_seq_len": max_seq_len, "cache_capacity": capacity, "options": options.to_dict(),
+                          "max_batch_size": max_batch_size, "batch_buckets": list(buckets_for(max_batch_size))}}
     t0 = time.perf_counter()
     engine = Engine(manifest["name"], manifest, torch.device("cuda"), full, programs, None, options)
     load_s = time.perf_counter() - t0

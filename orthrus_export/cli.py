@@ -158,6 +158,8 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--iters", type=int, default=20, help="timed repetitions per measurement (median reported)")
     be.add_argument("--acceptance", default="9.6,11.7", help="acceptance lengths to state tokens/s at")
     be.add_argument("--no-sampled", action="store_true", help="skip the sampled-cycle timing")
+    be.add_argument("--batch", help="comma-separated batch sizes: time the cycle over that many sequences (each at "
+                                    "every context) instead of the per-pass table, e.g. 1,2,4,8")
     be.add_argument("--json", action="store_true")
     _threads_arg(be)
     _load_args(be)
@@ -324,14 +326,28 @@ def cmd_bench(a) -> int:
         raise OrthrusError(f"context {too_long[0]} is outside 0..{max_seq_len} (the engine's max_seq_len)")
     if a.iters < 1:
         raise OrthrusError("--iters must be >= 1")
+    batches = None
+    if a.batch:
+        try:
+            batches = [int(b) for b in a.batch.split(",")]
+        except ValueError:
+            raise OrthrusError("--batch takes comma-separated batch sizes, e.g. 1,2,4,8") from None
+        top = manifest["build"]["max_batch_size"]
+        if not all(1 <= b <= top for b in batches):
+            raise OrthrusError(f"--batch {a.batch}: every size must be in 1..{top} (the engine's max batch size): "
+                               "rebuild with a larger --max-batch-size")
     _set_threads(a, manifest)
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if a.json else (lambda m: print(m, flush=True))
     log(f"loading {a.engine} …")
     engine = _load(a)
     bandwidth = copy_bandwidth(engine.device)
     log(f"{engine.path.name} on {engine.manifest['gpu']['device_name']}: copy bandwidth {bandwidth / 1e9:.1f} GB/s")
-    result = bench_engine(engine, engine.config, contexts, a.iters, bandwidth, acceptance, log=log,
-                          sampled=not a.no_sampled)
+    if batches:
+        from orthrus_export.bench import bench_batches
+        result = bench_batches(engine, contexts, batches, a.iters, acceptance, log=log, sampled=not a.no_sampled)
+    else:
+        result = bench_engine(engine, engine.config, contexts, a.iters, bandwidth, acceptance, log=log,
+                              sampled=not a.no_sampled)
     result.update(engine=str(engine.path), device=engine.manifest["gpu"]["device_name"],
                   copy_bandwidth_GBps=bandwidth / 1e9, iters=a.iters, load_stats=engine.load_stats)
     if a.json:

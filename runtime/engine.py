@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from orthrus_plugins.sampling import validate_sampling
 from orthrus_runtime import compiled
 from orthrus_runtime.config import ModelConfig
-from orthrus_runtime.cycle import Steps, buckets_for
+from orthrus_runtime.cycle import Steps
 from orthrus_runtime.engine_format import check_length, check_versions, read_manifest, verify_files
 from orthrus_runtime.errors import OrthrusError
 from orthrus_runtime.profiles import check_device, load_profile
@@ -104,7 +104,6 @@ class Engine:
         self.buckets = tuple(manifest["build"]["batch_buckets"])
         self.draft_sampling = draft_sampling or manifest["build"].get("draft_sampling", "argmax")
         self._queue_args = dict(max_queue=max_queue, prefill_chunks=prefill_chunks)
-        cfg = self.config
         # one slot per concurrent sequence, and a scratch slot (padding rows, tool passes)
         self.k_cache = torch.zeros(self.cache_shape(), dtype=self.dtype, device=device)
         self.v_cache = torch.zeros(self.cache_shape(), dtype=self.dtype, device=device)

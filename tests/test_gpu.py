@@ -50,6 +50,58 @@ def test_triton_attention_matches_reference(dtype, b, hq, hkv, d, n, causal):
     assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_triton_batched_attention_matches_reference_and_is_row_invariant(dtype, causal):
+    """Rows of different lengths and slots (two consecutive chunks of one slot among them) against the reference;
+    each row's output is bitwise the same as the row run alone (batch invariance of the kernel)."""
+    from orthrus_plugins.attention_common import kernel as ta
+    from orthrus_plugins.attention_common import reference
+    g = torch.Generator(device="cuda").manual_seed(3 + causal)
+    t, hq, hkv, d, layers, slots_n, cap = 32, 32, 8, 128, 2, 6, 4300
+
+    def r(*shape):
+        return torch.randn(*shape, device="cuda", generator=g, dtype=torch.float32).to(dtype)
+    lens = torch.tensor([0, 4133, 77, 1000, 1000 + t], device="cuda")
+    slots = torch.tensor([5, 0, 3, 1, 1], device="cuda")
+    rows = len(lens)
+    q, k, v = r(rows * t, hq, d), r(rows * t, hkv, d), r(rows * t, hkv, d)
+    kc, vc = r(layers, slots_n, hkv, cap, d), r(layers, slots_n, hkv, cap, d)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    expected = reference("test", q, k, v, kc_ref, vc_ref, lens.cpu(), 1, d ** -0.5, causal, slots.cpu())
+    out = torch.full_like(q, float("nan"))
+    ta.attention(q, k, v, kc, vc, lens, 1, d ** -0.5, causal, slots=slots, out=out)
+    assert torch.isfinite(out).all()
+    err = (out.double() - expected.double()).abs().max().item()
+    assert err <= tolerance(dtype) * (1 + expected.double().abs().max().item()), err
+    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
+    for i in (0, 1, 2):  # rows on their own slots: alone, bitwise the same
+        rows_i = slice(i * t, (i + 1) * t)
+        alone = ta.attention(q[rows_i], k[rows_i], v[rows_i], kc.clone(), vc.clone(), lens[i:i + 1], 1, d ** -0.5,
+                             causal, slots=slots[i:i + 1])
+        assert torch.equal(alone, out[rows_i]), i
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_bf16_batched_passes_rows_match_alone(tiny_gpu, batch):
+    """Every row of a batched bf16 verify pass against the same block alone: equal within bf16 rounding (GEMMs at
+    another M may round differently: batch_invariance.py measures what that does to tokens)."""
+    from orthrus_runtime import Engine
+    engine = Engine.load(tiny_gpu["bf16"])
+    prog, b = engine.programs["verify"], engine.block_size
+    g = torch.Generator(device="cuda").manual_seed(batch)
+    tokens = torch.randint(0, engine.config.vocab_size, (batch, b), device="cuda", generator=g)
+    start = torch.arange(batch, device="cuda") * 37
+    slots = torch.arange(batch, device="cuda")
+    with torch.no_grad():
+        together = prog(engine.weights, tokens, start, slots, engine.k_cache, engine.v_cache)
+        alone = torch.stack([prog(engine.weights, tokens[i:i + 1], start[i:i + 1], slots[i:i + 1], engine.k_cache,
+                                  engine.v_cache)[0] for i in range(batch)])
+    assert (together.argmax(-1) == alone.argmax(-1)).float().mean() > 0.99
+    assert (together - alone).abs().max() < 0.1 * (1 + alone.abs().max())
+    engine.close()
+
+
 @pytest.fixture(scope="module")
 def tiny_gpu(tmp_path_factory):
     from orthrus_export.builder import build
@@ -100,7 +152,7 @@ def test_sampled_cycles_run_in_graphs_and_equal_eager(tiny_gpu):
     the same seed gives the same text again."""
     from orthrus_runtime import Engine
     engine = Engine.load(tiny_gpu["fp32"])
-    assert ("cycle", True) in engine.steps.graphs
+    assert ("cycle", True, 1) in engine.steps.graphs and ("cycle", True, engine.max_batch_size) in engine.steps.graphs
     for i, p in enumerate(heldout(4)):
         kw = dict(max_new_tokens=60, temperature=0.8, top_k=20, top_p=0.9, seed=i)
         graphed = engine.generate(p["text"], **kw)

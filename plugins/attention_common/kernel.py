@@ -121,10 +121,10 @@ def _merge_kernel(ACC, MS, LS, O, so_b, so_h,
 
 
 def attention(q, k, v, k_cache, v_cache, cache_len, layer: int, scale: float, causal: bool, splits: int = 16,
-              slots=None):
+              slots=None, out=None):
     """Launch both kernels, either layout (:mod:`orthrus_plugins.attention_common`). Cached mode (``causal``) first
     writes every row's K/V at its slot and ``cache_len`` (device indices, no host read). ``splits``: key-range splits
-    (one of SPLIT_CHOICES)."""
+    (one of SPLIT_CHOICES). ``out``: a tensor to write the result into (tests poison it)."""
     if splits not in SPLIT_CHOICES:
         raise ValueError(f"attention splits must be one of {SPLIT_CHOICES}, got {splits}")
     k_cache, v_cache, lens, slots = batched_view(k_cache, v_cache, cache_len, slots)
@@ -145,7 +145,7 @@ def attention(q, k, v, k_cache, v_cache, cache_len, layer: int, scale: float, ca
     acc = torch.empty(parts, m_pad, d, device=q.device, dtype=torch.float32)
     ms = torch.empty(parts, m_pad, device=q.device, dtype=torch.float32)
     ls = torch.empty(parts, m_pad, device=q.device, dtype=torch.float32)
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     length = lens.to(torch.int32) if lens.dtype != torch.int32 else lens
     _split_kernel[(hkv, splits + 1, rows)](
         q, k_cache, v_cache, k, v, length, slots, acc, ms, ls, layer, scale,
