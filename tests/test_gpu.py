@@ -62,8 +62,9 @@ def test_triton_batched_attention_matches_reference_and_is_row_invariant(dtype, 
 
     def r(*shape):
         return torch.randn(*shape, device="cuda", generator=g, dtype=torch.float32).to(dtype)
-    lens = torch.tensor([0, 4133, 77, 1000, 1000 + t], device="cuda")
-    slots = torch.tensor([5, 0, 3, 1, 1], device="cuda")
+    # lengths and slots as strided columns of one buffer, as the runtime's row inputs pass them
+    rowbuf = torch.tensor([[0, 5, 9], [4133, 0, 9], [77, 3, 9], [1000, 1, 9], [1000 + t, 1, 9]], device="cuda")
+    lens, slots = rowbuf[:, 0], rowbuf[:, 1]
     rows = len(lens)
     q, k, v = r(rows * t, hq, d), r(rows * t, hkv, d), r(rows * t, hkv, d)
     kc, vc = r(layers, slots_n, hkv, cap, d), r(layers, slots_n, hkv, cap, d)

@@ -128,6 +128,8 @@ def attention(q, k, v, k_cache, v_cache, cache_len, layer: int, scale: float, ca
     if splits not in SPLIT_CHOICES:
         raise ValueError(f"attention splits must be one of {SPLIT_CHOICES}, got {splits}")
     k_cache, v_cache, lens, slots = batched_view(k_cache, v_cache, cache_len, slots)
+    # the kernels index lengths and slots as contiguous vectors (the runtime passes columns of its row buffers)
+    lens, slots = lens.contiguous(), slots.contiguous()
     rows = lens.shape[0]
     n, hq, d = q.shape
     b = n // rows                       # tokens per row
@@ -146,7 +148,7 @@ def attention(q, k, v, k_cache, v_cache, cache_len, layer: int, scale: float, ca
     ms = torch.empty(parts, m_pad, device=q.device, dtype=torch.float32)
     ls = torch.empty(parts, m_pad, device=q.device, dtype=torch.float32)
     out = torch.empty_like(q) if out is None else out
-    length = lens.to(torch.int32) if lens.dtype != torch.int32 else lens
+    length = lens.to(torch.int32)
     _split_kernel[(hkv, splits + 1, rows)](
         q, k_cache, v_cache, k, v, length, slots, acc, ms, ls, layer, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
