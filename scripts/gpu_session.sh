@@ -7,7 +7,9 @@ mkdir -p "$R"
 export PYTHONUNBUFFERED=1
 # the interpreter that holds torch (a bare `pip` there belongs to another one)
 python -m pip install --no-deps --no-build-isolation . > "$R/install.log" 2>&1 || { echo "install failed" > "$R/done"; exit 1; }
-python -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -W ignore::FutureWarning -k "${GPU_TESTS_K:-kernel or attention}" > "$R/gpu-kernel-tests.log" 2>&1
+if [ -n "${GPU_TESTS_K:-}" ]; then
+python -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -W ignore::FutureWarning -k "$GPU_TESTS_K" > "$R/gpu-kernel-tests.log" 2>&1
+fi
 python scripts/bench_batch.py --shapes 8b --compile none --out "$R/batch-8b-none.json" > "$R/batch-8b-none.log" 2>&1
 orthrus-export build --model tiny --gpu auto --precision bf16 --out /tmp/tiny-bf16 --force --no-progress > "$R/tiny-build.log" 2>&1
 python scripts/batch_invariance.py --engine /tmp/tiny-bf16 --prompts 24 --out "$R/invariance-tiny-bf16.json" > "$R/invariance.log" 2>&1

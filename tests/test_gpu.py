@@ -98,8 +98,9 @@ def test_bf16_batched_passes_rows_match_alone(tiny_gpu, batch):
         together = prog(engine.weights, tokens, start, slots, engine.k_cache, engine.v_cache)
         alone = torch.stack([prog(engine.weights, tokens[i:i + 1], start[i:i + 1], slots[i:i + 1], engine.k_cache,
                                   engine.v_cache)[0] for i in range(batch)])
-    assert (together.argmax(-1) == alone.argmax(-1)).float().mean() > 0.99
-    assert (together - alone).abs().max() < 0.1 * (1 + alone.abs().max())
+    # random tokens make near-tied logits: a rare argmax flip is rounding (batch_invariance.py measures real text)
+    assert (together.argmax(-1) == alone.argmax(-1)).float().mean() > 0.95
+    assert (together - alone).abs().max() < 0.05 * (1 + alone.abs().max())
     engine.close()
 
 

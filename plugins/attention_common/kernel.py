@@ -58,8 +58,10 @@ def _split_kernel(Q, KC, VC, KB, VB, LEN, SLOT, ACC, MS, LS, layer, scale,
         chunk = tl.cdiv(tl.cdiv(total, SPLITS), BLOCK_N) * BLOCK_N
         start = split * chunk
         end = tl.minimum(start + chunk, total)
-        base = KC + layer * sc_l + slot_off + h * sc_h
-        vbase = VC + layer * sc_l + slot_off + h * sc_h
+        # 64-bit offsets: a layer of an 8B cache with 17 slots of 4k positions is 73 M elements, 35 layers overflow int32
+        layer_off = layer.to(tl.int64) * sc_l
+        base = KC + layer_off + slot_off + h * sc_h
+        vbase = VC + layer_off + slot_off + h * sc_h
         for s0 in range(start, end, BLOCK_N):
             kidx = s0 + cols
             kok = kidx < end
