@@ -29,8 +29,8 @@ BLOCK_N = 64
 
 
 @triton.jit
-def _split_kernel(Q, KC, VC, KB, VB, LEN, SLOT, ACC, MS, LS, layer, scale,
-                  sq_b, sq_h, sc_l, sc_slot, sc_h, sc_s, sb_b, sb_h,
+def _split_kernel(Q, KC, VC, KB, VB, LEN, SLOT, ACC, MS, LS, layer_off, scale,
+                  sq_b, sq_h, sc_slot, sc_h, sc_s, sb_b, sb_h,
                   B: tl.constexpr, G: tl.constexpr, D: tl.constexpr, M_PAD: tl.constexpr,
                   BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, CAUSAL: tl.constexpr,
                   PREC: tl.constexpr):
@@ -58,8 +58,6 @@ def _split_kernel(Q, KC, VC, KB, VB, LEN, SLOT, ACC, MS, LS, layer, scale,
         chunk = tl.cdiv(tl.cdiv(total, SPLITS), BLOCK_N) * BLOCK_N
         start = split * chunk
         end = tl.minimum(start + chunk, total)
-        # 64-bit offsets: a layer of an 8B cache with 17 slots of 4k positions is 73 M elements, 35 layers overflow int32
-        layer_off = layer.to(tl.int64) * sc_l
         base = KC + layer_off + slot_off + h * sc_h
         vbase = VC + layer_off + slot_off + h * sc_h
         for s0 in range(start, end, BLOCK_N):
@@ -152,8 +150,10 @@ def attention(q, k, v, k_cache, v_cache, cache_len, layer: int, scale: float, ca
     out = torch.empty_like(q) if out is None else out
     length = lens.to(torch.int32)
     _split_kernel[(hkv, splits + 1, rows)](
-        q, k_cache, v_cache, k, v, length, slots, acc, ms, ls, layer, scale,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
+        # the layer's offset computed here: past 2**31 elements (35 layers of an 8B cache with 17 slots of 4k
+        # positions) Triton passes it as a 64-bit integer, where an in-kernel layer * stride would overflow int32
+        q, k_cache, v_cache, k, v, length, slots, acc, ms, ls, layer * k_cache.stride(0), scale,
+        q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
         k.stride(0), k.stride(1),
         B=b, G=g, D=d, M_PAD=m_pad, BLOCK_N=BLOCK_N, SPLITS=splits, CAUSAL=causal,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 engines stay exact
