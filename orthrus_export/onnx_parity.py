@@ -26,8 +26,8 @@ def _inputs(engine, name: str, seed: int):
     t = 1 if name == "decode" else b
     tokens = torch.tensor([rng.randrange(cfg.vocab_size) for _ in range(t)], dtype=torch.int64)
     start = torch.tensor(rng.randrange(1, engine.capacity - b - t), dtype=torch.int64)
-    kc = torch.randn(engine.k_cache.shape, generator=g, dtype=torch.float32).to(engine.dtype)
-    vc = torch.randn(engine.v_cache.shape, generator=g, dtype=torch.float32).to(engine.dtype)
+    kc = torch.randn(engine.cache_shape(0), generator=g, dtype=torch.float32).to(engine.dtype)  # one sequence
+    vc = torch.randn(engine.cache_shape(0), generator=g, dtype=torch.float32).to(engine.dtype)
     return tokens, start, kc, vc
 
 

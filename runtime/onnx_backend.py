@@ -93,6 +93,9 @@ class Batched:
     def __init__(self, single: OrtProgram):
         self.single = single
 
+    def __getattr__(self, name):  # the session, its outputs, whether it writes the cache
+        return getattr(self.single, name)
+
     def __call__(self, weights, tokens, start, slots, k_cache, v_cache) -> torch.Tensor:
         return torch.stack([self.single(weights, tokens[i], start[i], k_cache[:, int(slot)], v_cache[:, int(slot)])
                             for i, slot in enumerate(slots.tolist())])
