@@ -30,7 +30,7 @@ from orthrus_runtime.program import KernelOptions, deserialize_program, program_
 
 WEIGHTS = "weights.safetensors"
 DEFAULT_MAX_BATCH_SIZE = 8
-DRAFT_SAMPLING_DEFAULT = "argmax"  # sampled requests' drafts (README "Sampling acceptance": measured on tiny)
+DRAFT_SAMPLING_DEFAULT = "sample"  # sampled requests draw their drafts (README "Sampling acceptance": tiny accepts more)
 MAX_BATCH_SIZE = 256
 
 

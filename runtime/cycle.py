@@ -67,7 +67,7 @@ class Row:
 class Steps:
     def __init__(self, programs: dict, weights: dict, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  block_size: int, mask_token_id: int, vocab_size: int, device: torch.device,
-                 buckets: tuple[int, ...] = (1,), draft_sampling: str = "argmax"):
+                 buckets: tuple[int, ...] = (1,), draft_sampling: str = "sample"):
         if draft_sampling not in DRAFT_SAMPLING:
             raise ValueError(f"draft_sampling must be one of {DRAFT_SAMPLING}, got {draft_sampling!r}")
         self.programs, self.w, self.k_cache, self.v_cache = programs, weights, k_cache, v_cache

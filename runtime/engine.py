@@ -102,7 +102,7 @@ class Engine:
         self._lock = threading.RLock()  # one step (or tool pass) at a time owns the cache and the step buffers
         self.max_batch_size = manifest["build"]["max_batch_size"]
         self.buckets = tuple(manifest["build"]["batch_buckets"])
-        self.draft_sampling = draft_sampling or manifest["build"].get("draft_sampling", "argmax")
+        self.draft_sampling = draft_sampling or manifest["build"].get("draft_sampling", "sample")
         self._queue_args = dict(max_queue=max_queue, prefill_chunks=prefill_chunks)
         # one slot per concurrent sequence, and a scratch slot (padding rows, tool passes)
         self.k_cache = torch.zeros(self.cache_shape(), dtype=self.dtype, device=device)

@@ -99,21 +99,24 @@ def exact_law_of_tokens_2_3(ref: Reference, prompt, temperature):
     return law
 
 
-@pytest.mark.parametrize("use_drafts", [True, False])
-def test_engine_sampling_matches_exact_ar_law(small_vocab, use_drafts):
+@pytest.mark.parametrize("use_drafts,draft_sampling", [(True, "sample"), (True, "argmax"), (False, "sample")])
+def test_engine_sampling_matches_exact_ar_law(small_vocab, use_drafts, draft_sampling):
+    """2000 seeds submitted at once: every request runs in a batch with others (8 slots), and the law of its
+    tokens is the exact AR law, with drafts sampled from the diffusion distribution or taken as its argmax."""
     from orthrus_runtime import Engine
     ckpt, path = small_vocab
-    engine = Engine.load(path)
+    engine = Engine.load(path, max_queue=4096, draft_sampling=draft_sampling)
     prompt = [3, 1, 4]
     temperature = 0.8
     law = exact_law_of_tokens_2_3(Reference(ckpt), prompt, temperature)
     counts, accepted = Counter(), []
-    for seed in range(2000):
-        r = engine.generate(prompt, max_new_tokens=3, temperature=temperature, seed=seed, use_drafts=use_drafts,
-                            end_id=END)
-        ids = r.output_ids
+    handles = [engine.submit(prompt, max_new_tokens=3, temperature=temperature, seed=seed, use_drafts=use_drafts,
+                             end_id=END) for seed in range(2000)]
+    for h in handles:
+        ids = h.wait()
         counts[(ids[1], ids[2]) if len(ids) == 3 else ("short",)] += 1
-        accepted += [k for k, c in enumerate(r.stats.acceptance_hist) for _ in range(c)]
+        accepted += [k for k, c in enumerate(h.stats.acceptance_hist) for _ in range(c)]
+    assert engine.scheduler_stats()["mean_batch"] > 4, "the requests did not share batches"
     stat, p, dof = chi_square_pvalue(counts, law)
     assert p > ALPHA, f"engine sampling law differs from the exact AR law: chi2={stat:.1f} dof={dof} p={p:.2g}"
     if use_drafts:
