@@ -62,7 +62,6 @@ def build(model: str, gpu: str = "cpu", precision: str = "fp32", out: str | Path
         raise OrthrusError(f"unknown --onnx {onnx!r}: choose orthrus, decomposed or both")
     if compile not in ("auto", "none", "inductor"):
         raise OrthrusError(f"unknown --compile {compile!r}: choose auto, none or inductor")
-    device = check_device(profile, "build")
     ckpt = open_checkpoint(model)
     cfg = ckpt.config
     if not cfg.block_size * 2 <= max_seq_len <= cfg.max_position_embeddings:
@@ -71,6 +70,7 @@ def build(model: str, gpu: str = "cpu", precision: str = "fp32", out: str | Path
     if isinstance(max_batch_size, bool) or not 1 <= int(max_batch_size) <= MAX_BATCH_SIZE:
         raise OrthrusError(f"--max-batch-size {max_batch_size} must be between 1 and {MAX_BATCH_SIZE}")
     check_memory(cfg, profile, precision, max_seq_len, int(max_batch_size))
+    device = check_device(profile, "build")
     out = Path(out) if out else Path("engines") / engine_name(model, profile.name, precision)
     with atomic_directory(out, force) as tmp:
         _build_into(tmp, out.name, ckpt, profile, precision, device, max_seq_len, progress, self_check, compile,

@@ -211,3 +211,32 @@ def test_batched_pass_rows_equal_single_rows(tiny):
         assert torch.allclose(together[i], alone[i], atol=1e-5, rtol=1e-5), i
     assert torch.equal(k1, k2) and torch.equal(v1, v2)
     assert together.shape == (3, b, cfg.vocab_size)
+
+
+def test_a_build_that_cannot_fit_is_refused_with_the_numbers():
+    from orthrus_export.bench import qwen3_config
+    from orthrus_export.builder import check_memory, memory_budget
+    from orthrus_runtime.profiles import load_profile
+    cfg = qwen3_config("8b")
+    fits = check_memory(cfg, load_profile("h100"), "bf16", 4096, 16)
+    assert fits == memory_budget(cfg, "bf16", 4096, 16) and 16e9 < fits["weights"] < 20e9
+    assert fits["kv_cache"] == 2 * 36 * 17 * 8 * (4096 + 32) * 128 * 2
+    with pytest.raises(OrthrusError, match=r"needs \d+\.\d GiB .*KV cache \d+\.\d for 256 sequences of 32768 tokens.*"
+                                           r"h100 has 72\.0 GiB usable.*lower --max-batch-size or --max-seq-len"):
+        check_memory(cfg, load_profile("h100"), "bf16", 32768, 256)
+
+
+def test_cli_batch_arguments_are_checked(tiny, tmp_path):
+    from test_cli import cli
+    engine, _ = tiny
+    rc, _, err = cli("build", "--model", "tiny", "--out", tmp_path / "e", "--max-batch-size", "0", "--no-progress")
+    assert rc == 2 and "--max-batch-size 0 must be between 1 and" in err and not (tmp_path / "e").exists()
+    rc, _, err = cli("bench", "--engine", engine.path, "--batch", "1,16", "--contexts", "64")
+    assert rc == 2 and "--batch 1,16: every size must be in 1..8" in err
+    rc, _, err = cli("bench", "--engine", engine.path, "--batch", "one", "--contexts", "64")
+    assert rc == 2 and "--batch takes comma-separated batch sizes" in err
+    rc, out, err = cli("bench", "--engine", engine.path, "--batch", "1,2", "--contexts", "64", "--iters", "1",
+                       "--no-sampled", "--json")
+    rows = json.loads(out)["batches"]
+    assert rc == 0 and [r["batch"] for r in rows] == [1, 2] and rows[1]["ms"]["cycle"] > 0
+    assert rows[0]["ratio_to_first"]["cycle"] == 1.0
