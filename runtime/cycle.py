@@ -194,27 +194,24 @@ class Steps:
         self.floats[:rows, TOP_P] = 1.0
 
     def fill(self, rows: list[Row], bucket: int) -> None:
-        """Write the rows' inputs (and padding up to ``bucket``) in one host-to-device copy per buffer."""
+        """Write the rows' inputs (and padding up to ``bucket``) in one host-to-device copy per buffer (built as
+        plain lists first: a tensor per field would cost more host time than a small model's step)."""
         b = self.b
-        ints = torch.zeros(bucket, CHUNK + b, dtype=torch.int64)
-        ints[:, SLOT] = self.scratch
-        ints[:, EOS:CHUNK] = -1
-        floats = torch.zeros(bucket, U + 2 * b, dtype=torch.float32)
-        floats[:, TOP_P] = 1.0
-        for i, r in enumerate(rows):
+        pad_ints = [self.scratch, 0, 0, 0, 0, 0] + [-1] * MAX_EOS + [self.mask] * b
+        pad_floats = [0.0, 1.0] + [0.0] * (2 * b)
+        ints, floats = [], []
+        for r in rows:
             if len(r.eos) > MAX_EOS:
                 raise ValueError(f"at most {MAX_EOS} stop tokens")
-            ints[i, :CHUNK_LEN] = torch.tensor([r.slot, r.x, r.s, r.top_k, r.chunk is not None])
-            ints[i, EOS:EOS + len(r.eos)] = torch.tensor(r.eos, dtype=torch.int64)
-            if r.chunk is not None:
-                ints[i, CHUNK_LEN] = len(r.chunk)
-                ints[i, CHUNK:] = self.mask
-                ints[i, CHUNK:CHUNK + len(r.chunk)] = torch.tensor(r.chunk, dtype=torch.int64)
-            floats[i, TEMPERATURE], floats[i, TOP_P] = r.temperature, r.top_p
-            if r.uniforms is not None:
-                floats[i, U:] = r.uniforms
-        self.ints[:bucket].copy_(ints)
-        self.floats[:bucket].copy_(floats)
+            chunk = r.chunk or []
+            ints.append([r.slot, r.x, r.s, r.top_k, r.chunk is not None, len(chunk)]
+                        + list(r.eos) + [-1] * (MAX_EOS - len(r.eos)) + list(chunk) + [self.mask] * (b - len(chunk)))
+            u = r.uniforms.tolist() if r.uniforms is not None else [0.0] * (2 * b)
+            floats.append([r.temperature, r.top_p] + u)
+        ints += [pad_ints] * (bucket - len(rows))
+        floats += [pad_floats] * (bucket - len(rows))
+        self.ints[:bucket].copy_(torch.tensor(ints, dtype=torch.int64))
+        self.floats[:bucket].copy_(torch.tensor(floats, dtype=torch.float32))
 
     def step(self, kind: str, rows: list[Row]) -> list[list[int]]:
         """Run one step over ``rows`` (its graph where captured; eagerly with external drafts) and return each row's

@@ -37,6 +37,7 @@ from orthrus_runtime.text import StopStrings
 Drafter = Callable[[int, int, list[int]], list[int]]
 
 _DONE = object()
+IDLE_EXIT_S = 2.0
 
 
 class QueueFull(OrthrusError):
@@ -159,7 +160,7 @@ class Scheduler:
             req.generator = torch.Generator().manual_seed(req.seed)
             self._waiting.append(req)
             self.stats.waiting = len(self._waiting)
-            if self._thread is None:
+            if self._thread is None:  # started on demand; it ends when idle
                 self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
                 self._thread.start()
             self._cv.notify()
@@ -184,17 +185,23 @@ class Scheduler:
     def close(self) -> None:
         with self._cv:
             self._stop = True
+            thread = self._thread
             self._cv.notify()
-        if self._thread is not None:
-            self._thread.join()
+        if thread is not None:
+            thread.join()
 
     # ---- the scheduler thread -----------------------------------------------------------------------------------
     def _run(self) -> None:
+        """The scheduler thread. It ends after ``IDLE_EXIT_S`` without work (``submit`` starts a new one), so an
+        engine nobody uses holds no thread, and its cache can be freed."""
         torch.set_grad_enabled(False)  # the grad mode the programs were compiled and captured in (per thread)
         while True:
             with self._cv:
-                while not self._stop and not self._waiting and not self._active:
-                    self._cv.wait()
+                if not self._stop and not self._waiting and not self._active:
+                    self._cv.wait(timeout=IDLE_EXIT_S)
+                    if not self._stop and not self._waiting and not self._active:
+                        self._thread = None
+                        return
                 if self._stop:
                     for req in list(self._waiting) + self._active:
                         self._fail(req, OrthrusError("the engine was closed"))
