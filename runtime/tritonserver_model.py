@@ -3,10 +3,17 @@
 Decoupled (streaming) model with the tensor names of TensorRT-LLM's Triton models: ``text_input``, ``max_tokens``,
 ``stream``, ``temperature``, ``top_k``, ``top_p``, ``end_id``, ``random_seed`` -> ``text_output``, plus
 ``output_tokens``, ``cycles`` and ``acceptance_length``. A bad request gets an error response for that request only.
-Custom metrics on Triton's /metrics: tokens generated, cycles, and cycles by acceptance length.
+Custom metrics on Triton's /metrics: tokens generated, cycles, cycles by acceptance length, and the scheduler's
+steps and rows (rows / steps = requests sharing a pass).
+
+In-flight batching: ``execute`` hands each request to the engine's scheduler (``Engine.submit``) and returns at once;
+a responder thread per request streams its tokens back, so concurrent requests share every pass. Between the
+scheduler's steps the responder polls ``response_sender.is_cancelled()`` (a client that cancelled or disconnected):
+the request is cancelled and its cache slot freed within one cycle.
 """
 
 import json
+import threading
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -47,7 +54,21 @@ class TritonPythonModel:
                                             kind=pb_utils.MetricFamily.COUNTER),
             "hist": pb_utils.MetricFamily(name="orthrus_acceptance_length_cycles_total",
                                           description="cycles by tokens emitted (acceptance-length histogram)",
-                                          kind=pb_utils.MetricFamily.COUNTER)}
+                                          kind=pb_utils.MetricFamily.COUNTER),
+            "steps": pb_utils.MetricFamily(name="orthrus_scheduler_steps_total",
+                                           description="scheduler steps run (each one batched pass or cycle)",
+                                           kind=pb_utils.MetricFamily.COUNTER),
+            "rows": pb_utils.MetricFamily(name="orthrus_scheduler_rows_total",
+                                          description="sequence rows those steps ran (rows / steps = batch size)",
+                                          kind=pb_utils.MetricFamily.COUNTER),
+            "cancelled": pb_utils.MetricFamily(name="orthrus_requests_cancelled_total",
+                                               description="requests cancelled by their client",
+                                               kind=pb_utils.MetricFamily.COUNTER)}
+        self.steps = self.families["steps"].Metric(labels=labels)
+        self.rows = self.families["rows"].Metric(labels=labels)
+        self.cancelled = self.families["cancelled"].Metric(labels=labels)
+        self._seen = {"steps": 0, "rows": 0}
+        self._metrics_lock = threading.Lock()
         self.tokens = self.families["tokens"].Metric(labels=labels)
         self.cycles = self.families["cycles"].Metric(labels=labels)
         self.hist = {k: self.families["hist"].Metric(labels={**labels, "accepted": str(k)})
@@ -69,33 +90,57 @@ class TritonPythonModel:
                    seed=kw["random_seed"] or 0, end_id=kw["end_id"])
         return prompt, bool(kw["stream"]), out
 
-    def _count(self, result) -> None:
-        self.tokens.increment(float(len(result.output_ids)))
-        self.cycles.increment(float(result.stats.cycles))
-        for k, n in enumerate(result.stats.acceptance_hist):
-            if n:
-                self.hist[k].increment(float(n))
+    def _count(self, ids, stats) -> None:
+        with self._metrics_lock:
+            self.tokens.increment(float(len(ids)))
+            self.cycles.increment(float(stats.cycles))
+            for k, n in enumerate(stats.acceptance_hist):
+                if n:
+                    self.hist[k].increment(float(n))
+            now = self.engine.scheduler_stats()
+            for key, metric in (("steps", self.steps), ("rows", self.rows)):
+                metric.increment(float(now[key] - self._seen[key]))
+                self._seen[key] = now[key]
 
     def execute(self, requests):
-        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         for request in requests:
             sender = request.get_response_sender()
             try:
                 prompt, stream, kw = self._params(request)
-                if stream:
-                    s = self.engine.generate(prompt, stream=True, **kw)
-                    for delta in s:
-                        sender.send(pb_utils.InferenceResponse(output_tensors=_outputs(delta, 0, 0, 0.0)))
-                    r = s.result
-                    text = ""
-                else:
-                    r = self.engine.generate(prompt, **kw)
-                    text = r.text
+                handle = self.engine.submit(prompt, **kw)
             except Exception as e:  # this request fails; the model keeps serving
-                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(msg)), flags=final)
+                self._error(sender, e)
                 continue
-            self._count(r)
-            sender.send(pb_utils.InferenceResponse(output_tensors=_outputs(
-                text, len(r.output_ids), r.stats.cycles, r.stats.acceptance_length)), flags=final)
+            threading.Thread(target=self._respond, args=(sender, handle, stream), daemon=True).start()
         return None
+
+    @staticmethod
+    def _error(sender, e) -> None:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(msg)),
+                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def _respond(self, sender, handle, stream: bool) -> None:
+        """Stream one request's tokens back (text deltas when ``stream``), then its final response."""
+        from orthrus_runtime.engine import TextStream
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        text = TextStream(self.engine, handle, handle.stops)
+        try:
+            for delta in text:
+                if sender.is_cancelled():  # the client is gone: free the slot now
+                    handle.cancel()
+                    self.cancelled.increment(1.0)
+                    sender.send(flags=final)
+                    return
+                if stream:
+                    sender.send(pb_utils.InferenceResponse(output_tensors=_outputs(delta, 0, 0, 0.0)))
+        except Exception as e:  # the request failed in the scheduler: an error response for it alone
+            self._error(sender, e)
+            return
+        r = text.result
+        self._count(r.output_ids, r.stats)
+        sender.send(pb_utils.InferenceResponse(output_tensors=_outputs(
+            "" if stream else r.text, len(r.output_ids), r.stats.cycles, r.stats.acceptance_length)), flags=final)
+
+    def finalize(self):
+        self.engine.close()

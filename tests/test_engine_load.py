@@ -15,9 +15,10 @@ from orthrus_export import builder
 
 @pytest.fixture(scope="module")
 def compiled_engine(tmp_path_factory):
-    """tiny with --compile inductor (CPU): compiled at build, artifacts stored."""
+    """tiny with --compile inductor (CPU): compiled at build (two batch buckets: each is compiled, and the C++
+    compiler dominates this suite's time), artifacts stored."""
     return builder.build("tiny", out=tmp_path_factory.mktemp("ind") / "c", max_seq_len=256, progress=False,
-                         compile="inductor")
+                         compile="inductor", max_batch_size=2)
 
 
 def _python(code: str, *args, env=None):

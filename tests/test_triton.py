@@ -78,10 +78,18 @@ def test_grpc_and_http_streams_concatenate_to_the_text(served):
     assert len(events) > 2 and "".join(e["text_output"] for e in events) == expected
 
 
+def metrics(server) -> dict:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics}/metrics", timeout=30).read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith("orthrus_")}
+
+
 def test_eight_concurrent_streaming_clients(served):
+    """Eight gRPC streams at once: each gets the text it gets alone, and they shared the scheduler's passes."""
     server, engine = served
     expected = {p: engine.generate(p, max_new_tokens=32).text for p in PROMPTS}
     got, errors = {}, []
+    before = metrics(server)
 
     def client(p):
         try:
@@ -94,6 +102,44 @@ def test_eight_concurrent_streaming_clients(served):
     for t in threads:
         t.join(timeout=300)
     assert not errors and got == expected
+    after = metrics(server)
+    key = '{model="orthrus"}'
+    steps = after["orthrus_scheduler_steps_total" + key] - before.get("orthrus_scheduler_steps_total" + key, 0)
+    rows = after["orthrus_scheduler_rows_total" + key] - before.get("orthrus_scheduler_rows_total" + key, 0)
+    assert steps > 0 and rows / steps > 1.5, f"{rows} rows in {steps} steps: the streams did not share passes"
+
+
+def test_a_cancelled_grpc_stream_frees_its_slot(served):
+    """A client cancels its stream after the first piece: the model cancels the request (counted on /metrics) long
+    before its 400 tokens, and the server goes on serving."""
+    import queue as queue_module
+    import time
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    server, engine = served
+    key = 'orthrus_requests_cancelled_total{model="orthrus"}'
+    before = metrics(server).get(key, 0)
+    q = queue_module.Queue()
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc}")
+    inputs = []
+    for name, value, dtype in (("text_input", np.array([b"def main("], dtype=object), "BYTES"),
+                               ("max_tokens", np.array([400], dtype=np.int32), "INT32"),
+                               ("stream", np.array([True]), "BOOL")):
+        t = grpcclient.InferInput(name, [1], dtype)
+        t.set_data_from_numpy(value)
+        inputs.append(t)
+    client.start_stream(callback=lambda result, error: q.put((result, error)))
+    client.async_stream_infer("orthrus", inputs, enable_empty_final_response=True)
+    result, error = q.get(timeout=120)
+    assert error is None
+    client.stop_stream(cancel_requests=True)
+    client.close()
+    deadline = time.time() + 60
+    while metrics(server).get(key, 0) <= before and time.time() < deadline:
+        time.sleep(0.2)
+    assert metrics(server).get(key, 0) == before + 1
+    assert generate(server, PROMPTS[0], 8)["text_output"] == engine.generate(PROMPTS[0], max_new_tokens=8).text
 
 
 @pytest.mark.parametrize("body,pattern", [
@@ -113,18 +159,9 @@ def test_bad_request_gets_an_error_and_the_model_keeps_serving(served, body, pat
 
 def test_metrics_counters_move(served):
     server, _ = served
-
-    def read():
-        text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics}/metrics", timeout=30).read().decode()
-        values = {}
-        for line in text.splitlines():
-            if line.startswith("orthrus_"):
-                name, value = line.rsplit(" ", 1)
-                values[name] = float(value)
-        return values
-    before = read()
+    before = metrics(server)
     r = generate(server, PROMPTS[4], 24)
-    after = read()
+    after = metrics(server)
     key = 'orthrus_generated_tokens_total{model="orthrus"}'
     assert after[key] - before.get(key, 0) == r["output_tokens"]
     cycles = 'orthrus_cycles_total{model="orthrus"}'
