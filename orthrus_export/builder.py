@@ -31,7 +31,7 @@ from orthrus_runtime.program import KernelOptions, deserialize_program, program_
 WEIGHTS = "weights.safetensors"
 DEFAULT_MAX_BATCH_SIZE = 8
 DRAFT_SAMPLING_DEFAULT = "sample"  # sampled requests draw their drafts (README "Sampling acceptance": tiny accepts more)
-MAX_BATCH_SIZE = 256
+MAX_BATCH_SIZE = 64  # 7 buckets (1 … 64): with the one-sequence shape tools use, within torch.compile's 8 recompiles
 
 
 def engine_name(model: str, profile: str, precision: str) -> str:
