@@ -171,12 +171,15 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("triton", help="write a Triton Inference Server model repository for an engine")
     _engine_arg(t)
     t.add_argument("--out", required=True, help="model repository directory to create")
-    t.add_argument("--instances", type=int, default=1, help="model instances (each owns an engine and its cache)")
+    t.add_argument("--instances", type=int, default=1,
+                   help="model instances per device (each owns an engine, its cache and its scheduler)")
+    t.add_argument("--gpus", help="GPU engines: comma-separated GPU indices, instances on each (default 0)")
     t.add_argument("--env", help="Python environment the model runs in (default .triton/venv)")
 
     sv = sub.add_parser("serve", help="write a model repository and run tritonserver on 127.0.0.1")
     _engine_arg(sv)
     sv.add_argument("--instances", type=int, default=1)
+    sv.add_argument("--gpus", help="GPU engines: comma-separated GPU indices, instances on each (default 0)")
     sv.add_argument("--http-port", type=int, default=8000)
     sv.add_argument("--grpc-port", type=int, default=8001)
     sv.add_argument("--metrics-port", type=int, default=8002)
@@ -370,9 +373,19 @@ def cmd_verify(a) -> int:
     return 0
 
 
+def _gpus(a) -> list[int] | None:
+    if not a.gpus:
+        return None
+    try:
+        return [int(g) for g in a.gpus.split(",")]
+    except ValueError:
+        raise OrthrusError(f"--gpus {a.gpus!r}: give comma-separated GPU indices, e.g. 0,1") from None
+
+
 def cmd_triton(a) -> int:
     from orthrus_export.tritonserver import write_repository
-    out = write_repository(Path(a.engine), Path(a.out), a.instances, Path(a.env) if a.env else None)
+    out = write_repository(Path(a.engine), Path(a.out), a.instances, Path(a.env) if a.env else None,
+                           gpus=_gpus(a))
     print(f"model repository written to {out} (model 'orthrus'); start it with `orthrus-export serve` or "
           f"tritonserver --model-repository {out}")
     return 0
@@ -388,6 +401,7 @@ def cmd_serve(a) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(a.home) if a.home else HOME
         repo = write_repository(Path(a.engine), Path(tmp) / "repo", a.instances, Path(a.env) if a.env else None,
+                                gpus=_gpus(a),
                                 home=home)
         server = Server(repo, a.http_port, a.grpc_port, a.metrics_port, home=home, log=log_file)
         print(f"tritonserver log: {log_file}", file=sys.stderr, flush=True)

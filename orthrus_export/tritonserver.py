@@ -39,7 +39,8 @@ input [
   {{ name: "top_k" data_type: TYPE_INT32 dims: [ 1 ] optional: true }},
   {{ name: "top_p" data_type: TYPE_FP32 dims: [ 1 ] optional: true }},
   {{ name: "end_id" data_type: TYPE_INT32 dims: [ 1 ] optional: true }},
-  {{ name: "random_seed" data_type: TYPE_UINT64 dims: [ 1 ] optional: true }}
+  {{ name: "random_seed" data_type: TYPE_UINT64 dims: [ 1 ] optional: true }},
+  {{ name: "stop" data_type: TYPE_STRING dims: [ -1 ] optional: true }}
 ]
 output [
   {{ name: "text_output" data_type: TYPE_STRING dims: [ -1 ] }},
@@ -47,7 +48,7 @@ output [
   {{ name: "cycles" data_type: TYPE_INT32 dims: [ 1 ] }},
   {{ name: "acceptance_length" data_type: TYPE_FP32 dims: [ 1 ] }}
 ]
-instance_group [ {{ count: {instances} kind: KIND_CPU }} ]
+instance_group [ {instance_group} ]
 parameters: {{ key: "ENGINE_PATH", value: {{ string_value: "{engine}" }} }}
 parameters: {{ key: "EXECUTION_ENV_PATH", value: {{ string_value: "{env}" }} }}
 """
@@ -129,14 +130,28 @@ def check_environment(env: Path) -> None:
                            "`python scripts/install_tritonserver.py` makes")
 
 
+def instance_group(manifest: dict, instances: int, gpus: list[int] | None) -> str:
+    """The model's ``instance_group``: ``KIND_GPU`` for a GPU engine, ``instances`` per listed GPU (``gpus``, default
+    GPU 0: ``--gpus 0,1`` puts one engine on each of two GPUs); ``KIND_CPU`` for a CPU engine."""
+    from orthrus_runtime.profiles import load_profile
+    if instances < 1:
+        raise OrthrusError("--instances must be >= 1")
+    if load_profile(manifest["gpu"]["profile"]).device != "cuda":
+        if gpus:
+            raise OrthrusError(f"engine {manifest['name']} is a CPU engine: it runs on KIND_CPU instances; drop --gpus")
+        return f"{{ count: {instances} kind: KIND_CPU }}"
+    gpus = [0] if not gpus else gpus
+    if any(g < 0 for g in gpus) or len(set(gpus)) != len(gpus):
+        raise OrthrusError(f"--gpus {','.join(map(str, gpus))}: give distinct GPU indices >= 0, e.g. 0,1")
+    return f"{{ count: {instances} kind: KIND_GPU gpus: [ {', '.join(map(str, gpus))} ] }}"
+
+
 def write_repository(engine: Path, out: Path, instances: int = 1, env: Path | None = None,
-                     home: Path = HOME) -> Path:
+                     home: Path = HOME, gpus: list[int] | None = None) -> Path:
     """A model repository serving ``engine``; written to a temporary directory and renamed when complete."""
     from orthrus_runtime.engine_format import atomic_directory, read_manifest
     engine = Path(engine).resolve()
-    read_manifest(engine)
-    if instances < 1:
-        raise OrthrusError("--instances must be >= 1")
+    group = instance_group(read_manifest(engine), instances, gpus)
     env = Path(env).resolve() if env else (Path(home) / "venv").resolve()
     if not (env / "bin" / "activate").exists():
         raise OrthrusError(f"no Python environment at {env}: run `python scripts/install_tritonserver.py` first "
@@ -149,7 +164,7 @@ def write_repository(engine: Path, out: Path, instances: int = 1, env: Path | No
         (tmp / MODEL / "1").mkdir(parents=True)
         model_file = resources.files("orthrus_runtime") / "tritonserver_model.py"
         shutil.copy2(str(model_file), tmp / MODEL / "1" / "model.py")
-        (tmp / MODEL / "config.pbtxt").write_text(CONFIG.format(name=MODEL, instances=instances, engine=engine,
+        (tmp / MODEL / "config.pbtxt").write_text(CONFIG.format(name=MODEL, instance_group=group, engine=engine,
                                                                 env=env))
         home = Path(home).resolve()
         launch = tmp / "launch.sh"

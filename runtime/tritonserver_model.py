@@ -1,10 +1,14 @@
 """Triton Inference Server Python-backend model serving an Orthrus engine (copied as ``<repo>/orthrus/1/model.py``).
 
 Decoupled (streaming) model with the tensor names of TensorRT-LLM's Triton models: ``text_input``, ``max_tokens``,
-``stream``, ``temperature``, ``top_k``, ``top_p``, ``end_id``, ``random_seed`` -> ``text_output``, plus
-``output_tokens``, ``cycles`` and ``acceptance_length``. A bad request gets an error response for that request only.
-Custom metrics on Triton's /metrics: tokens generated, cycles, cycles by acceptance length, and the scheduler's
-steps and rows (rows / steps = requests sharing a pass).
+``stream``, ``temperature``, ``top_k``, ``top_p``, ``end_id``, ``random_seed``, ``stop`` (strings) -> ``text_output``,
+plus ``output_tokens``, ``cycles`` and ``acceptance_length``. A bad request gets an error response for that request
+only. A ``KIND_GPU`` instance loads its engine on its own GPU (``model_instance_device_id``).
+
+Metrics on Triton's /metrics, named in the manner of vLLM's: requests running / waiting (gauges), finished by
+reason, prompt and generated tokens, cycles, cycles by acceptance length, accepted drafts by draft position, the
+scheduler's steps and rows (rows / steps = requests sharing a pass), and histograms of queue time, time to first
+token, inter-token latency and end-to-end latency (seconds).
 
 In-flight batching: ``execute`` hands each request to the engine's scheduler (``Engine.submit``) and returns at once;
 a responder thread per request streams its tokens back, so concurrent requests share every pass. Between the
@@ -14,11 +18,14 @@ the request is cancelled and its cache slot freed within one cycle.
 
 import json
 import threading
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 OPTIONAL = {"stream": bool, "temperature": float, "top_k": int, "top_p": float, "end_id": int, "random_seed": int}
+LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                   30.0, 60.0]
 
 
 def _scalar(request, name, cast):
@@ -43,11 +50,23 @@ class TritonPythonModel:
         from orthrus_runtime import Engine
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        if args.get("model_instance_kind") == "GPU":  # this instance's GPU (instance_group gpus: [...])
+            import torch
+            torch.cuda.set_device(int(args["model_instance_device_id"]))
         self.engine = Engine.load(params["ENGINE_PATH"])
         self.name = args["model_name"]
         labels = {"model": self.name}
+        self.families = {}
+        self._define_metrics(labels)
+
+    def _define_metrics(self, labels: dict) -> None:
+        fam = pb_utils.MetricFamily
+
+        def family(key, name, description, kind):
+            self.families[key] = fam(name=name, description=description, kind=kind)
+            return self.families[key]
         # the families must outlive their metrics: keep them on the model
-        self.families = {
+        self.families.update({
             "tokens": pb_utils.MetricFamily(name="orthrus_generated_tokens_total", description="tokens generated",
                                             kind=pb_utils.MetricFamily.COUNTER),
             "cycles": pb_utils.MetricFamily(name="orthrus_cycles_total", description="draft/verify cycles run",
@@ -63,12 +82,32 @@ class TritonPythonModel:
                                           kind=pb_utils.MetricFamily.COUNTER),
             "cancelled": pb_utils.MetricFamily(name="orthrus_requests_cancelled_total",
                                                description="requests cancelled by their client",
-                                               kind=pb_utils.MetricFamily.COUNTER)}
+                                               kind=pb_utils.MetricFamily.COUNTER)})
         self.steps = self.families["steps"].Metric(labels=labels)
         self.rows = self.families["rows"].Metric(labels=labels)
         self.cancelled = self.families["cancelled"].Metric(labels=labels)
         self._seen = {"steps": 0, "rows": 0}
         self._metrics_lock = threading.Lock()
+        self.running = family("running", "orthrus_requests_running", "requests holding a cache slot",
+                              fam.GAUGE).Metric(labels=labels)
+        self.waiting = family("waiting", "orthrus_requests_waiting", "requests queued for a slot",
+                              fam.GAUGE).Metric(labels=labels)
+        finished = family("finished", "orthrus_requests_finished_total", "requests finished, by reason", fam.COUNTER)
+        self.finished = {r: finished.Metric(labels={**labels, "reason": r})
+                         for r in ("eos", "length", "stop", "cancelled", "error")}
+        self.prompt_tokens = family("prompt", "orthrus_prompt_tokens_total", "prompt tokens prefilled",
+                                    fam.COUNTER).Metric(labels=labels)
+        per_pos = family("per_pos", "orthrus_accepted_tokens_per_position_total",
+                         "cycles whose draft at this position was accepted", fam.COUNTER)
+        self.per_pos = [per_pos.Metric(labels={**labels, "position": str(i + 1)})
+                        for i in range(self.engine.block_size - 1)]
+        self.latency = {}
+        for key, name, what in (("queue", "orthrus_request_queue_time_seconds", "submission to a cache slot"),
+                                ("ttft", "orthrus_time_to_first_token_seconds", "submission to the first token"),
+                                ("itl", "orthrus_inter_token_latency_seconds", "mean gap between tokens, per request"),
+                                ("e2e", "orthrus_e2e_request_latency_seconds", "submission to the last token")):
+            self.latency[key] = family(key, name, what, fam.HISTOGRAM).Metric(labels=labels,
+                                                                           buckets=LATENCY_BUCKETS)
         self.tokens = self.families["tokens"].Metric(labels=labels)
         self.cycles = self.families["cycles"].Metric(labels=labels)
         self.hist = {k: self.families["hist"].Metric(labels={**labels, "accepted": str(k)})
@@ -88,16 +127,34 @@ class TritonPythonModel:
         # unset sampling parameters take the checkpoint's generation_config.json defaults (Engine.sampling_defaults)
         out = dict(max_new_tokens=max_tokens, temperature=kw["temperature"], top_k=kw["top_k"], top_p=kw["top_p"],
                    seed=kw["random_seed"] or 0, end_id=kw["end_id"])
+        stop = pb_utils.get_input_tensor_by_name(request, "stop")
+        if stop is not None:
+            out["stop"] = [x.decode("utf-8") if isinstance(x, bytes) else str(x) for x in stop.as_numpy().reshape(-1)]
         return prompt, bool(kw["stream"]), out
 
-    def _count(self, ids, stats) -> None:
+    def _gauges(self) -> dict:
+        now = self.engine.scheduler_stats()
+        self.running.set(float(now["slots_in_use"]))
+        self.waiting.set(float(now["waiting"]))
+        return now
+
+    def _count(self, ids, stats, e2e_s: float) -> None:
         with self._metrics_lock:
             self.tokens.increment(float(len(ids)))
+            self.prompt_tokens.increment(float(stats.prompt_tokens))
             self.cycles.increment(float(stats.cycles))
             for k, n in enumerate(stats.acceptance_hist):
                 if n:
                     self.hist[k].increment(float(n))
-            now = self.engine.scheduler_stats()
+            for metric, n in zip(self.per_pos, stats.accepted_per_pos):
+                if n:
+                    metric.increment(float(n))
+            self.finished.get(stats.finish_reason or "error", self.finished["error"]).increment(1.0)
+            for key, value in (("queue", stats.queue_s), ("ttft", stats.ttft_s), ("e2e", e2e_s)):
+                self.latency[key].observe(float(value))
+            if len(ids) > 1:
+                self.latency["itl"].observe(float(stats.itl_s))
+            now = self._gauges()
             for key, metric in (("steps", self.steps), ("rows", self.rows)):
                 metric.increment(float(now[key] - self._seen[key]))
                 self._seen[key] = now[key]
@@ -111,7 +168,9 @@ class TritonPythonModel:
             except Exception as e:  # this request fails; the model keeps serving
                 self._error(sender, e)
                 continue
-            threading.Thread(target=self._respond, args=(sender, handle, stream), daemon=True).start()
+            threading.Thread(target=self._respond, args=(sender, handle, stream, time.perf_counter()),
+                             daemon=True).start()
+        self._gauges()
         return None
 
     @staticmethod
@@ -120,7 +179,7 @@ class TritonPythonModel:
         sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(msg)),
                     flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
-    def _respond(self, sender, handle, stream: bool) -> None:
+    def _respond(self, sender, handle, stream: bool, t0: float) -> None:
         """Stream one request's tokens back (text deltas when ``stream``), then its final response."""
         from orthrus_runtime.engine import TextStream
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -129,16 +188,21 @@ class TritonPythonModel:
             for delta in text:
                 if sender.is_cancelled():  # the client is gone: free the slot now
                     handle.cancel()
-                    self.cancelled.increment(1.0)
+                    with self._metrics_lock:
+                        self.cancelled.increment(1.0)
+                        self.finished["cancelled"].increment(1.0)
+                        self._gauges()
                     sender.send(flags=final)
                     return
                 if stream:
                     sender.send(pb_utils.InferenceResponse(output_tensors=_outputs(delta, 0, 0, 0.0)))
         except Exception as e:  # the request failed in the scheduler: an error response for it alone
+            with self._metrics_lock:
+                self.finished["error"].increment(1.0)
             self._error(sender, e)
             return
         r = text.result
-        self._count(r.output_ids, r.stats)
+        self._count(r.output_ids, r.stats, time.perf_counter() - t0)
         sender.send(pb_utils.InferenceResponse(output_tensors=_outputs(
             "" if stream else r.text, len(r.output_ids), r.stats.cycles, r.stats.acceptance_length)), flags=final)
 

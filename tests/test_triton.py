@@ -170,6 +170,44 @@ def test_metrics_counters_move(served):
     hist_before = sum(v for k, v in before.items() if k.startswith("orthrus_acceptance_length_cycles_total"))
     assert hist - hist_before == r["cycles"]
 
+    def moved(prefix, *labels):
+        def total(m):
+            return sum(v for k, v in m.items() if k.startswith(prefix) and all(x in k for x in labels))
+        return total(after) - total(before)
+    prompt_tokens = len(served[1].encode(PROMPTS[4]))
+    assert moved("orthrus_prompt_tokens_total") == prompt_tokens
+    assert moved("orthrus_requests_finished_total", 'reason="length"') == 1
+    local = served[1].generate(PROMPTS[4], max_new_tokens=24).stats  # the same greedy request in this process
+    assert moved("orthrus_accepted_tokens_per_position_total") == sum(local.accepted_per_pos)
+    assert moved("orthrus_accepted_tokens_per_position_total", 'position="1"') == local.accepted_per_pos[0]
+    for name in ("orthrus_time_to_first_token_seconds", "orthrus_request_queue_time_seconds",
+                 "orthrus_inter_token_latency_seconds", "orthrus_e2e_request_latency_seconds"):
+        assert moved(name + "_count") == 1, name  # native histograms: one observation for this request
+        assert moved(name + "_bucket", 'le="+Inf"') == 1
+    assert 'orthrus_requests_running{model="orthrus"}' in after and 'orthrus_requests_waiting{model="orthrus"}' in after
+
+
+def test_stop_strings_end_the_text(served):
+    server, engine = served
+    local = engine.generate(PROMPTS[1], max_new_tokens=60, stop=["\n"])
+    r = generate(server, PROMPTS[1], 60, stop=["\n"])
+    assert r["text_output"] == local.text and "\n" not in r["text_output"]
+    assert r["output_tokens"] == len(local.output_ids) < 60
+
+
+def test_gpu_engines_get_gpu_instances_one_per_listed_gpu(served, tmp_path):
+    """The repository of a GPU engine asks for KIND_GPU instances on the listed GPUs; a CPU engine refuses --gpus."""
+    from orthrus_export.tritonserver import instance_group
+    server, engine = served
+    manifest = dict(engine.manifest, gpu={**engine.manifest["gpu"], "profile": "h200"})
+    assert instance_group(manifest, 1, None) == "{ count: 1 kind: KIND_GPU gpus: [ 0 ] }"
+    assert instance_group(manifest, 2, [0, 1]) == "{ count: 2 kind: KIND_GPU gpus: [ 0, 1 ] }"
+    assert instance_group(engine.manifest, 1, None) == "{ count: 1 kind: KIND_CPU }"
+    with pytest.raises(Exception, match="CPU engine: it runs on KIND_CPU instances; drop --gpus"):
+        instance_group(engine.manifest, 1, [0])
+    with pytest.raises(Exception, match="distinct GPU indices"):
+        instance_group(manifest, 1, [0, 0])
+
 
 def test_client_example_checks_its_own_answer(served):
     import subprocess
