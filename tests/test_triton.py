@@ -148,6 +148,9 @@ def test_a_cancelled_grpc_stream_frees_its_slot(served):
     ({"text_input": "x", "max_tokens": 4, "temperature": -1.0}, "temperature must be"),
     ({"text_input": "x", "max_tokens": "many"}, ""),
     ({"text_input": "x", "max_tokens": 4, "beam_width": 2}, "unknown parameter 'beam_width'"),
+    ({"text_input": "x", "max_tokens": 4, "top_k": -3}, "top_k must be an integer >= 0"),
+    ({"max_tokens": 4}, "text_input"),
+    ({"text_input": "x" * 1_000_000, "max_tokens": 4}, "exceeds the engine's max_seq_len"),
 ])
 def test_bad_request_gets_an_error_and_the_model_keeps_serving(served, body, pattern):
     server, engine = served
@@ -290,3 +293,86 @@ def test_serve_says_why_the_server_did_not_start(served, tmp_path):
     assert "tritonserver exited with code" in line and str(log) in line
     assert "weights.safetensors has" in line, line  # the model's own one-line error, from the server log
     assert log.exists() and "weights.safetensors has" in log.read_text()
+
+
+def grpc_call(server, fields) -> tuple[list[str], str | None]:
+    """One streamed gRPC request with the given ``(name, array, datatype)`` inputs: its text pieces and the error
+    message of its first error response (None if it had none)."""
+    import queue as queue_module
+
+    import tritonclient.grpc as grpcclient
+    q = queue_module.Queue()
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc}")
+    inputs = []
+    for name, value, dtype in fields:
+        t = grpcclient.InferInput(name, list(value.shape), dtype)
+        t.set_data_from_numpy(value)
+        inputs.append(t)
+    client.start_stream(callback=lambda result, error: q.put((result, error)))
+    pieces, message = [], None
+    try:
+        client.async_stream_infer("orthrus", inputs, enable_empty_final_response=True)
+        while True:
+            result, error = q.get(timeout=300)
+            if error is not None:
+                message = str(error)
+                break
+            out = result.as_numpy("text_output")
+            if out is not None:
+                pieces.append(b"".join(out.reshape(-1)).decode())
+            final = result.get_response().parameters.get("triton_final_response")
+            if final is not None and final.bool_param:
+                break
+    finally:
+        client.stop_stream()
+        client.close()
+    return pieces, message
+
+
+def _fields(prompt: bytes, n: int, **extra):
+    import numpy as np
+    out = [("text_input", np.array([prompt], dtype=object), "BYTES"), ("max_tokens", np.array([n], dtype=np.int32),
+                                                                       "INT32"),
+           ("stream", np.array([True]), "BOOL")]
+    for name, (value, dtype) in extra.items():
+        out.append((name, np.array([value], dtype={"FP32": np.float32, "INT32": np.int32, "UINT64": np.uint64}[dtype]),
+                    dtype))
+    return out
+
+
+def test_malformed_grpc_requests_are_refused_alone(served):
+    """Wrong dtypes, a NaN temperature and invalid UTF-8 each get one error; the server then serves a normal
+    request exactly."""
+    import numpy as np
+    server, engine = served
+    wrong_dtype = [("text_input", np.array([b"x"], dtype=object), "BYTES"),
+                   ("max_tokens", np.array([4.0], dtype=np.float32), "FP32")]
+    cases = [(wrong_dtype, "max_tokens"),
+             (_fields(b"x", 4, temperature=(float("nan"), "FP32")), "temperature must be a finite number"),
+             (_fields(b"\xff\xfe def", 4), "utf-8")]
+    for fields, pattern in cases:
+        pieces, error = grpc_call(server, fields)
+        assert error is not None and pattern in error, (pattern, error)
+    pieces, error = grpc_call(server, _fields(PROMPTS[2].encode(), 16))
+    assert error is None and "".join(pieces) == engine.generate(PROMPTS[2], max_new_tokens=16).text
+
+
+def test_32_concurrent_sampled_streams_each_equal_their_run_alone(served):
+    """32 gRPC streams at once (four times the engine's slots), each with its own prompt and seed, sampled: each
+    gets exactly the text the same request gets alone."""
+    server, engine = served
+    jobs = [(PROMPTS[i % len(PROMPTS)], 100 + i) for i in range(32)]
+    expected = [engine.generate(p, max_new_tokens=16, temperature=0.8, top_k=20, seed=s).text for p, s in jobs]
+    got: list = [None] * len(jobs)
+
+    def client(i):
+        p, seed = jobs[i]
+        got[i] = grpc_call(server, _fields(p.encode(), 16, temperature=(0.8, "FP32"), top_k=(20, "INT32"),
+                                           random_seed=(seed, "UINT64")))
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert [g[1] for g in got] == [None] * len(jobs)
+    assert ["".join(g[0]) for g in got] == expected
