@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from orthrus_runtime import __version__
@@ -180,6 +181,8 @@ def parser() -> argparse.ArgumentParser:
     _engine_arg(sv)
     sv.add_argument("--instances", type=int, default=1)
     sv.add_argument("--gpus", help="GPU engines: comma-separated GPU indices, instances on each (default 0)")
+    sv.add_argument("--openai-port", type=int,
+                    help="also serve an OpenAI-compatible endpoint (/v1/completions, /v1/chat/completions) here")
     sv.add_argument("--http-port", type=int, default=8000)
     sv.add_argument("--grpc-port", type=int, default=8001)
     sv.add_argument("--metrics-port", type=int, default=8002)
@@ -409,11 +412,31 @@ def cmd_serve(a) -> int:
             server.wait_ready()
             print(f"serving {a.engine} as model 'orthrus': HTTP 127.0.0.1:{a.http_port}, gRPC 127.0.0.1:"
                   f"{a.grpc_port}, metrics 127.0.0.1:{a.metrics_port}/metrics (Ctrl-C stops)", flush=True)
+            if a.openai_port:
+                _openai_frontend(a, server)
             if server.proc.wait() != 0:  # it stopped by itself (SIGTERM to serve stops it through `finally`)
                 raise server.failure()
         finally:
             server.stop()
     return 0
+
+
+def _openai_frontend(a, server) -> None:
+    """Start the OpenAI-compatible endpoint in front of the running Triton server (a daemon thread)."""
+    try:
+        from orthrus_runtime.openai_frontend import server as openai_server
+        frontend = openai_server(a.engine, f"127.0.0.1:{a.grpc_port}", a.openai_port)
+    except ImportError as e:
+        raise OrthrusError(f"--openai-port needs FastAPI and uvicorn ({e.name} is missing): pip install "
+                           "'orthrus-export[serve]'") from None
+    threading.Thread(target=frontend.run, daemon=True, name="openai-frontend").start()
+    for _ in range(100):
+        if frontend.started:
+            break
+        time.sleep(0.1)
+    else:
+        raise OrthrusError(f"the OpenAI endpoint did not start on 127.0.0.1:{a.openai_port} (port in use?)")
+    print(f"OpenAI-compatible endpoint: http://127.0.0.1:{a.openai_port}/v1", flush=True)
 
 
 def cmd_onnx(a) -> int:

@@ -46,7 +46,8 @@ output [
   {{ name: "text_output" data_type: TYPE_STRING dims: [ -1 ] }},
   {{ name: "output_tokens" data_type: TYPE_INT32 dims: [ 1 ] }},
   {{ name: "cycles" data_type: TYPE_INT32 dims: [ 1 ] }},
-  {{ name: "acceptance_length" data_type: TYPE_FP32 dims: [ 1 ] }}
+  {{ name: "acceptance_length" data_type: TYPE_FP32 dims: [ 1 ] }},
+  {{ name: "finish_reason" data_type: TYPE_STRING dims: [ 1 ] }}
 ]
 instance_group [ {instance_group} ]
 parameters: {{ key: "ENGINE_PATH", value: {{ string_value: "{engine}" }} }}

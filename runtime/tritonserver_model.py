@@ -2,7 +2,7 @@
 
 Decoupled (streaming) model with the tensor names of TensorRT-LLM's Triton models: ``text_input``, ``max_tokens``,
 ``stream``, ``temperature``, ``top_k``, ``top_p``, ``end_id``, ``random_seed``, ``stop`` (strings) -> ``text_output``,
-plus ``output_tokens``, ``cycles`` and ``acceptance_length``. A bad request gets an error response for that request
+plus ``output_tokens``, ``cycles``, ``acceptance_length`` and ``finish_reason`` (eos, length, stop; final response). A bad request gets an error response for that request
 only. A ``KIND_GPU`` instance loads its engine on its own GPU (``model_instance_device_id``).
 
 Metrics on Triton's /metrics, named in the manner of vLLM's: requests running / waiting (gauges), finished by
@@ -38,11 +38,12 @@ def _scalar(request, name, cast):
     return cast(a[0])
 
 
-def _outputs(text: str, tokens: int, cycles: int, acceptance: float):
+def _outputs(text: str, tokens: int, cycles: int, acceptance: float, finish_reason: str = ""):
     return [pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=object)),
             pb_utils.Tensor("output_tokens", np.array([tokens], dtype=np.int32)),
             pb_utils.Tensor("cycles", np.array([cycles], dtype=np.int32)),
-            pb_utils.Tensor("acceptance_length", np.array([acceptance], dtype=np.float32))]
+            pb_utils.Tensor("acceptance_length", np.array([acceptance], dtype=np.float32)),
+            pb_utils.Tensor("finish_reason", np.array([finish_reason.encode()], dtype=object))]
 
 
 class TritonPythonModel:
@@ -187,24 +188,32 @@ class TritonPythonModel:
         try:
             for delta in text:
                 if sender.is_cancelled():  # the client is gone: free the slot now
-                    handle.cancel()
-                    with self._metrics_lock:
-                        self.cancelled.increment(1.0)
-                        self.finished["cancelled"].increment(1.0)
-                        self._gauges()
-                    sender.send(flags=final)
-                    return
+                    return self._cancelled(sender, handle)
                 if stream:
                     sender.send(pb_utils.InferenceResponse(output_tensors=_outputs(delta, 0, 0, 0.0)))
-        except Exception as e:  # the request failed in the scheduler: an error response for it alone
-            with self._metrics_lock:
+            r = text.result
+            self._count(r.output_ids, r.stats, time.perf_counter() - t0)
+            sender.send(pb_utils.InferenceResponse(output_tensors=_outputs(
+                "" if stream else r.text, len(r.output_ids), r.stats.cycles, r.stats.acceptance_length,
+                r.stats.finish_reason or "")), flags=final)
+        except Exception as e:
+            if sender.is_cancelled():  # a send to a client that cancelled meanwhile failed
+                return self._cancelled(sender, handle)
+            with self._metrics_lock:  # the request failed in the scheduler: an error response for it alone
                 self.finished["error"].increment(1.0)
+            handle.cancel()
             self._error(sender, e)
-            return
-        r = text.result
-        self._count(r.output_ids, r.stats, time.perf_counter() - t0)
-        sender.send(pb_utils.InferenceResponse(output_tensors=_outputs(
-            "" if stream else r.text, len(r.output_ids), r.stats.cycles, r.stats.acceptance_length)), flags=final)
+
+    def _cancelled(self, sender, handle) -> None:
+        handle.cancel()
+        with self._metrics_lock:
+            self.cancelled.increment(1.0)
+            self.finished["cancelled"].increment(1.0)
+            self._gauges()
+        try:
+            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except Exception:  # the request is gone already
+            pass
 
     def finalize(self):
         self.engine.close()

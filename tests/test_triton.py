@@ -376,3 +376,63 @@ def test_32_concurrent_sampled_streams_each_equal_their_run_alone(served):
         t.join(timeout=300)
     assert [g[1] for g in got] == [None] * len(jobs)
     assert ["".join(g[0]) for g in got] == expected
+
+
+@pytest.fixture(scope="module")
+def openai_url(served):
+    """The OpenAI-compatible endpoint (uvicorn, a real HTTP server on a free port) in front of the Triton server."""
+    import time
+
+    from orthrus_runtime.openai_frontend import server as openai_server
+    server, engine = served
+    port = free_port()
+    frontend = openai_server(engine.path, f"127.0.0.1:{server.grpc}", port)
+    thread = threading.Thread(target=frontend.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not frontend.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert frontend.started
+    yield f"http://127.0.0.1:{port}/v1"
+    frontend.should_exit = True
+    thread.join(timeout=30)
+
+
+def test_openai_client_completions_and_chat(served, openai_url):
+    """The openai package, as a user calls it: completions (whole and streamed), chat with the engine's chat template,
+    usage, stop, seed; n > 1 refused with a 400 that names it."""
+    import openai
+    server, engine = served
+    client = openai.OpenAI(base_url=openai_url, api_key="unused")
+    assert [m.id for m in client.models.list().data] == ["orthrus"]
+    r = client.completions.create(model="orthrus", prompt=PROMPTS[0], max_tokens=24, temperature=0)
+    local = engine.generate(PROMPTS[0], max_new_tokens=24, temperature=0)
+    assert r.choices[0].text == local.text and r.choices[0].finish_reason == "length"
+    assert r.usage.prompt_tokens == len(local.prompt_ids) and r.usage.completion_tokens == 24
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 24
+    chunks = list(client.completions.create(model="orthrus", prompt=PROMPTS[0], max_tokens=24, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert len([c for c in chunks if c.choices and c.choices[0].text]) > 1
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == local.text
+    assert chunks[-1].usage.completion_tokens == 24
+    stopped = client.completions.create(model="orthrus", prompt=PROMPTS[1], max_tokens=60, temperature=0, stop="\n")
+    assert stopped.choices[0].text == engine.generate(PROMPTS[1], max_new_tokens=60, temperature=0, stop=["\n"]).text
+    assert stopped.choices[0].finish_reason == "stop"
+    sampled = [client.completions.create(model="orthrus", prompt=PROMPTS[2], max_tokens=16, temperature=0.8,
+                                         top_p=0.95, seed=11).choices[0].text for _ in range(2)]
+    assert sampled[0] == sampled[1] == engine.generate(PROMPTS[2], max_new_tokens=16, temperature=0.8, top_p=0.95,
+                                                       seed=11).text
+    chat = client.chat.completions.create(model="orthrus", messages=[{"role": "user", "content": "def main("}],
+                                          max_tokens=20, temperature=0)
+    expected = engine.generate("def main(", max_new_tokens=20, temperature=0, chat=True)
+    assert chat.choices[0].message.content == expected.text and chat.choices[0].message.role == "assistant"
+    assert chat.usage.prompt_tokens == len(expected.prompt_ids)
+    streamed = client.chat.completions.create(model="orthrus", messages=[{"role": "user", "content": "def main("}],
+                                              max_tokens=20, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == expected.text
+    with pytest.raises(openai.BadRequestError, match="n=2 is not supported"):
+        client.completions.create(model="orthrus", prompt="x", max_tokens=4, n=2)
+    with pytest.raises(openai.BadRequestError, match="exceeds the engine's max_seq_len"):
+        client.completions.create(model="orthrus", prompt="x", max_tokens=100000)
+    assert client.completions.create(model="orthrus", prompt="x", max_tokens=4).usage.completion_tokens == 4
+
