@@ -481,6 +481,8 @@ def cmd_info(a) -> int:
     o = m["build"]["options"]
     print(f"max_seq_len {m['build']['max_seq_len']}, kernels {m['build']['kernels']}, backend {o['backend']}, "
           f"attention splits {o['attention_splits']}; programs {', '.join(m['programs'])}")
+    print(f"max batch size {m['build']['max_batch_size']} (buckets "
+          f"{', '.join(map(str, m['build']['batch_buckets']))}), {m['build']['draft_sampling']} drafts when sampling")
     comp = m["build"].get("compiled")
     if comp:
         print(f"compiled artifacts {comp['file']} ({comp['bytes'] / 1e6:.1f} MB) for {comp['stack'].get('device_name') or comp['stack'].get('machine')}, torch {comp['stack']['torch']}")
