@@ -436,3 +436,30 @@ def test_openai_client_completions_and_chat(served, openai_url):
         client.completions.create(model="orthrus", prompt="x", max_tokens=100000)
     assert client.completions.create(model="orthrus", prompt="x", max_tokens=4).usage.completion_tokens == 4
 
+
+
+def _stub_rss_kb(server) -> int:
+    """Resident memory of the model's Python backend stub (the process that holds the engine)."""
+    import subprocess
+    pids = subprocess.run(["pgrep", "-f", "triton_python_backend_stub"], capture_output=True, text=True).stdout.split()
+    for pid in pids:
+        try:
+            status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                          if ":" in line)
+        except OSError:
+            continue
+        if int(status["PPid"]) == server.proc.pid:  # this server's stub, not another test's
+            return int(status["VmRSS"].split()[0])
+    raise AssertionError("no Python backend stub process found")
+
+
+def test_resident_memory_is_flat_over_300_requests(served):
+    """Resident memory of the model process after 300 sequential requests stays within 5% of after the first 20."""
+    server, _ = served
+    for i in range(20):
+        generate(server, PROMPTS[i % len(PROMPTS)], 4)
+    after_20 = _stub_rss_kb(server)
+    for i in range(280):
+        generate(server, PROMPTS[i % len(PROMPTS)], 4)
+    after_300 = _stub_rss_kb(server)
+    assert after_300 <= after_20 * 1.05, f"resident memory grew from {after_20} kB to {after_300} kB"
