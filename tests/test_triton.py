@@ -463,3 +463,31 @@ def test_resident_memory_is_flat_over_300_requests(served):
         generate(server, PROMPTS[i % len(PROMPTS)], 4)
     after_300 = _stub_rss_kb(server)
     assert after_300 <= after_20 * 1.05, f"resident memory grew from {after_20} kB to {after_300} kB"
+
+
+def test_a_killed_model_process_fails_requests_at_once(tmp_path):
+    """SIGKILL of the model's Python backend stub: Triton does not restart it; every later request gets an error
+    naming the unhealthy stub within seconds (no hang). (Triton's readiness endpoints still answer 200.)"""
+    import os
+    import signal
+    import subprocess
+    import time
+    install()
+    engine_dir = build("tiny", out=tmp_path / "engine", max_seq_len=256, max_batch_size=2, progress=False)
+    server = Server(write_repository(engine_dir, tmp_path / "repo"), free_port(), free_port(), free_port(),
+                    log=tmp_path / "server.log")
+    try:
+        server.wait_ready(timeout=120)
+        assert generate(server, "x", 4)["output_tokens"] == 4
+        pids = subprocess.run(["pgrep", "-f", "triton_python_backend_stub"], capture_output=True,
+                              text=True).stdout.split()
+        stub = [int(p) for p in pids if f"PPid:\t{server.proc.pid}\n" in Path(f"/proc/{p}/status").read_text()]
+        assert len(stub) == 1
+        os.kill(stub[0], signal.SIGKILL)
+        for _ in range(2):
+            t0 = time.time()
+            with pytest.raises(urllib.error.HTTPError) as e:
+                generate(server, "x", 4)
+            assert "is not healthy" in e.value.read().decode() and time.time() - t0 < 30
+    finally:
+        server.stop()
