@@ -274,7 +274,7 @@ class Scheduler:
         return dict(temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p, eos=req.eos_ids,
                     uniforms=torch.rand(2 * self.steps.b, generator=req.generator))
 
-    def _row(self, req: Request) -> tuple[Request, Row]:
+    def _row(self, req: Request) -> Row:
         s = len(req.prompt) + len(req.out) - 1  # the known token x is not in the cache yet
         drafts = None
         if req.drafter is not None and req.use_drafts:
