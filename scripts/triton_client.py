@@ -39,15 +39,18 @@ def _raise(error):
     raise RuntimeError(str(error))
 
 
-def grpc_stream(url, prompt, n):
+def grpc_stream(url, prompt, n, fields=None):
+    """The text pieces of one streamed request; ``fields`` (``(name, array, datatype)`` inputs) replaces the
+    default ``text_input``/``max_tokens``/``stream`` ones. A refused request raises with the server's message."""
     import tritonclient.grpc as grpcclient
     q = queue.Queue()
     client = grpcclient.InferenceServerClient(url)
     inputs = []
-    for name, value, dtype in (("text_input", np.array([prompt.encode()], dtype=object), "BYTES"),
-                               ("max_tokens", np.array([n], dtype=np.int32), "INT32"),
-                               ("stream", np.array([True]), "BOOL")):
-        t = grpcclient.InferInput(name, [1], dtype)
+    if fields is None:
+        fields = (("text_input", np.array([prompt.encode()], dtype=object), "BYTES"),
+                  ("max_tokens", np.array([n], dtype=np.int32), "INT32"), ("stream", np.array([True]), "BOOL"))
+    for name, value, dtype in fields:
+        t = grpcclient.InferInput(name, list(value.shape), dtype)
         t.set_data_from_numpy(value)
         inputs.append(t)
     client.start_stream(callback=lambda result, error: q.put((result, error)))

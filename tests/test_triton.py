@@ -296,37 +296,12 @@ def test_serve_says_why_the_server_did_not_start(served, tmp_path):
 
 
 def grpc_call(server, fields) -> tuple[list[str], str | None]:
-    """One streamed gRPC request with the given ``(name, array, datatype)`` inputs: its text pieces and the error
-    message of its first error response (None if it had none)."""
-    import queue as queue_module
-
-    import tritonclient.grpc as grpcclient
-    q = queue_module.Queue()
-    client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc}")
-    inputs = []
-    for name, value, dtype in fields:
-        t = grpcclient.InferInput(name, list(value.shape), dtype)
-        t.set_data_from_numpy(value)
-        inputs.append(t)
-    client.start_stream(callback=lambda result, error: q.put((result, error)))
-    pieces, message = [], None
+    """One streamed gRPC request with the given ``(name, array, datatype)`` inputs (the client example's
+    ``grpc_stream``): its text pieces and the error message of its error response (None if it had none)."""
     try:
-        client.async_stream_infer("orthrus", inputs, enable_empty_final_response=True)
-        while True:
-            result, error = q.get(timeout=300)
-            if error is not None:
-                message = str(error)
-                break
-            out = result.as_numpy("text_output")
-            if out is not None:
-                pieces.append(b"".join(out.reshape(-1)).decode())
-            final = result.get_response().parameters.get("triton_final_response")
-            if final is not None and final.bool_param:
-                break
-    finally:
-        client.stop_stream()
-        client.close()
-    return pieces, message
+        return grpc_stream(f"127.0.0.1:{server.grpc}", None, None, fields=fields), None
+    except RuntimeError as e:
+        return [], str(e)
 
 
 def _fields(prompt: bytes, n: int, **extra):
