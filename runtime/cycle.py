@@ -187,11 +187,7 @@ class Steps:
     # ---- running ------------------------------------------------------------------------------------------------
     def clear(self, rows: int) -> None:
         """Rows 0 … rows-1 as padding: the scratch slot, length 0, greedy."""
-        self.ints[:rows].zero_()
-        self.ints[:rows, SLOT] = self.scratch
-        self.ints[:rows, EOS:CHUNK] = -1
-        self.floats[:rows].zero_()
-        self.floats[:rows, TOP_P] = 1.0
+        self.fill([], rows)
 
     def fill(self, rows: list[Row], bucket: int) -> None:
         """Write the rows' inputs (and padding up to ``bucket``) in one host-to-device copy per buffer (built as
