@@ -163,6 +163,11 @@ class Steps:
         pool. The rows point at the scratch slot while capturing, so no sequence's cache is touched. Seconds."""
         t0 = time.perf_counter()
         self.graphs = {}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.no_grad():
+            self.warm_up()  # ascending: compiled programs specialise to 1 row, then to a symbolic row count
+        torch.cuda.current_stream().wait_stream(side)
         pool = torch.cuda.graph_pool_handle()
         for rows in reversed(self.buckets):  # the largest first: the pool's blocks then serve the smaller ones
             for kind in STEPS:
@@ -170,6 +175,13 @@ class Steps:
                     self.graphs[(kind, sampled, rows)] = self._capture(kind, sampled, rows, pool)
         torch.cuda.synchronize()
         return time.perf_counter() - t0
+
+    def warm_up(self) -> None:
+        """Run every step once at every bucket, smallest first, on padding rows (compiles the programs)."""
+        for rows in self.buckets:
+            self.clear(rows)
+            for kind in STEPS:
+                self.body(kind, False, rows)
 
     def _capture(self, kind: str, sampled: bool, rows: int, pool=None) -> torch.cuda.CUDAGraph:
         self.clear(rows)

@@ -128,10 +128,7 @@ class Engine:
         elif self.options.backend == "inductor":  # compile every bucket now, not in the first requests
             t1 = time.perf_counter()
             with torch.no_grad():
-                for rows in self.buckets:
-                    self.steps.clear(rows)
-                    for kind in ("cycle", "decode"):
-                        self.steps.body(kind, False, rows)
+                self.steps.warm_up()
             self.load_stats["compile_s"] = round(time.perf_counter() - t1, 3)
         self.scheduler = Scheduler(self.steps, self.max_batch_size, self._lock, **self._queue_args)
         self.load_stats["prepare_s"] = round(time.perf_counter() - t0, 3)
