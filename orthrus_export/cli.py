@@ -176,6 +176,7 @@ def parser() -> argparse.ArgumentParser:
                    help="model instances per device (each owns an engine, its cache and its scheduler)")
     t.add_argument("--gpus", help="GPU engines: comma-separated GPU indices, instances on each (default 0)")
     t.add_argument("--env", help="Python environment the model runs in (default .triton/venv)")
+    _max_active_arg(t)
 
     sv = sub.add_parser("serve", help="write a model repository and run tritonserver on 127.0.0.1")
     _engine_arg(sv)
@@ -190,6 +191,10 @@ def parser() -> argparse.ArgumentParser:
                     "~/.cache/orthrus-export/triton for an installed package)")
     sv.add_argument("--env", help="Python environment the model runs in (default: <home>/venv)")
     sv.add_argument("--log-file", help="tritonserver's log (default: a file in the temporary directory, printed)")
+    _max_active_arg(sv)
+    sv.add_argument("--no-supervise", action="store_true",
+                    help="do not watch the model's process (by default a model process that dies is reported "
+                         "not ready and reloaded)")
 
     i = sub.add_parser("info", help="show an engine's manifest summary (reads the manifest only)")
     _engine_arg(i)
@@ -385,10 +390,16 @@ def _gpus(a) -> list[int] | None:
         raise OrthrusError(f"--gpus {a.gpus!r}: give comma-separated GPU indices, e.g. 0,1") from None
 
 
+def _max_active_arg(p) -> None:
+    p.add_argument("--max-active", type=int,
+                   help="requests sharing the engine's passes at once (default: the engine's --max-batch-size; "
+                        "1 turns in-flight batching off)")
+
+
 def cmd_triton(a) -> int:
     from orthrus_export.tritonserver import write_repository
     out = write_repository(Path(a.engine), Path(a.out), a.instances, Path(a.env) if a.env else None,
-                           gpus=_gpus(a))
+                           gpus=_gpus(a), max_active=a.max_active)
     print(f"model repository written to {out} (model 'orthrus'); start it with `orthrus-export serve` or "
           f"tritonserver --model-repository {out}")
     return 0
@@ -404,9 +415,10 @@ def cmd_serve(a) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(a.home) if a.home else HOME
         repo = write_repository(Path(a.engine), Path(tmp) / "repo", a.instances, Path(a.env) if a.env else None,
-                                gpus=_gpus(a),
-                                home=home)
-        server = Server(repo, a.http_port, a.grpc_port, a.metrics_port, home=home, log=log_file)
+                                gpus=_gpus(a), home=home, max_active=a.max_active)
+        server = Server(repo, a.http_port, a.grpc_port, a.metrics_port, home=home, log=log_file,
+                        supervise=not a.no_supervise,
+                        on_event=lambda m: print(f"orthrus-export serve: {m}", file=sys.stderr, flush=True))
         print(f"tritonserver log: {log_file}", file=sys.stderr, flush=True)
         try:
             server.wait_ready()

@@ -8,13 +8,16 @@ utilities need: the model runs there through ``EXECUTION_ENV_PATH``).
 """
 
 import os
+import re
 from importlib import resources
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -52,6 +55,7 @@ output [
 instance_group [ {instance_group} ]
 parameters: {{ key: "ENGINE_PATH", value: {{ string_value: "{engine}" }} }}
 parameters: {{ key: "EXECUTION_ENV_PATH", value: {{ string_value: "{env}" }} }}
+parameters: {{ key: "MAX_ACTIVE", value: {{ string_value: "{max_active}" }} }}
 """
 
 
@@ -148,11 +152,17 @@ def instance_group(manifest: dict, instances: int, gpus: list[int] | None) -> st
 
 
 def write_repository(engine: Path, out: Path, instances: int = 1, env: Path | None = None,
-                     home: Path = HOME, gpus: list[int] | None = None) -> Path:
-    """A model repository serving ``engine``; written to a temporary directory and renamed when complete."""
+                     home: Path = HOME, gpus: list[int] | None = None, max_active: int | None = None) -> Path:
+    """A model repository serving ``engine``; written to a temporary directory and renamed when complete.
+    ``max_active``: requests sharing the engine's passes at once (default its max batch size; 1 serves them one
+    after another: in-flight batching off)."""
     from orthrus_runtime.engine_format import atomic_directory, read_manifest
     engine = Path(engine).resolve()
-    group = instance_group(read_manifest(engine), instances, gpus)
+    manifest = read_manifest(engine)
+    group = instance_group(manifest, instances, gpus)
+    limit = manifest["build"]["max_batch_size"]
+    if max_active is not None and not 1 <= max_active <= limit:
+        raise OrthrusError(f"--max-active {max_active}: give 1 … {limit} (the engine's --max-batch-size)")
     env = Path(env).resolve() if env else (Path(home) / "venv").resolve()
     if not (env / "bin" / "activate").exists():
         raise OrthrusError(f"no Python environment at {env}: run `python scripts/install_tritonserver.py` first "
@@ -166,7 +176,7 @@ def write_repository(engine: Path, out: Path, instances: int = 1, env: Path | No
         model_file = resources.files("orthrus_runtime") / "tritonserver_model.py"
         shutil.copy2(str(model_file), tmp / MODEL / "1" / "model.py")
         (tmp / MODEL / "config.pbtxt").write_text(CONFIG.format(name=MODEL, instance_group=group, engine=engine,
-                                                                env=env))
+                                                                env=env, max_active=max_active or ""))
         home = Path(home).resolve()
         launch = tmp / "launch.sh"
         launch.write_text(LAUNCH.format(libs=home / "pytriton" / "nvidia_pytriton.libs", binary=server_binary(home),
@@ -176,10 +186,19 @@ def write_repository(engine: Path, out: Path, instances: int = 1, env: Path | No
 
 
 class Server:
-    """A running tritonserver on 127.0.0.1 ports; stop() ends it by its PID."""
+    """A running tritonserver on 127.0.0.1 ports; stop() ends it by its PID.
+
+    ``supervise``: the server runs with explicit model control and :meth:`watch` (started by :meth:`wait_ready`)
+    checks every ``interval`` seconds that the model's Python-backend stub processes are alive. Triton 2.51 neither
+    restarts a stub that died (SIGKILL, the OOM killer, a crash in native code) nor reports the model unready: every
+    request then fails with "Stub process … is not healthy" while ``/v2/models/orthrus/ready`` answers 200. The
+    watcher unloads the model at once (readiness then answers 400 "not ready", so a load balancer or Kubernetes
+    probe stops sending traffic) and loads it again (a fresh stub and engine; ready again when loaded). A reload
+    that fails leaves the model unloaded and unready, and the watcher stops. Each step is an entry in ``events``
+    (and passed to ``on_event``)."""
 
     def __init__(self, repo: Path, http: int, grpc: int, metrics: int, home: Path = HOME,
-                 log: Path | None = None):
+                 log: Path | None = None, supervise: bool = False, on_event=None):
         home = Path(home).resolve()
         binary = server_binary(home)
         if not binary.exists():
@@ -196,11 +215,94 @@ class Server:
         env = dict(os.environ, LD_LIBRARY_PATH=str(home / "pytriton" / "nvidia_pytriton.libs"))
         self.log_path = Path(log) if log else None
         self.log = open(log, "w") if log else subprocess.DEVNULL
+        self.supervise, self.on_event = supervise, on_event
+        self.events: list[str] = []
+        self.reloads = 0
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
+        control = ["--model-control-mode=explicit", f"--load-model={MODEL}"] if supervise else []
         self.proc = subprocess.Popen(
             [str(binary), "--model-repository", str(Path(repo).resolve()), "--backend-directory",
              str(home / "backends"), "--http-address", "127.0.0.1", "--grpc-address", "127.0.0.1",
              "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-             "--exit-timeout-secs", "5"], stdout=self.log, stderr=subprocess.STDOUT, env=env)
+             "--exit-timeout-secs", "5", *control], stdout=self.log, stderr=subprocess.STDOUT, env=env)
+
+    # ---- supervision ----------------------------------------------------------------------------------------------
+    def stub_processes(self) -> dict[int, str]:
+        """The server's Python-backend stub processes: pid -> model instance name (e.g. ``orthrus_0_0``)."""
+        out = {}
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                if f"PPid:\t{self.proc.pid}\n" not in (proc / "status").read_text():
+                    continue
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:  # the process ended while we looked
+                continue
+            if argv and argv[0].endswith(b"triton_python_backend_stub") and len(argv) > 8:
+                out[int(proc.name)] = argv[8].decode(errors="replace")
+        return out
+
+    def _request(self, path: str, post: bool = False, timeout: float = 5.0) -> int:
+        """HTTP status of a request to the server (0 when it does not answer)."""
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http}{path}", data=b"{}" if post else None,
+                                     method="POST" if post else "GET")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+        except OSError:
+            return 0
+
+    def model_ready(self) -> bool:
+        return self._request(f"/v2/models/{MODEL}/ready") == 200
+
+    def _event(self, message: str) -> None:
+        self.events.append(message)
+        if self.on_event is not None:
+            self.on_event(message)
+
+    def watch(self, interval: float = 0.5, reload_timeout: float = 900.0) -> None:
+        """Start the stub watcher (a daemon thread; see the class docstring)."""
+        if self._watcher is not None:
+            return
+        expected = self.stub_processes()
+
+        def loop():
+            nonlocal expected
+            while not self._stopping.wait(interval):
+                if self.proc.poll() is not None:
+                    return
+                alive = self.stub_processes()
+                dead = {pid: name for pid, name in expected.items() if pid not in alive}
+                if not dead or self._stopping.is_set():
+                    continue
+                names = ", ".join(f"{name} (pid {pid})" for pid, name in dead.items())
+                self._event(f"model process {names} died: model '{MODEL}' unloaded (not ready), reloading it")
+                self._request(f"/v2/repository/models/{MODEL}/unload", post=True)
+                t0 = time.monotonic()
+                status = self._request(f"/v2/repository/models/{MODEL}/load", post=True, timeout=reload_timeout)
+                if self._stopping.is_set():
+                    return
+                if status != 200 or not self.model_ready():
+                    self._event(f"reloading model '{MODEL}' failed (HTTP {status}): it stays unloaded and not "
+                                "ready; see the server log")
+                    return
+                self.reloads += 1
+                expected = self.stub_processes()
+                self._event(f"model '{MODEL}' reloaded in {time.monotonic() - t0:.1f} s: ready again")
+
+        self._watcher = threading.Thread(target=loop, daemon=True, name="tritonserver-watch")
+        self._watcher.start()
+
+    def model_load_seconds(self) -> list[float]:
+        """Each model instance's engine load time, as the model logged it ("orthrus: engine … loaded in N s")."""
+        if self.log_path is None or not self.log_path.exists():
+            return []
+        found = re.findall(r"orthrus: engine \S+ loaded in ([0-9.]+) s", self.log_path.read_text(errors="replace"))
+        return [float(x) for x in found]
 
     def decisive_lines(self, n: int = 3) -> list[str]:
         """The log lines that say why the server failed (model load errors, bind errors, import errors)."""
@@ -221,21 +323,21 @@ class Server:
                             + (": " + " | ".join(why) if why else ""))
 
     def wait_ready(self, timeout: float = 120.0) -> None:
+        """Wait until the server (and its model) is ready; a supervised server then starts its watcher."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise self.failure()
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.http}/v2/health/ready", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
+            if self._request("/v2/health/ready", timeout=2) == 200:
+                if self.supervise:
+                    self.watch()
+                return
             time.sleep(0.5)
         self.stop()
         raise OrthrusError(f"tritonserver was not ready within {timeout:.0f} s")
 
     def stop(self) -> None:
+        self._stopping.set()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

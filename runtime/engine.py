@@ -81,11 +81,13 @@ def _quiet(_msg: str) -> None:
 class Engine:
     def __init__(self, path: Path, manifest: dict, device: torch.device, weights: dict, programs: dict,
                  tokenizer, options: KernelOptions, backend: str = "torch", log=_quiet, max_queue: int = 256,
-                 prefill_chunks: int | None = None, draft_sampling: str | None = None):
+                 prefill_chunks: int | None = None, draft_sampling: str | None = None, max_active: int | None = None):
         """``programs``: name -> ExportedProgram (torch backend) or a ready callable (onnxruntime). ``max_queue``:
         requests that may wait for a slot (more are refused with ``QueueFull``); ``prefill_chunks``: prompt chunks
         (of one block each) a step may add (default: the largest bucket); ``draft_sampling``: how sampled requests
-        draft (``argmax`` with a one-hot draft distribution, or ``sample``; default the engine's)."""
+        draft (``argmax`` with a one-hot draft distribution, or ``sample``; default the engine's); ``max_active``:
+        requests that may hold a cache slot at once (default and at most the engine's max batch size; 1 turns
+        in-flight batching off: requests then run one after another, as a batch-1 engine would)."""
         self.path, self.manifest, self.device = Path(path), manifest, device
         self.config = ModelConfig.from_dict(manifest["model"]["config"])
         self.block_size = self.config.block_size
@@ -101,6 +103,10 @@ class Engine:
         self._exported = programs if backend == "torch" else None
         self._lock = threading.RLock()  # one step (or tool pass) at a time owns the cache and the step buffers
         self.max_batch_size = manifest["build"]["max_batch_size"]
+        if max_active is not None and not 1 <= int(max_active) <= self.max_batch_size:
+            raise OrthrusError(f"max_active must be between 1 and the engine's max batch size "
+                               f"{self.max_batch_size}, got {max_active}")
+        self.max_active = int(max_active or self.max_batch_size)
         self.buckets = tuple(manifest["build"]["batch_buckets"])
         self.draft_sampling = draft_sampling or manifest["build"].get("draft_sampling", "sample")
         self._queue_args = dict(max_queue=max_queue, prefill_chunks=prefill_chunks)
@@ -130,7 +136,7 @@ class Engine:
             with torch.no_grad():
                 self.steps.warm_up()
             self.load_stats["compile_s"] = round(time.perf_counter() - t1, 3)
-        self.scheduler = Scheduler(self.steps, self.max_batch_size, self._lock, **self._queue_args)
+        self.scheduler = Scheduler(self.steps, self.max_active, self._lock, **self._queue_args)
         self.load_stats["prepare_s"] = round(time.perf_counter() - t0, 3)
 
     def cache_shape(self, slots: int | None = None) -> tuple[int, ...]:
@@ -184,7 +190,7 @@ class Engine:
         "orthrus" or "decomposed") on the CPU. Compiled engines reuse the compiled artifacts they hold when this
         device and software stack match the build's; otherwise they recompile (``log`` says so) or, with
         ``strict``, refuse. ``engine.load_stats`` has the seconds of each stage. ``serving``: the scheduler's
-        ``max_queue``, ``prefill_chunks`` and ``draft_sampling`` (see ``Engine``)."""
+        ``max_queue``, ``prefill_chunks``, ``draft_sampling`` and ``max_active`` (see ``Engine``)."""
         t0 = time.perf_counter()
         path = Path(path)
         stats = {}

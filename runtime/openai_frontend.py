@@ -94,6 +94,7 @@ class TritonStream:
 
 def create_app(engine_dir: str | Path, grpc_url: str):
     """The FastAPI app serving the engine at ``engine_dir`` through the Triton server at ``grpc_url``."""
+    import anyio
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
@@ -213,8 +214,10 @@ def create_app(engine_dir: str | Path, grpc_url: str):
                             yield f"data: {json.dumps({**base, 'choices': [], 'usage': use})}\n\n"
             except BadRequest as e:
                 yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'invalid_request_error'}})}\n\n"
-            finally:  # also when the client went away or the response task was cancelled
-                await run_in_threadpool(stream.close)
+            finally:  # also when the client went away: Starlette then cancels this task, so the close that cancels
+                # the request in the server must be shielded from that cancellation (else it never runs)
+                with anyio.CancelScope(shield=True):
+                    await run_in_threadpool(stream.close)
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -232,9 +235,25 @@ def create_app(engine_dir: str | Path, grpc_url: str):
         return {"object": "list", "data": [{"id": MODEL, "object": "model", "created": created,
                                             "owned_by": "orthrus-export", "root": manifest["name"]}]}
 
+    def model_ready() -> bool:
+        import tritonclient.grpc as grpcclient
+        try:
+            client = grpcclient.InferenceServerClient(grpc_url)
+            try:
+                return client.is_model_ready(MODEL)
+            finally:
+                client.close()
+        except Exception:  # the server does not answer
+            return False
+
     @app.get("/health")
     async def health():
-        return {"status": "ok"}
+        """200 while the Triton model is ready; 503 otherwise (its process died and is being reloaded, or the
+        server is down), so that a load balancer stops routing here."""
+        if await run_in_threadpool(model_ready):
+            return {"status": "ok"}
+        return JSONResponse({"status": "unavailable", "reason": f"model '{MODEL}' is not ready on {grpc_url}"},
+                            status_code=503)
 
     return app
 

@@ -54,8 +54,14 @@ class TritonPythonModel:
         if args.get("model_instance_kind") == "GPU":  # this instance's GPU (instance_group gpus: [...])
             import torch
             torch.cuda.set_device(int(args["model_instance_device_id"]))
-        self.engine = Engine.load(params["ENGINE_PATH"])
+        t0 = time.perf_counter()
+        max_active = params.get("MAX_ACTIVE") or None
+        self.engine = Engine.load(params["ENGINE_PATH"], max_active=int(max_active) if max_active else None)
         self.name = args["model_name"]
+        # one line per instance in the server log (``Server.model_load_seconds`` reads it)
+        pb_utils.Logger.log_info(f"orthrus: engine {self.engine.path.name} loaded in {time.perf_counter() - t0:.2f} s"
+                                 f" (instance {args.get('model_instance_name', '?')}, {self.engine.max_active} "
+                                 f"active requests at most; stages {json.dumps(self.engine.load_stats)})")
         labels = {"model": self.name}
         self.families = {}
         self._define_metrics(labels)

@@ -12,6 +12,7 @@ import torch
 
 from orthrus_export.checkpoint import TINY_DIR, open_checkpoint
 from orthrus_export.reference import Reference
+from orthrus_runtime import Engine
 from orthrus_runtime.errors import OrthrusError
 from orthrus_runtime.scheduler import QueueFull
 
@@ -240,3 +241,37 @@ def test_cli_batch_arguments_are_checked(tiny, tmp_path):
     rows = json.loads(out)["batches"]
     assert rc == 0 and [r["batch"] for r in rows] == [1, 2] and rows[1]["ms"]["cycle"] > 0
     assert rows[0]["ratio_to_first"]["cycle"] == 1.0
+
+
+def test_max_active_one_turns_batching_off(tiny):
+    """``max_active=1``: concurrent requests run one after another (every step holds one request's rows), each equal
+    to its run on the batching engine; values outside 1 … max batch size are refused with the range."""
+    engine, ids = tiny
+    prompts = [ids[i * 40:i * 40 + 20 + 7 * i] for i in range(3)]
+    expected = [engine.generate(p, max_new_tokens=12).output_ids for p in prompts]
+    serial = Engine.load(engine.path, max_active=1)
+    try:
+        handles = [serial.submit(p, max_new_tokens=12) for p in prompts]  # all queued at once
+        spans: list = [None] * 3
+
+        def consume(i):
+            chunks = []
+            for chunk in handles[i]:
+                chunks.append((time.perf_counter(), chunk))
+            spans[i] = (chunks[0][0], chunks[-1][0], [t for _, c in chunks for t in c])
+        threads = [threading.Thread(target=consume, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=600)
+        assert [s[2] for s in spans] == expected
+        order = sorted(spans)
+        # one at a time: a request's first tokens come after the previous request's last
+        assert all(order[i + 1][0] >= order[i][1] for i in range(2)), [(s[0], s[1]) for s in order]
+        st = serial.scheduler_stats()
+        assert st["slots"] == 1 and st["requests_finished"] == 3
+    finally:
+        serial.close()
+    for bad in (0, 9):
+        with pytest.raises(OrthrusError, match="between 1 and the engine's max batch size 8"):
+            Engine.load(engine.path, max_active=bad)

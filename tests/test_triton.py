@@ -428,6 +428,35 @@ def _stub_rss_kb(server) -> int:
     raise AssertionError("no Python backend stub process found")
 
 
+def test_openai_stream_hang_up_cancels_the_request_in_the_model(served, openai_url):
+    """A client that reads the first SSE chunk of a 400-token completion and closes its connection: the endpoint
+    cancels the gRPC request and the model counts the cancellation (its slot freed) long before 400 tokens; the
+    endpoint goes on serving."""
+    import time
+
+    server, engine = served
+    key = 'orthrus_requests_cancelled_total{model="orthrus"}'
+    before = metrics(server).get(key, 0)
+    body = {"model": "orthrus", "prompt": "def main(", "max_tokens": 400, "stream": True}
+    req = urllib.request.Request(f"{openai_url}/completions", data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert r.status == 200
+        first = next(line for line in r if line.startswith(b"data: "))
+        assert json.loads(first[6:])["choices"][0]["text"]
+    # leaving the block closes the connection mid-stream
+    deadline = time.time() + 60
+    while metrics(server).get(key, 0) <= before and time.time() < deadline:
+        time.sleep(0.2)
+    assert metrics(server).get(key, 0) == before + 1
+    finished = metrics(server).get('orthrus_requests_finished_total{model="orthrus",reason="length"}', 0)
+    import openai
+    client = openai.OpenAI(base_url=openai_url, api_key="unused")
+    out = client.completions.create(model="orthrus", prompt=PROMPTS[0], max_tokens=8, temperature=0)
+    assert out.choices[0].text == engine.generate(PROMPTS[0], max_new_tokens=8).text
+    assert metrics(server).get('orthrus_requests_finished_total{model="orthrus",reason="length"}', 0) == finished + 1
+
+
 def test_resident_memory_is_flat_over_300_requests(served):
     """Resident memory of the model process after 300 sequential requests stays within 5% of after the first 20."""
     server, _ = served
@@ -440,29 +469,77 @@ def test_resident_memory_is_flat_over_300_requests(served):
     assert after_300 <= after_20 * 1.05, f"resident memory grew from {after_20} kB to {after_300} kB"
 
 
-def test_a_killed_model_process_fails_requests_at_once(tmp_path):
-    """SIGKILL of the model's Python backend stub: Triton does not restart it; every later request gets an error
-    naming the unhealthy stub within seconds (no hang). (Triton's readiness endpoints still answer 200.)"""
+def test_a_killed_model_process_is_reported_unready_and_reloaded(tmp_path):
+    """SIGKILL of the model's Python-backend stub under a supervised server (what `serve` runs): requests fail at
+    once (no hang), the model's readiness and the OpenAI endpoint's /health turn unready within seconds, the model is
+    reloaded (a fresh stub; the server log then holds two engine load times) and answers as before. Without
+    supervision Triton 2.51 keeps answering 200 on readiness while every request fails: checked first."""
     import os
     import signal
-    import subprocess
     import time
+
+    from orthrus_runtime.openai_frontend import server as openai_server
     install()
     engine_dir = build("tiny", out=tmp_path / "engine", max_seq_len=256, max_batch_size=2, progress=False)
-    server = Server(write_repository(engine_dir, tmp_path / "repo"), free_port(), free_port(), free_port(),
-                    log=tmp_path / "server.log")
+    repo = write_repository(engine_dir, tmp_path / "repo")
+
+    def kill_stub(server):
+        stubs = server.stub_processes()
+        assert list(stubs.values()) == ["orthrus_0_0"]
+        os.kill(next(iter(stubs)), signal.SIGKILL)
+        while server.stub_processes():
+            time.sleep(0.05)
+
+    plain = Server(repo, free_port(), free_port(), free_port(), log=tmp_path / "plain.log")
+    try:
+        plain.wait_ready(timeout=120)
+        kill_stub(plain)
+        t0 = time.time()
+        with pytest.raises(urllib.error.HTTPError) as e:
+            generate(plain, "x", 4)
+        assert "is not healthy" in e.value.read().decode() and time.time() - t0 < 30
+        assert plain.model_ready()  # Triton's own view: still ready
+    finally:
+        plain.stop()
+
+    server = Server(repo, free_port(), free_port(), free_port(), log=tmp_path / "server.log", supervise=True)
+    port = free_port()
+    frontend = openai_server(engine_dir, f"127.0.0.1:{server.grpc}", port)
     try:
         server.wait_ready(timeout=120)
-        assert generate(server, "x", 4)["output_tokens"] == 4
-        pids = subprocess.run(["pgrep", "-f", "triton_python_backend_stub"], capture_output=True,
-                              text=True).stdout.split()
-        stub = [int(p) for p in pids if f"PPid:\t{server.proc.pid}\n" in Path(f"/proc/{p}/status").read_text()]
-        assert len(stub) == 1
-        os.kill(stub[0], signal.SIGKILL)
-        for _ in range(2):
-            t0 = time.time()
-            with pytest.raises(urllib.error.HTTPError) as e:
-                generate(server, "x", 4)
-            assert "is not healthy" in e.value.read().decode() and time.time() - t0 < 30
+        threading.Thread(target=frontend.run, daemon=True).start()
+        while not frontend.started:
+            time.sleep(0.05)
+        health = f"http://127.0.0.1:{port}/health"
+        assert urllib.request.urlopen(health, timeout=10).status == 200
+        before = generate(server, PROMPTS[1], 8)["text_output"]
+        seen = {"unready": False, "503": False}
+
+        def observe():  # readiness as a load balancer sees it, from the moment the process dies
+            deadline = time.time() + 120
+            while time.time() < deadline and not (seen["unready"] and server.reloads == 1 and server.model_ready()):
+                if not server.model_ready():
+                    seen["unready"] = True
+                    try:
+                        urllib.request.urlopen(health, timeout=10)
+                    except urllib.error.HTTPError as e:
+                        seen["503"] = seen["503"] or e.code == 503
+                time.sleep(0.05)
+        observer = threading.Thread(target=observe)
+        kill_stub(server)
+        observer.start()
+        t0 = time.time()
+        with pytest.raises(urllib.error.HTTPError):  # unhealthy stub, or the model already unloaded
+            generate(server, "x", 4)
+        assert time.time() - t0 < 30
+        observer.join()
+        seen_unready, seen_503 = seen["unready"], seen["503"]
+        assert seen_unready and seen_503, "the dead model was never reported unready"
+        assert server.model_ready() and server.reloads == 1, server.events
+        assert "died" in server.events[0] and "reloaded" in server.events[1]
+        assert generate(server, PROMPTS[1], 8)["text_output"] == before
+        assert urllib.request.urlopen(health, timeout=10).status == 200
+        assert len(server.model_load_seconds()) == 2 and all(s > 0 for s in server.model_load_seconds())
     finally:
+        frontend.should_exit = True
         server.stop()
