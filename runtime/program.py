@@ -141,7 +141,7 @@ def runnable(ep: torch.export.ExportedProgram, options: KernelOptions):
     """The callable the runtime runs for one program: the graph module with the options written in, compiled by
     Inductor (``torch.compile(fullgraph=True)`` of *this* graph, compiled on the first call) when the options say so.
 
-    Inductor compiles a program twice, whatever the number of batch buckets: called first with one row (the runtime
+    Meant to compile a program twice, whatever the number of batch buckets (not instrumented): called first with one row (the runtime
     warms the buckets up in ascending order), it specialises that graph to one row; the second row count makes
     torch's automatic dynamic shapes recompile it once with a symbolic row count, which every larger bucket reuses.
     Batch 1 keeps its static graph; a build with 7 buckets costs two compiles per program, not seven."""
