@@ -2,22 +2,26 @@
 
 One GPU, fixed seeds, a wall-clock budget per stage (the step counts reached are recorded):
 
-1. a byte-level BPE tokenizer (vocabulary 6144 with <|endoftext|>, <|im_start|>, <|im_end|>, <|mask|>) trained on
-   the training files;
-2. the base model (Qwen3 layout: 8 layers, hidden 256, 4 query / 2 KV heads of 64, tied embeddings) trained as a
-   language model on the running interpreter's standard-library ``*.py`` files (its tests included, where the
-   installation has them); every 20th file (by a hash of its path) is held out; the weights with the best held-out
-   loss are kept (the data set is small, so later steps overfit);
-3. the base frozen, the diffusion set (``*_proj_diff``, ``*_norm_diff``, initialised from the AR set) trained by
-   KL(AR || diffusion) distillation on the training text (``--gen-seconds N``: on the base model's own greedy
-   continuations instead), on blocks of 32: block position i sees the AR keys/values of positions before
+1. the corpus: every ``*.py`` file of the running interpreter (standard library and site-packages: torch,
+   transformers, jax, scipy, sympy, pandas, …), deduplicated by content, with whole packages held out for evaluation
+   (``--heldout``; vendored copies of them are dropped) and every 100th file of the rest kept for validation; the
+   manifest records every package with its version, file, byte and token counts, and a hash of the whole corpus;
+2. a byte-level BPE tokenizer (vocabulary 6144 with <|endoftext|>, <|im_start|>, <|im_end|>, <|mask|>) trained on
+   every 10th training file;
+3. the base model (Qwen3 layout: 8 layers, hidden 256, 4 query / 2 KV heads of 64, tied embeddings) trained as a
+   language model; the weights with the best validation loss are kept;
+4. the base frozen, the diffusion set (``*_proj_diff``, ``*_norm_diff``, initialised from the AR set) trained by
+   KL(AR || diffusion) distillation, on blocks of 32: block position i sees the AR keys/values of positions before
    the block's anchor and the block's own diffusion keys/values bidirectionally; its input is
-   ``[x_anchor, M, …, M]`` and its target the AR distribution at the same position (single-step denoising).
+   ``[x_anchor, M, …, M]`` and its target the AR distribution at the same position (single-step denoising). Two
+   recipes (``--diff-data both``): on the training text, and on the base model's own greedy continuations of it;
+   each keeps its weights with the best validation block acceptance (``block_acceptance``: tokens per cycle on the
+   base's greedy continuations of validation code), and the better recipe is kept.
 
-Writes a checkpoint folder in the published Orthrus-Qwen3 layout (sharded safetensors, bf16), the data manifest,
-held-out prompts, losses (JSON) and a loss plot to --out.
+Writes a checkpoint folder in the published Orthrus-Qwen3 layout (sharded safetensors, bf16; the other recipe's in
+``recipe-NAME/``), the data manifest, held-out prompts, losses (JSON) and a loss plot to --out.
 
-    python scripts/train_tiny.py --out $OUT/tiny --lm-seconds 150 --diff-seconds 250    # the shipped model
+    python scripts/train_tiny.py --out DIR    # the shipped model (defaults: 240 s base, 45 s greedy data, 2 × 150 s)
 """
 
 import argparse
@@ -40,18 +44,114 @@ ROPE_THETA, EPS = 1_000_000.0, 1e-6
 
 
 # ---- data ---------------------------------------------------------------------------------------------------------
-def stdlib_files():
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = []
-    for p in sorted(root.rglob("*.py")):
-        rel = p.relative_to(root).as_posix()
-        if rel.startswith(("site-packages/", "dist-packages/")):
+# Whole packages are held out for evaluation (not only files): their code is never trained on, nor any vendored copy
+# (a file with a path component of that name in another package is dropped).
+HELDOUT_PACKAGES = ("networkx", "xarray", "rich", "statsmodels")
+MAX_FILE_BYTES = 1_000_000  # larger *.py files are generated tables, not code
+
+
+def h(s: str) -> int:
+    return int(hashlib.sha1(s.encode()).hexdigest(), 16)
+
+
+def corpus(heldout_packages=HELDOUT_PACKAGES):
+    """Every ``*.py`` file of the running interpreter: its standard library and its site-packages.
+
+    Returns (train, val, held, info). Each split is a list of (package, relative path, text), sorted by path.
+    ``held``: the held-out packages; ``val``: every 100th file of the training packages (by a hash of its path), for
+    choosing weights and recipes; ``train``: the rest. Files are deduplicated by content (the held-out copy wins),
+    files over MAX_FILE_BYTES and empty files are skipped."""
+    paths = sysconfig.get_paths()
+    stdlib = Path(paths["stdlib"])
+    entries = []
+    for p in sorted(stdlib.rglob("*.py")):
+        rel = p.relative_to(stdlib).as_posix()
+        if not rel.startswith(("site-packages/", "dist-packages/")):
+            entries.append(("stdlib", "stdlib/" + rel, p))
+    for root in sorted({Path(paths["purelib"]), Path(paths["platlib"])}):
+        for p in sorted(root.rglob("*.py")):
+            rel = p.relative_to(root).as_posix()
+            entries.append((rel.split("/")[0] if "/" in rel else rel[:-3], "site-packages/" + rel, p))
+    held_set = set(heldout_packages)
+    skipped = {"too_large_or_empty": 0, "duplicate": 0, "vendored_heldout": 0}
+    seen, splits = set(), {"train": [], "val": [], "held": []}
+    # held-out files first, so a training file with the same content is the one dropped
+    for e in sorted(entries, key=lambda e: (e[0] not in held_set, e[1])):
+        package, rel, p = e
+        size = p.stat().st_size
+        if size == 0 or size > MAX_FILE_BYTES:
+            skipped["too_large_or_empty"] += 1
             continue
-        files.append((rel, p))
-    train, held = [], []
-    for rel, p in files:
-        (held if int(hashlib.sha1(rel.encode()).hexdigest(), 16) % 20 == 0 else train).append((rel, p))
-    return root, train, held
+        raw = p.read_bytes()
+        digest = hashlib.sha1(raw).hexdigest()
+        if digest in seen:
+            skipped["duplicate"] += 1
+            continue
+        seen.add(digest)
+        if package in held_set:
+            split = "held"
+        elif held_set & set(rel.split("/")[1:-1]):
+            skipped["vendored_heldout"] += 1
+            continue
+        else:
+            split = "val" if h(rel) % 100 == 0 else "train"
+        splits[split].append((package, rel, raw.decode("utf-8", errors="replace")))
+    missing = held_set - {pk for pk, _, _ in splits["held"]}
+    if missing:
+        raise SystemExit(f"held-out packages not installed here: {sorted(missing)}; pick others with --heldout")
+    for v in splits.values():
+        v.sort(key=lambda e: e[1])
+    return splits["train"], splits["val"], splits["held"], {"stdlib_root": str(stdlib), "site_packages": sorted(
+        {paths["purelib"], paths["platlib"]}), "skipped_files": skipped}
+
+
+def package_versions(names):
+    from importlib import metadata
+    dists = metadata.packages_distributions()
+    out = {}
+    for n in sorted(names):
+        if n == "stdlib":
+            out[n] = "python " + sys.version.split()[0]
+            continue
+        found = []
+        for d in dists.get(n, []):
+            try:
+                found.append(f"{d} {metadata.version(d)}")
+            except metadata.PackageNotFoundError:
+                pass
+        out[n] = ", ".join(sorted(set(found))) or None
+    return out
+
+
+def encode_all(tok, docs, eot):
+    """One int32 stream: each document's tokens then <|endoftext|>; and each document's token count."""
+    encs = tok.encode_batch([t for _, _, t in docs])
+    counts = [len(e.ids) for e in encs]
+    stream = torch.cat([torch.tensor(e.ids + [eot], dtype=torch.int32) for e in encs]) if encs else \
+        torch.empty(0, dtype=torch.int32)
+    return stream, counts
+
+
+def prompt_windows(tok, docs, n, per_file=1, tokens=96):
+    """``n`` prompts of ``tokens`` tokens from ``docs``: files in a fixed hashed order, taken round-robin over the
+    packages (so the first prompts cover every package), one window per file at a hashed offset."""
+    by_pkg = {}
+    for pk, rel, text in sorted(docs, key=lambda d: h(d[1])):
+        by_pkg.setdefault(pk, []).append((rel, text))
+    queues = [(k, by_pkg[k]) for k in sorted(by_pkg)]
+    prompts, i = [], 0
+    while len(prompts) < n and any(q for _, q in queues):
+        pk, q = queues[i % len(queues)]
+        i += 1
+        while q:
+            rel, text = q.pop(0)
+            ids = tok.encode(text).ids
+            if len(ids) < 400:
+                continue
+            start = h(rel + ":0") % (len(ids) - 300)
+            prompts.append({"package": pk, "file": rel, "token_offset": start, "text": tok.decode(ids[start:start + tokens])})
+            break
+    return prompts
 
 
 def read(p):
@@ -145,6 +245,38 @@ class Tiny(torch.nn.Module):
             x = self.mlp(m, x)
         return self.head(x), kvs
 
+    def forward_cached(self, ids, cache, start, cos, sin):
+        """``ids`` [b, t] at positions start..start+t-1; ``cache``: per layer [k, v], each [b, Hkv, T, D], holding the
+        positions before ``start``. Writes the new K/V and returns the last position's logits."""
+        b, t = ids.shape
+        c, s = cos[start:start + t], sin[start:start + t]
+        x = F.embedding(ids, self.embed)
+        for m, (kc, vc) in zip(self.layers, cache):
+            q, k, v = self.qkv(m, rms(x, m.ln1), "", c, s)
+            kc[:, :, start:start + t], vc[:, :, start:start + t] = k, v
+            a = F.scaled_dot_product_attention(q, kc[:, :, :start + t], vc[:, :, :start + t], is_causal=t > 1,
+                                               enable_gqa=True)
+            x = x + F.linear(a.transpose(1, 2).reshape(b, t, -1), m.o)
+            x = self.mlp(m, x)
+        return self.head(x[:, -1:])[:, 0]
+
+    @torch.no_grad()
+    def greedy(self, prompts, total):
+        """Greedy continuations of ``prompts`` [b, t] to ``total`` tokens (with a KV cache)."""
+        b, t = prompts.shape
+        cos, sin = self.rope_tables(total, prompts.device)
+        dtype = torch.bfloat16 if prompts.is_cuda else torch.float32
+        cache = [[torch.zeros(b, KV_HEADS, total, HEAD_DIM, device=prompts.device, dtype=dtype) for _ in range(2)]
+                 for _ in self.layers]
+        out = torch.empty(b, total, dtype=prompts.dtype, device=prompts.device)
+        out[:, :t] = prompts
+        logits = self.forward_cached(prompts, cache, 0, cos, sin)
+        for pos in range(t, total):
+            out[:, pos] = logits.argmax(-1)
+            if pos + 1 < total:
+                logits = self.forward_cached(out[:, pos:pos + 1], cache, pos, cos, sin)
+        return out
+
     def forward_diffusion(self, ids, kvs, mask_id):
         """Every block of BLOCK positions drafts from its anchor: input [x_anchor, M, ...], attending to the AR K/V
         before the anchor plus its own block (no causal mask)."""
@@ -182,10 +314,31 @@ class Tiny(torch.nn.Module):
 
 # ---- training -----------------------------------------------------------------------------------------------------
 def batches(tokens, seq, batch, gen, device):
-    n = tokens.numel() - seq - 1
+    """Random windows of ``seq`` tokens from a token stream (kept on the device), drawn with a host generator."""
+    tokens = tokens.to(device)
+    n, ar = tokens.numel() - seq, torch.arange(seq, device=device)
     while True:
-        idx = torch.randint(0, n, (batch,), generator=gen)
-        yield torch.stack([tokens[i:i + seq] for i in idx.tolist()]).to(device, non_blocking=True)
+        idx = torch.randint(0, n, (batch,), generator=gen).to(device)
+        yield tokens[idx[:, None] + ar].long()
+
+
+@torch.no_grad()
+def block_acceptance(model, seqs, mask_id, prompt_len):
+    """The acceptance length (tokens per cycle) the drafts would reach if every cycle started at a block boundary:
+    for each block of ``seqs`` after ``prompt_len``, 1 + the number of leading draft tokens (argmax of the diffusion
+    logits) equal to the AR argmax at the same positions. ``seqs`` are the base model's greedy continuations, so this
+    is how Orthrus accepts; a proxy of the runtime's figure (whose cycles start wherever the last one ended), cheap
+    enough to choose weights with."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=seqs.is_cuda):
+        teacher, kvs = model.forward_ar(seqs, keep_kv=True)
+        student = model.forward_diffusion(seqs, kvs, mask_id)
+    t, d = teacher.argmax(-1), student.argmax(-1)
+    b, n = seqs.shape
+    blocks = (n - prompt_len) // BLOCK
+    lo, hi = prompt_len, prompt_len + blocks * BLOCK
+    match = (t[:, lo:hi] == d[:, lo:hi]).view(b, blocks, BLOCK)[..., :BLOCK - 1]
+    accepted = match.int().cumprod(-1).sum(-1)  # leading matches per block
+    return float(accepted.float().mean()) + 1.0
 
 
 def lr_at(frac, peak, warm=0.05):
@@ -238,157 +391,222 @@ def run_stage(name, params, loss_fn, data, seconds, peak_lr, log, max_steps, eva
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--lm-seconds", type=float, default=150)
-    ap.add_argument("--diff-seconds", type=float, default=250)
-    ap.add_argument("--gen-seconds", type=float, default=0,
-                    help="time for generating self-distillation data (0: distil on the real training text)")
+    ap.add_argument("--lm-seconds", type=float, default=240)
+    ap.add_argument("--diff-seconds", type=float, default=150, help="per diffusion recipe")
+    ap.add_argument("--diff-data", choices=("real", "generated", "both"), default="both",
+                    help="distil the diffusion set on the training text, on the base model's greedy continuations "
+                         "of it, or train both and keep the one with the better validation block acceptance")
+    ap.add_argument("--gen-seconds", type=float, default=45, help="time for generating greedy continuations")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--max-steps", type=int, default=10**9)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--heldout", default=",".join(HELDOUT_PACKAGES), help="comma-separated held-out packages")
+    ap.add_argument("--prompts", type=int, default=48, help="held-out prompts to write")
+    ap.add_argument("--tokenizer-every", type=int, default=10,
+                    help="train the tokenizer on every N-th training file (by a hash of its path)")
+    ap.add_argument("--files-every", type=int, default=1, help="smoke runs: keep every N-th file")
     a = ap.parse_args()
     t_start = time.time()
     torch.manual_seed(a.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    root, train, held = stdlib_files()
-    train_texts = [read(p) for _, p in train]
-    tok, specials = train_tokenizer(train_texts, out)
-    eot = specials["<|endoftext|>"]
-    ids = []
-    for t in train_texts:
-        ids += tok.encode(t).ids + [eot]
-    tokens = torch.tensor(ids, dtype=torch.int64)
-    data_manifest = {
-        "source": "the Python standard library of the training machine (*.py; its tests too where the installation has them)",
-        "python": sys.version.split()[0], "stdlib_root": str(root),
-        "split": "held out when int(sha1(relative path), 16) % 20 == 0",
-        "train_files": [[r, p.stat().st_size] for r, p in train], "heldout_files": [[r, p.stat().st_size]
-                                                                                   for r, p in held],
-        "train_bytes": sum(p.stat().st_size for _, p in train), "heldout_bytes": sum(p.stat().st_size
-                                                                                     for _, p in held),
-        "train_tokens": len(ids)}
-    (out / "data_manifest.json").write_text(json.dumps(data_manifest, indent=1))
-    print(f"{len(train)} train files ({data_manifest['train_bytes'] / 1e6:.1f} MB, {len(ids) / 1e6:.2f} M tokens), "
-          f"{len(held)} held out", flush=True)
+    log = {"args": vars(a)}
 
-    # held-out prompts: a window of code from each held-out file (the tests and the card use them)
-    prompts = []
-    for rel, p in held:
-        t = tok.encode(read(p)).ids
-        for window in range(2 if len(t) >= 800 else 1 if len(t) >= 400 else 0):  # one or two per file
-            h = int(hashlib.sha1(f"{rel}:{window}".encode()).hexdigest(), 16)
-            start = window * (len(t) // 2) + h % (len(t) // (2 if window or len(t) >= 800 else 1) - 300)
-            prompts.append({"file": rel, "token_offset": start, "text": tok.decode(t[start:start + 96])})
+    train, val, held, info = corpus(tuple(x for x in a.heldout.split(",") if x))
+    if a.files_every > 1:
+        train, val, held = ([d for d in docs if h(d[1]) % a.files_every == 0] for docs in (train, val, held))
+    t0 = time.perf_counter()
+    tok, specials = train_tokenizer([t for _, rel, t in train if h(rel) % a.tokenizer_every == 0], out)
+    log["tokenizer_seconds"] = round(time.perf_counter() - t0, 1)
+    eot, mask_id = specials["<|endoftext|>"], specials["<|mask|>"]
+    t0 = time.perf_counter()
+    streams, counts = {}, {}
+    for name, docs in (("train", train), ("val", val), ("held", held)):
+        streams[name], counts[name] = encode_all(tok, docs, eot)
+    log["encode_seconds"] = round(time.perf_counter() - t0, 1)
+
+    packages = {}
+    for split, docs in (("train", train), ("val", val), ("held", held)):
+        for (pk, _, text), n in zip(docs, counts[split]):
+            e = packages.setdefault(pk, {"split": "heldout" if split == "held" else "train", "files": 0, "bytes": 0,
+                                         "tokens": 0, "val_files": 0})
+            e["files"] += 1
+            e["val_files"] += split == "val"
+            e["bytes"] += len(text.encode())
+            e["tokens"] += n
+    for pk, v in package_versions(packages).items():
+        packages[pk]["version"] = v
+    fingerprint = hashlib.sha256("\n".join(f"{rel} {hashlib.sha1(t.encode()).hexdigest()}" for docs in
+                                           (train, val, held) for _, rel, t in docs).encode()).hexdigest()
+    totals = {s: {"files": len(d), "bytes": sum(len(t.encode()) for _, _, t in d), "tokens": sum(counts[s])}
+              for s, d in (("train", train), ("val", val), ("held", held))}
+    data_manifest = {
+        "source": "every *.py file of the training machine's Python: its standard library and its site-packages",
+        "python": sys.version.split()[0], **info,
+        "split": "whole packages held out: " + ", ".join(sorted({pk for pk, _, _ in held})) +
+                 " (and any vendored copy of them dropped); of the rest, validation when int(sha1(path), 16) % 100 "
+                 "== 0, else training; files deduplicated by content, files over 1 MB skipped",
+        "files_every": a.files_every, "tokenizer": f"byte-level BPE, vocabulary {VOCAB}, trained on every "
+                                                   f"{a.tokenizer_every}th training file",
+        "totals": totals, "corpus_sha256": fingerprint, "packages": packages,
+        "heldout_files": [[rel, len(t.encode())] for _, rel, t in held],
+        # kept for the model card's older wording
+        "train_bytes": totals["train"]["bytes"], "train_tokens": totals["train"]["tokens"],
+        "heldout_bytes": totals["held"]["bytes"]}
+    (out / "data_manifest.json").write_text(json.dumps(data_manifest, indent=1))
+    print(f"{totals['train']['files']} train files ({totals['train']['bytes'] / 1e6:.1f} MB, "
+          f"{totals['train']['tokens'] / 1e6:.1f} M tokens), {totals['val']['files']} validation, "
+          f"{totals['held']['files']} held out ({totals['held']['tokens'] / 1e6:.2f} M tokens) in "
+          f"{time.time() - t_start:.0f} s", flush=True)
+
+    prompts = prompt_windows(tok, held, a.prompts)
     (out / "heldout_prompts.json").write_text(json.dumps(prompts, indent=1))
 
-    held_ids = []
-    for _, p in held:
-        held_ids += tok.encode(read(p)).ids + [eot]
-    hdata = batches(torch.tensor(held_ids), a.seq + 1, 32, torch.Generator().manual_seed(1), device)
-    held_batches = [next(hdata) for _ in range(4)]
+    def fixed(stream, n, seed, seq=a.seq + 1):
+        g = batches(stream, seq, 32, torch.Generator().manual_seed(seed), device)
+        return [next(g) for _ in range(n)]
+    val_batches, held_batches = fixed(streams["val"], 4, 1), fixed(streams["held"], 4, 2)
 
-    def held_out(loss_fn):
+    def mean_loss(loss_fn, bs):
         def run():
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
-                return sum(float(loss_fn(b)) for b in held_batches) / len(held_batches)
+                return sum(float(loss_fn(b)) for b in bs) / len(bs)
         return run
 
     model = Tiny().to(device)
     gen = torch.Generator().manual_seed(a.seed)
-    data = batches(tokens, a.seq + 1, a.batch, gen, device)
-    log = {}
+    data = batches(streams["train"], a.seq + 1, a.batch, gen, device)
 
     def lm_loss(batch):
         logits, _ = model.forward_ar(batch[:, :-1])
         return F.cross_entropy(logits.float().reshape(-1, VOCAB), batch[:, 1:].reshape(-1))
     run_stage("lm", list(model.parameters()), lm_loss, data, a.lm_seconds, 3e-3, log, a.max_steps,
-              held_out(lm_loss))
+              mean_loss(lm_loss, val_batches))
+    log["val_lm_loss"] = mean_loss(lm_loss, val_batches)()
+    log["heldout_lm_loss"] = mean_loss(lm_loss, held_batches)()
 
-    # optional self-distillation data (--gen-seconds > 0): the base model's own greedy continuations of real code
-    # (64 real tokens + greedy). Tried for the shipped model: with early stopping on real held-out KL it stopped at
-    # step 100 and drafted worse (acceptance 2.14 vs 2.88 on the test prompts), so the default is off.
-    t_gen = time.perf_counter()
+    # the base model's greedy continuations: 64 real tokens, then greedy (validation: for the block acceptance)
     model.eval()
-    generated = []
-    while a.gen_seconds > 0 and time.perf_counter() - t_gen < a.gen_seconds:
-        prompts = next(data)[:, :64]
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
-            seq = prompts
-            while seq.shape[1] < a.seq + 1:
-                logits, _ = model.forward_ar(seq)
-                seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
-        generated.append(seq.cpu())
-    model.train()
-    generated = torch.cat(generated) if generated else torch.empty(0, a.seq + 1, dtype=torch.int64)
-    log["self_distillation"] = {"sequences": generated.shape[0], "tokens": generated.numel(),
-                                "seconds": round(time.perf_counter() - t_gen, 1),
-                                "recipe": "64 real training tokens + greedy continuation by the trained base model"}
-    print(f"generated {generated.shape[0]} greedy continuations in {log['self_distillation']['seconds']} s",
+    prompt_len, chunk = 64, 512
+    val_greedy = torch.cat([model.greedy(b[:, :prompt_len], prompt_len + 8 * BLOCK) for b in
+                            fixed(streams["val"], 8, 3)])
+    t_gen, generated = time.perf_counter(), []
+    gen_prompts = batches(streams["train"], prompt_len, chunk, gen, device)
+    while a.diff_data != "real" and (not generated or time.perf_counter() - t_gen < a.gen_seconds):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+            generated.append(model.greedy(next(gen_prompts), a.seq))
+    generated = torch.cat(generated) if generated else torch.empty(0, a.seq, dtype=torch.int64, device=device)
+    log["greedy_continuations"] = {"sequences": generated.shape[0], "tokens": generated.numel(),
+                                   "seconds": round(time.perf_counter() - t_gen, 1),
+                                   "recipe": f"{prompt_len} real training tokens + greedy continuation to {a.seq} by "
+                                             "the trained base model (KV cache, bf16)"}
+    print(f"generated {generated.shape[0]} greedy continuations in {log['greedy_continuations']['seconds']} s",
           flush=True)
+    model.train()
 
     def generated_batches():
+        g = torch.Generator().manual_seed(a.seed + 1)
         while True:
-            idx = torch.randint(0, generated.shape[0], (a.batch,), generator=gen)
-            yield generated[idx].to(device, non_blocking=True)
+            idx = torch.randint(0, generated.shape[0], (a.batch,), generator=g).to(device)
+            yield generated[idx]
 
     model.add_diffusion_set()
     model.to(device)
-    diff_params = [p for n, p in model.named_parameters() if n.endswith("_diff")]
+    named = dict(model.named_parameters())
+    diff_params = [p for n, p in named.items() if n.endswith("_diff")]
+    ar_params = [named[n[:-len("_diff")]] for n in named if n.endswith("_diff")]
     for n, p in model.named_parameters():
         p.requires_grad_(n.endswith("_diff"))
-    mask_id = specials["<|mask|>"]
 
     def kl_loss(batch):
         x = batch[:, :a.seq]
         with torch.no_grad():
             teacher, kvs = model.forward_ar(x, keep_kv=True)
         student = model.forward_diffusion(x, kvs, mask_id)
-        keep = (torch.arange(a.seq, device=x.device) % BLOCK) != BLOCK - 1  # the last row drafts nothing
+        keep = (torch.arange(x.shape[1], device=x.device) % BLOCK) != BLOCK - 1  # the last row drafts nothing
         t = F.log_softmax(teacher.float()[:, keep], -1)
         s = F.log_softmax(student.float()[:, keep], -1)
         return F.kl_div(s, t, log_target=True, reduction="none").sum(-1).mean()
-    run_stage("diffusion", diff_params, kl_loss, generated_batches() if len(generated) else data, a.diff_seconds, 2e-3, log, a.max_steps,
-              held_out(kl_loss))
 
-    # held-out losses of the final (kept) weights
-    model.eval()
-    log["heldout_lm_loss"] = held_out(lm_loss)()
-    log["heldout_kl"] = held_out(kl_loss)()
+    def neg_block_acceptance():  # lower is better for run_stage
+        return -block_acceptance(model, val_greedy, mask_id, prompt_len)
+
+    recipes = ("real", "generated") if a.diff_data == "both" else (a.diff_data,)
+    log["recipes"] = {}
+    kept = {}
+    for recipe in recipes:
+        with torch.no_grad():  # the diffusion set starts as a copy of the AR attention set
+            for d, p in zip(diff_params, ar_params):
+                d.copy_(p)
+        run_stage("diffusion_" + recipe, diff_params, kl_loss, data if recipe == "real" else generated_batches(),
+                  a.diff_seconds, 2e-3, log, a.max_steps, neg_block_acceptance)
+        model.eval()
+        log["recipes"][recipe] = {"val_block_acceptance": -neg_block_acceptance(),
+                                  "val_kl": mean_loss(kl_loss, val_batches)(),
+                                  "heldout_kl": mean_loss(kl_loss, held_batches)()}
+        model.train()
+        kept[recipe] = [p.detach().clone() for p in diff_params]
+        print(f"recipe {recipe}: {log['recipes'][recipe]}", flush=True)
+    chosen = max(recipes, key=lambda r: log["recipes"][r]["val_block_acceptance"])
+    with torch.no_grad():
+        for p, b in zip(diff_params, kept[chosen]):
+            p.copy_(b)
+    log["chosen_recipe"] = chosen
+    log["diffusion"] = log["diffusion_" + chosen]
+    log["heldout_kl"] = log["recipes"][chosen]["heldout_kl"]
+    log["val_block_acceptance"] = log["recipes"][chosen]["val_block_acceptance"]
     log["device"] = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
     log["torch"] = torch.__version__
     log["total_seconds"] = round(time.time() - t_start, 1)
     log["params"] = {"total": sum(p.numel() for p in model.parameters()),
                      "diffusion_set": sum(p.numel() for p in diff_params)}
 
-    # checkpoint in the published layout (two shards keep each file small)
+    # checkpoints in the published layout (two shards keep each file small); the recipe not chosen goes to a
+    # subfolder, for comparison
     from orthrus_export.synthetic import write_checkpoint
-    write_checkpoint(out, vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_layers=LAYERS,
-                     num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, tie_word_embeddings=True,
-                     block_size=BLOCK, tokenizer=False, shards=2, tensors=model.hf_state_dict(),
-                     special_ids={"eos": [eot], "pad": eot, "mask": mask_id}, max_position_embeddings=4096)
+
+    def save(folder):
+        write_checkpoint(folder, vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_layers=LAYERS,
+                         num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, tie_word_embeddings=True,
+                         block_size=BLOCK, tokenizer=False, shards=2, tensors=model.hf_state_dict(),
+                         special_ids={"eos": [eot], "pad": eot, "mask": mask_id}, max_position_embeddings=4096)
+    save(out)
+    for recipe in recipes:
+        if recipe != chosen:
+            with torch.no_grad():
+                for p, b in zip(diff_params, kept[recipe]):
+                    p.copy_(b)
+            save(out / f"recipe-{recipe}")
     (out / "train_log.json").write_text(json.dumps(log, indent=1))
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-        for ax, (name, ylabel) in zip(axes, (("lm", "cross-entropy (nats/token)"), ("diffusion", "KL(AR || draft)"))):
-            c, h = log[name]["curve"], log[name]["heldout_curve"]
+        stages = [("lm", "cross-entropy (nats/token)")] + [("diffusion_" + r, "KL(AR || draft)") for r in recipes]
+        fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.5))
+        for ax, (name, ylabel) in zip(axes, stages):
+            c, hc = log[name]["curve"], log[name]["heldout_curve"]
             ax.plot([s for s, _, _ in c], [v for _, _, v in c], label="train")
-            ax.plot([s for s, _ in h], [v for _, v in h], label="held-out")
+            if name == "lm":
+                ax.plot([s for s, _ in hc], [v for _, v in hc], label="validation")
+                ax.set_yscale("log")
+            else:
+                ax2 = ax.twinx()
+                ax2.plot([s for s, _ in hc], [-v for _, v in hc], color="C2", label="validation block acceptance")
+                ax2.set_ylabel("block acceptance (tokens/cycle)")
+                ax2.legend(loc="center right")
             ax.axvline(log[name]["best_step"], color="gray", ls=":", label="kept")
-            ax.legend()
+            ax.legend(loc="upper right")
             ax.set_title(f"{name}: {log[name]['steps']} steps, {log[name]['seconds']:.0f} s")
             ax.set_xlabel("step")
             ax.set_ylabel(ylabel)
-            ax.set_yscale("log")
         fig.tight_layout()
         fig.savefig(out / "loss_curves.png", dpi=110)
     except ImportError:
         print("matplotlib missing: no loss plot")
-    print(json.dumps({k: v for k, v in log.items() if k not in ("lm", "diffusion")}))
+    print(json.dumps({k: v for k, v in log.items() if not k.startswith(("lm", "diffusion"))}))
 
 
 if __name__ == "__main__":
