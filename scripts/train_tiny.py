@@ -270,11 +270,12 @@ class Tiny(torch.nn.Module):
                  for _ in self.layers]
         out = torch.empty(b, total, dtype=prompts.dtype, device=prompts.device)
         out[:, :t] = prompts
-        logits = self.forward_cached(prompts, cache, 0, cos, sin)
-        for pos in range(t, total):
-            out[:, pos] = logits.argmax(-1)
-            if pos + 1 < total:
-                logits = self.forward_cached(out[:, pos:pos + 1], cache, pos, cos, sin)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=prompts.is_cuda):
+            logits = self.forward_cached(prompts, cache, 0, cos, sin)
+            for pos in range(t, total):
+                out[:, pos] = logits.argmax(-1)
+                if pos + 1 < total:
+                    logits = self.forward_cached(out[:, pos:pos + 1], cache, pos, cos, sin)
         return out
 
     def forward_diffusion(self, ids, kvs, mask_id):
@@ -495,8 +496,7 @@ def main():
     t_gen, generated = time.perf_counter(), []
     gen_prompts = batches(streams["train"], prompt_len, chunk, gen, device)
     while a.diff_data != "real" and (not generated or time.perf_counter() - t_gen < a.gen_seconds):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
-            generated.append(model.greedy(next(gen_prompts), a.seq))
+        generated.append(model.greedy(next(gen_prompts), a.seq))
     generated = torch.cat(generated) if generated else torch.empty(0, a.seq, dtype=torch.int64, device=device)
     log["greedy_continuations"] = {"sequences": generated.shape[0], "tokens": generated.numel(),
                                    "seconds": round(time.perf_counter() - t_gen, 1),
