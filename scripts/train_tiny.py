@@ -394,7 +394,7 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--lm-seconds", type=float, default=240)
     ap.add_argument("--diff-seconds", type=float, default=150, help="per diffusion recipe")
-    ap.add_argument("--diff-data", choices=("real", "generated", "both"), default="both",
+    ap.add_argument("--diff-data", choices=("real", "generated", "both"), default="real",
                     help="distil the diffusion set on the training text, on the base model's greedy continuations "
                          "of it, or train both and keep the one with the better validation block acceptance")
     ap.add_argument("--gen-seconds", type=float, default=45, help="time for generating greedy continuations")

@@ -1,0 +1,99 @@
+"""Time the attention kernel alone (split + merge launches) at the batched 8B shapes, for every split count, against
+its byte floor: the lever #14 names for the batched cycle ("fewer splits as rows grow", "the merge fused").
+
+For b rows of 32 tokens with 4k keys each (Qwen3-8B attention: 32 query / 8 KV heads of 128), verify (cached, causal)
+and draft (diffusion) mode, every split count of SPLIT_CHOICES: median of CUDA-event timings, the K/V bytes floor
+(K and V read once at the measured copy bandwidth) and the fp32 split partials written and read back by the merge.
+
+    python scripts/bench_attention_splits.py --out $OUT/attention-splits.json
+    python scripts/bench_attention_splits.py --smoke      # tiny shapes (CPU: TRITON_INTERPRET=1)
+"""
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from orthrus_plugins.attention_common.kernel import SPLIT_CHOICES, attention  # noqa: E402
+
+
+def timed(fn, reps, warm=3):
+    for _ in range(warm):
+        fn()
+    if not torch.cuda.is_available():
+        return float("nan")
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) * 1e3)
+    return statistics.median(ts)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out")
+    ap.add_argument("--rows", default="1,2,4,8,16")
+    ap.add_argument("--keys", type=int, default=4096)
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--smoke", action="store_true", help="small shapes, for a check on the CPU")
+    a = ap.parse_args()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    hq, hkv, d, blk = (32, 8, 128, 32) if not a.smoke else (4, 2, 16, 4)
+    keys = a.keys if not a.smoke else 96
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    g = torch.Generator(device=dev).manual_seed(0)
+    # bandwidth: a large device-to-device copy (read + write)
+    big = torch.empty(2 ** 28 if dev == "cuda" else 2 ** 16, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(big)
+    copy_us = timed(lambda: dst.copy_(big), a.reps)
+    bw = 2 * big.numel() / (copy_us * 1e-6) if copy_us == copy_us else float("nan")
+    results = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "dtype": str(dtype),
+               "shape": {"hq": hq, "hkv": hkv, "d": d, "tokens_per_row": blk, "keys": keys},
+               "copy_bandwidth_GBps": bw / 1e9, "rows": []}
+    print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
+    for rows in [int(x) for x in a.rows.split(",")] if not a.smoke else [1, 3]:
+        slots_n = rows + 1
+        kc = torch.randn(1, slots_n, hkv, keys + blk, d, generator=g, device=dev, dtype=dtype)
+        vc = torch.randn_like(kc)
+        q = torch.randn(rows * blk, hq, d, generator=g, device=dev, dtype=dtype)
+        k = torch.randn(rows * blk, hkv, d, generator=g, device=dev, dtype=dtype)
+        v = torch.randn_like(k)
+        slots = torch.arange(rows, device=dev, dtype=torch.int64)
+        for causal in (True, False):
+            n = keys - blk if causal else keys  # verify: the block's own keys are written into the cache first
+            lens = torch.full((rows,), n, device=dev, dtype=torch.int64)
+            kv_bytes = rows * hkv * keys * d * 2 * kc.element_size()
+            floor_us = kv_bytes / bw * 1e6
+            ref = None
+            for splits in SPLIT_CHOICES:
+                if a.smoke and splits > 8:
+                    continue
+                run = lambda: attention(q, k, v, kc, vc, lens, 0, d ** -0.5, causal, splits=splits,  # noqa: E731
+                                        slots=slots)
+                us = timed(run, a.reps)
+                o = run()
+                ref = o if ref is None else ref
+                m_pad = max(16, 1 << (blk * hq // hkv - 1).bit_length())
+                partial_bytes = 2 * rows * hkv * (splits + 1) * m_pad * (d + 2) * 4  # written, then read by merge
+                row = {"rows": rows, "mode": "verify" if causal else "draft", "splits": splits, "us": us,
+                       "kv_floor_us": floor_us, "x_floor": us / floor_us, "partial_MB": partial_bytes / 1e6,
+                       "kv_MB": kv_bytes / 1e6,
+                       "max_abs_diff_vs_fewest_splits": float((o.float() - ref.float()).abs().max())}
+                results["rows"].append(row)
+                print(f"rows {rows:2d} {row['mode']:6s} splits {splits:2d}: {us:8.1f} us  ({row['x_floor']:.2f}x the "
+                      f"K/V floor {floor_us:.1f} us; partials {row['partial_MB']:.1f} MB vs K/V {row['kv_MB']:.1f} "
+                      f"MB)  diff {row['max_abs_diff_vs_fewest_splits']:.2e}", flush=True)
+    if a.out:
+        Path(a.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
