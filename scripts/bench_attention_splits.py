@@ -4,6 +4,7 @@ its byte floor: the lever #14 names for the batched cycle ("fewer splits as rows
 For b rows of 32 tokens with 4k keys each (Qwen3-8B attention: 32 query / 8 KV heads of 128), verify (cached, causal)
 and draft (diffusion) mode, every split count of SPLIT_CHOICES: median of CUDA-event timings, the K/V bytes floor
 (K and V read once at the measured copy bandwidth) and the fp32 split partials written and read back by the merge.
+Each call is captured as a CUDA graph and timed by its replays (as the runtime runs it).
 
     python scripts/bench_attention_splits.py --out $OUT/attention-splits.json
     python scripts/bench_attention_splits.py --smoke      # tiny shapes (CPU: TRITON_INTERPRET=1)
@@ -21,19 +22,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from orthrus_plugins.attention_common.kernel import SPLIT_CHOICES, attention  # noqa: E402
 
 
-def timed(fn, reps, warm=3):
+def timed(fn, reps, warm=3, inner=20):
+    """Median over ``reps`` samples of ``inner`` back-to-back calls (µs per call). On a GPU ``fn`` is captured as a
+    CUDA graph first and the samples time its replays, so host launch overhead stays out of the figure."""
     for _ in range(warm):
         fn()
     if not torch.cuda.is_available():
         return float("nan")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
     ts = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        for _ in range(inner):
+            graph.replay()
         b.record()
         b.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3)
+        ts.append(a.elapsed_time(b) * 1e3 / inner)
     return statistics.median(ts)
 
 
@@ -42,7 +54,7 @@ def main():
     ap.add_argument("--out")
     ap.add_argument("--rows", default="1,2,4,8,16")
     ap.add_argument("--keys", type=int, default=4096)
-    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--smoke", action="store_true", help="small shapes, for a check on the CPU")
     a = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
