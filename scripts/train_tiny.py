@@ -13,15 +13,17 @@ One GPU, fixed seeds, a wall-clock budget per stage (the step counts reached are
 4. the base frozen, the diffusion set (``*_proj_diff``, ``*_norm_diff``, initialised from the AR set) trained by
    KL(AR || diffusion) distillation, on blocks of 32: block position i sees the AR keys/values of positions before
    the block's anchor and the block's own diffusion keys/values bidirectionally; its input is
-   ``[x_anchor, M, …, M]`` and its target the AR distribution at the same position (single-step denoising). Two
-   recipes (``--diff-data both``): on the training text, and on the base model's own greedy continuations of it;
-   each keeps its weights with the best validation block acceptance (``block_acceptance``: tokens per cycle on the
-   base's greedy continuations of validation code), and the better recipe is kept.
+   ``[x_anchor, M, …, M]`` and its target the AR distribution at the same position (single-step denoising), on
+   the training text (``--diff-data real``, the default), on the base model's own greedy continuations of it
+   (``generated``), or both (``both``: the one with the better validation block acceptance is written to --out,
+   the other to ``recipe-NAME/``); weights with the best validation block acceptance (``block_acceptance``: tokens
+   per cycle on the base's greedy continuations of validation code) are kept. The shipped model was trained with
+   ``both``; the proxy preferred ``generated``, the runtime on held-out code preferred ``real`` (see its card).
 
 Writes a checkpoint folder in the published Orthrus-Qwen3 layout (sharded safetensors, bf16; the other recipe's in
-``recipe-NAME/``), the data manifest, held-out prompts, losses (JSON) and a loss plot to --out.
+``recipe-NAME/`` with ``both``), the data manifest, held-out prompts, losses (JSON) and a loss plot to --out.
 
-    python scripts/train_tiny.py --out DIR    # the shipped model (defaults: 240 s base, 45 s greedy data, 2 × 150 s)
+    bash scripts/train_tiny_gpu.sh --lm-seconds 180 --diff-seconds 95 --gen-seconds 30 --diff-data both  # shipped
 """
 
 import argparse
