@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import torch
+import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from orthrus_plugins.attention_common.kernel import SPLIT_CHOICES, attention  # noqa: E402
@@ -93,7 +94,7 @@ def main():
                 us = timed(run, a.reps)
                 o = run()
                 ref = o if ref is None else ref
-                m_pad = max(16, 1 << (blk * hq // hkv - 1).bit_length())
+                m_pad = max(16, triton.next_power_of_2(blk * hq // hkv))  # as attention() pads
                 partial_bytes = 2 * rows * hkv * (splits + 1) * m_pad * (d + 2) * 4  # written, then read by merge
                 row = {"rows": rows, "mode": "verify" if causal else "draft", "splits": splits, "us": us,
                        "kv_floor_us": floor_us, "x_floor": us / floor_us, "partial_MB": partial_bytes / 1e6,

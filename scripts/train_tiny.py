@@ -156,10 +156,6 @@ def prompt_windows(tok, docs, n, per_file=1, tokens=96):
     return prompts
 
 
-def read(p):
-    return p.read_text(encoding="utf-8", errors="replace")
-
-
 def train_tokenizer(texts, out: Path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
