@@ -450,10 +450,7 @@ def main():
         "files_every": a.files_every, "tokenizer": f"byte-level BPE, vocabulary {VOCAB}, trained on every "
                                                    f"{a.tokenizer_every}th training file",
         "totals": totals, "corpus_sha256": fingerprint, "packages": packages,
-        "heldout_files": [[rel, len(t.encode())] for _, rel, t in held],
-        # kept for the model card's older wording
-        "train_bytes": totals["train"]["bytes"], "train_tokens": totals["train"]["tokens"],
-        "heldout_bytes": totals["held"]["bytes"]}
+        "heldout_files": [[rel, len(t.encode())] for _, rel, t in held]}
     (out / "data_manifest.json").write_text(json.dumps(data_manifest, indent=1))
     print(f"{totals['train']['files']} train files ({totals['train']['bytes'] / 1e6:.1f} MB, "
           f"{totals['train']['tokens'] / 1e6:.1f} M tokens), {totals['val']['files']} validation, "
