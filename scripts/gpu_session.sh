@@ -1,24 +1,36 @@
 #!/usr/bin/env bash
 # This session's GPU work in one background job (started with setsid by the device call, polled by later calls).
-# Results under $RESULTS, each step's log as it finishes.
+# Results under $RESULTS, each step's log as it finishes; `collect` packs them into $OUT (at most 8 files).
+#   setsid bash scripts/gpu_session.sh run &   # then, in later calls: bash scripts/gpu_session.sh collect
 set -u
 R=${RESULTS:-/tmp/gpu-results}
+if [ "${1:-run}" = collect ]; then
+  # model shards travel one per file (16 MiB each at most); everything else as one archive
+  for d in "$R"/tiny-*; do [ -d "$d" ] && for f in "$d"/model-*.safetensors; do
+    cp "$f" "$OUT/$(basename "$d")-$(basename "$f")"; done; done
+  tar czf "$OUT/results.tgz" -C "$R" --exclude='*.safetensors' .
+  ls -la "$OUT"
+  exit 0
+fi
 mkdir -p "$R"
 export PYTHONUNBUFFERED=1
-# the interpreter that holds torch (a bare `pip` there belongs to another one)
-python -m pip install --no-deps --no-build-isolation . > "$R/install.log" 2>&1 || { echo "install failed" > "$R/done"; exit 1; }
 step() { echo "$(date +%T) $1" >> "$R/progress"; }
+python3 -m pip install -q --no-deps --no-build-isolation -e . > "$R/install.log" 2>&1
+python3 -c "import orthrus_runtime" || { echo "install failed" > "$R/done"; exit 1; }
+step "train A, train B, gpu tests (concurrently)"
+# two shapes of tiny, trained side by side on the one GPU: 8 layers (the shipped shape) and 12 layers, both with
+# position-decayed KL and a longer distillation
+common=(--lm-seconds 270 --diff-seconds 420 --diff-data real --kl-decay 5)
+python3 scripts/train_tiny.py --out "$R/tiny-a" "${common[@]}" --layers 8 > "$R/train-a.log" 2>&1 &
+PA=$!
+python3 scripts/train_tiny.py --out "$R/tiny-b" "${common[@]}" --layers 12 > "$R/train-b.log" 2>&1 &
+PB=$!
+python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -W ignore::FutureWarning > "$R/gpu-tests.log" 2>&1 &
+PT=$!
+wait $PA; step "train A rc $?"
+wait $PB; step "train B rc $?"
+wait $PT; step "gpu tests rc $?"
 step "batch 8b inductor"
-python scripts/bench_batch.py --shapes 8b --compile inductor --out "$R/batch-8b-inductor.json" > "$R/batch-8b-inductor.log" 2>&1
-if [ -d oldref ]; then step "old b1 inductor"; bash scripts/bench_old_b1.sh run > "$R/old-b1-inductor.log" 2>&1; fi
-step "tiny bf16 build"
-orthrus-export build --model tiny --gpu auto --precision bf16 --out /tmp/tiny-bf16 --force --no-progress > "$R/tiny-build.log" 2>&1
-step "invariance"
-python scripts/batch_invariance.py --engine /tmp/tiny-bf16 --prompts 24 --out "$R/invariance-tiny-bf16.json" > "$R/invariance.log" 2>&1
-step "serving"
-python scripts/bench_serving.py --engine /tmp/tiny-bf16 --concurrency 1,4,8,16,32 --rate 20 --requests 64 --max-new-tokens 64 --out "$R/serving-tiny-gpu.json" > "$R/serving.log" 2>&1
-step "gpu tests"
-python -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -W ignore::FutureWarning > "$R/gpu-tests.log" 2>&1
-step "batch 1.7b inductor"
-python scripts/bench_batch.py --shapes 1.7b,4b --compile inductor --out "$R/batch-1.7b-4b-inductor.json" > "$R/batch-1.7b-4b-inductor.log" 2>&1
+python3 scripts/bench_batch.py --shapes 8b --compile inductor --out "$R/batch-8b-inductor.json" > "$R/batch-8b-inductor.log" 2>&1
+step "bench rc $?"
 echo finished > "$R/done"

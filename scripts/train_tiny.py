@@ -41,7 +41,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from orthrus_export.synthetic import CHAT_TEMPLATE, SPECIALS  # noqa: E402
 
-VOCAB, HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM, FFN, BLOCK = 6144, 256, 8, 4, 2, 64, 768, 32
+VOCAB, HEAD_DIM, BLOCK = 6144, 64, 32
+SHAPE = {"layers": 8, "hidden": 256, "heads": 4, "kv_heads": 2, "ffn": 768}  # the defaults of --layers etc.
 ROPE_THETA, EPS = 1_000_000.0, 1e-6
 
 
@@ -183,24 +184,27 @@ def rope(x, cos, sin):
 
 
 class Tiny(torch.nn.Module):
-    def __init__(self):
+    def __init__(self, layers=SHAPE["layers"], hidden=SHAPE["hidden"], heads=SHAPE["heads"],
+                 kv_heads=SHAPE["kv_heads"], ffn=SHAPE["ffn"]):
         super().__init__()
+        self.shape = {"layers": layers, "hidden": hidden, "heads": heads, "kv_heads": kv_heads, "ffn": ffn}
+        self.heads, self.kv_heads = heads, kv_heads
         P = torch.nn.Parameter
-        self.embed = P(torch.randn(VOCAB, HIDDEN) * 0.02)
-        self.norm = P(torch.ones(HIDDEN))
-        q, kv = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
+        self.embed = P(torch.randn(VOCAB, hidden) * 0.02)
+        self.norm = P(torch.ones(hidden))
+        q, kv = heads * HEAD_DIM, kv_heads * HEAD_DIM
 
         def lin(o, i):
             return P(torch.randn(o, i) / math.sqrt(i))
         self.layers = torch.nn.ModuleList()
-        for _ in range(LAYERS):
+        for _ in range(layers):
             m = torch.nn.Module()
-            m.ln1, m.ln2 = P(torch.ones(HIDDEN)), P(torch.ones(HIDDEN))
-            m.q, m.k, m.v, m.o = lin(q, HIDDEN), lin(kv, HIDDEN), lin(kv, HIDDEN), lin(HIDDEN, q)
-            m.o.data /= math.sqrt(2 * LAYERS)
+            m.ln1, m.ln2 = P(torch.ones(hidden)), P(torch.ones(hidden))
+            m.q, m.k, m.v, m.o = lin(q, hidden), lin(kv, hidden), lin(kv, hidden), lin(hidden, q)
+            m.o.data /= math.sqrt(2 * layers)
             m.qn, m.kn = P(torch.ones(HEAD_DIM)), P(torch.ones(HEAD_DIM))
-            m.gate, m.up, m.down = lin(FFN, HIDDEN), lin(FFN, HIDDEN), lin(HIDDEN, FFN)
-            m.down.data /= math.sqrt(2 * LAYERS)
+            m.gate, m.up, m.down = lin(ffn, hidden), lin(ffn, hidden), lin(hidden, ffn)
+            m.down.data /= math.sqrt(2 * layers)
             self.layers.append(m)
 
     def add_diffusion_set(self):
@@ -216,9 +220,10 @@ class Tiny(torch.nn.Module):
 
     def qkv(self, m, h, suffix, cos, sin):
         b, t, _ = h.shape
-        q = rms(F.linear(h, getattr(m, "q" + suffix)).view(b, t, HEADS, HEAD_DIM), getattr(m, "qn" + suffix))
-        k = rms(F.linear(h, getattr(m, "k" + suffix)).view(b, t, KV_HEADS, HEAD_DIM), getattr(m, "kn" + suffix))
-        v = F.linear(h, getattr(m, "v" + suffix)).view(b, t, KV_HEADS, HEAD_DIM)
+        q = rms(F.linear(h, getattr(m, "q" + suffix)).view(b, t, self.heads, HEAD_DIM), getattr(m, "qn" + suffix))
+        k = rms(F.linear(h, getattr(m, "k" + suffix)).view(b, t, self.kv_heads, HEAD_DIM),
+                getattr(m, "kn" + suffix))
+        v = F.linear(h, getattr(m, "v" + suffix)).view(b, t, self.kv_heads, HEAD_DIM)
         q, k = rope(q, cos[:, None], sin[:, None]), rope(k, cos[:, None], sin[:, None])
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
@@ -264,7 +269,7 @@ class Tiny(torch.nn.Module):
         b, t = prompts.shape
         cos, sin = self.rope_tables(total, prompts.device)
         dtype = torch.bfloat16 if prompts.is_cuda else torch.float32
-        cache = [[torch.zeros(b, KV_HEADS, total, HEAD_DIM, device=prompts.device, dtype=dtype) for _ in range(2)]
+        cache = [[torch.zeros(b, self.kv_heads, total, HEAD_DIM, device=prompts.device, dtype=dtype) for _ in range(2)]
                  for _ in self.layers]
         out = torch.empty(b, total, dtype=prompts.dtype, device=prompts.device)
         out[:, :t] = prompts
@@ -276,23 +281,33 @@ class Tiny(torch.nn.Module):
                     logits = self.forward_cached(out[:, pos:pos + 1], cache, pos, cos, sin)
         return out
 
-    def forward_diffusion(self, ids, kvs, mask_id):
-        """Every block of BLOCK positions drafts from its anchor: input [x_anchor, M, ...], attending to the AR K/V
-        before the anchor plus its own block (no causal mask)."""
+    def forward_diffusion(self, ids, kvs, mask_id, anchors=None):
+        """Draft blocks of BLOCK positions, each from its anchor: input [x_anchor, M, ...] at positions anchor …
+        anchor+BLOCK-1, attending to the AR K/V (``kvs``, of ``ids``) before the anchor plus its own block (no causal
+        mask). ``anchors`` None: every block of ``ids`` (anchors 0, BLOCK, 2·BLOCK, …; logits [b, t, V], the
+        training layout); else a 1-D tensor of anchor positions shared by the rows (logits [b, len(anchors)·BLOCK,
+        V], block after block: the runtime's draft pass at each anchor)."""
         b, t = ids.shape
-        cos, sin = self.rope_tables(t, ids.device)
-        pos = torch.arange(t, device=ids.device)
-        anchor = pos - pos % BLOCK
-        z = torch.where((pos % BLOCK == 0)[None], ids, torch.full_like(ids, mask_id))
-        allowed_ar = pos[None, :] < anchor[:, None]                       # [t, t]: AR keys before the anchor
-        allowed_diff = anchor[None, :] == anchor[:, None]                # [t, t]: own block, bidirectional
-        mask = torch.cat([allowed_ar, allowed_diff], dim=1)              # [t, 2t]
+        if anchors is None:
+            pos = torch.arange(t, device=ids.device)
+            anchor = pos - pos % BLOCK
+            z = torch.where((pos % BLOCK == 0)[None], ids, torch.full_like(ids, mask_id))
+        else:
+            pos = (anchors[:, None] + torch.arange(BLOCK, device=ids.device)).reshape(-1)
+            anchor = anchors.repeat_interleave(BLOCK)
+            z = torch.full((b, pos.numel()), mask_id, dtype=ids.dtype, device=ids.device)
+            z[:, ::BLOCK] = ids[:, anchors]
+        cos, sin = self.rope_tables(int(pos.max()) + 1, ids.device)
+        cos, sin = cos[pos], sin[pos]
+        allowed_ar = torch.arange(t, device=ids.device)[None, :] < anchor[:, None]  # AR keys before the anchor
+        allowed_diff = anchor[None, :] == anchor[:, None]                            # own block, bidirectional
+        mask = torch.cat([allowed_ar, allowed_diff], dim=1)
         x = F.embedding(z, self.embed)
         for m, (k_ar, v_ar) in zip(self.layers, kvs):
             q, k, v = self.qkv(m, rms(x, m.ln1), "_diff", cos, sin)
             a = F.scaled_dot_product_attention(q, torch.cat([k_ar, k], 2), torch.cat([v_ar, v], 2),
                                                attn_mask=mask, enable_gqa=True)
-            x = x + F.linear(a.transpose(1, 2).reshape(b, t, -1), m.o_diff)
+            x = x + F.linear(a.transpose(1, 2).reshape(b, pos.numel(), -1), m.o_diff)
             x = self.mlp(m, x)
         return self.head(x)
 
@@ -338,6 +353,42 @@ def block_acceptance(model, seqs, mask_id, prompt_len):
     match = (t[:, lo:hi] == d[:, lo:hi]).view(b, blocks, BLOCK)[..., :BLOCK - 1]
     accepted = match.int().cumprod(-1).sum(-1)  # leading matches per block
     return float(accepted.float().mean()) + 1.0
+
+
+@torch.no_grad()
+def simulated_acceptance(model, seqs, prompt_len, mask_id, chunk=4):
+    """What the runtime's greedy Orthrus loop accepts on ``seqs`` [b, n]: ``prompt_len`` prompt tokens, then the base
+    model's greedy continuation (greedy Orthrus emits exactly it). The prefill yields the token at ``prompt_len``,
+    which anchors the first cycle; a cycle at anchor s drafts s+1 … s+BLOCK-1 in one diffusion pass, accepts the
+    leading drafts equal to the sequence, emits them and the bonus token, and the next cycle is anchored after them.
+    Every anchor's drafts come from one batched pass (``forward_diffusion`` with ``anchors``); the cycles are then
+    walked on the host. Returns (token-weighted acceptance length: tokens emitted by cycles / cycles, the fraction
+    of cycles accepting each draft position)."""
+    b, n = seqs.shape
+    anchors = torch.arange(prompt_len, n - 1, device=seqs.device)
+    target_pos = anchors[:, None] + 1 + torch.arange(BLOCK - 1, device=seqs.device)
+    lead = []
+    for i in range(0, b, chunk):
+        x = seqs[i:i + chunk]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
+            _, kvs = model.forward_ar(x, keep_kv=True)
+            logits = model.forward_diffusion(x, kvs, mask_id, anchors)
+        drafts = logits.argmax(-1).view(x.shape[0], len(anchors), BLOCK)[..., :BLOCK - 1]
+        match = (drafts == x[:, target_pos.clamp(max=n - 1)]) & (target_pos < n)
+        lead.append(match.int().cumprod(-1).sum(-1).cpu())
+    lead = torch.cat(lead).tolist()
+    tokens = cycles = 0
+    per_position = [0] * (BLOCK - 1)
+    for row in lead:
+        s = prompt_len
+        while s < n - 1:
+            accepted = row[s - prompt_len]
+            for j in range(accepted):
+                per_position[j] += 1
+            tokens += accepted + 1
+            cycles += 1
+            s += accepted + 1
+    return tokens / cycles, [c / cycles for c in per_position]
 
 
 def lr_at(frac, peak, warm=0.05):
@@ -405,6 +456,11 @@ def main():
     ap.add_argument("--tokenizer-every", type=int, default=10,
                     help="train the tokenizer on every N-th training file (by a hash of its path)")
     ap.add_argument("--files-every", type=int, default=1, help="smoke runs: keep every N-th file")
+    for name, v in SHAPE.items():
+        ap.add_argument("--" + name.replace("_", "-"), type=int, default=v, help="model shape (head_dim 64)")
+    ap.add_argument("--kl-decay", type=float, default=0.0,
+                    help="weight block position j's KL by exp(-j / this) (0: every position alike); later positions "
+                         "only count when every earlier draft was accepted")
     a = ap.parse_args()
     t_start = time.time()
     torch.manual_seed(a.seed)
@@ -471,7 +527,7 @@ def main():
                 return sum(float(loss_fn(b)) for b in bs) / len(bs)
         return run
 
-    model = Tiny().to(device)
+    model = Tiny(**{k: getattr(a, k) for k in SHAPE}).to(device)
     gen = torch.Generator().manual_seed(a.seed)
     data = batches(streams["train"], a.seq + 1, a.batch, gen, device)
 
@@ -488,6 +544,10 @@ def main():
     prompt_len, chunk = 64, 512
     val_greedy = torch.cat([model.greedy(b[:, :prompt_len], prompt_len + 8 * BLOCK) for b in
                             fixed(streams["val"], 8, 3)])
+    # as the runtime decodes (eval_tiny's layout: 96 prompt tokens, 128 new): validation and held-out windows
+    sim_prompt = 96
+    sim = {split: model.greedy(fixed(streams[split], 1, seed)[0][:, :sim_prompt], sim_prompt + 128)
+           for split, seed in (("val", 4), ("held", 5))}
     t_gen, generated = time.perf_counter(), []
     gen_prompts = batches(streams["train"], prompt_len, chunk, gen, device)
     while a.diff_data != "real" and (not generated or time.perf_counter() - t_gen < a.gen_seconds):
@@ -520,10 +580,13 @@ def main():
         with torch.no_grad():
             teacher, kvs = model.forward_ar(x, keep_kv=True)
         student = model.forward_diffusion(x, kvs, mask_id)
-        keep = (torch.arange(x.shape[1], device=x.device) % BLOCK) != BLOCK - 1  # the last row drafts nothing
+        j = torch.arange(x.shape[1], device=x.device) % BLOCK  # block position
+        keep = j != BLOCK - 1  # the last row drafts nothing
+        weight = torch.exp(-j[keep] / a.kl_decay) if a.kl_decay > 0 else torch.ones_like(j[keep], dtype=torch.float)
         t = F.log_softmax(teacher.float()[:, keep], -1)
         s = F.log_softmax(student.float()[:, keep], -1)
-        return F.kl_div(s, t, log_target=True, reduction="none").sum(-1).mean()
+        kl = F.kl_div(s, t, log_target=True, reduction="none").sum(-1)
+        return (kl * weight).mean() / weight.mean()
 
     def neg_block_acceptance():  # lower is better for run_stage
         return -block_acceptance(model, val_greedy, mask_id, prompt_len)
@@ -538,13 +601,19 @@ def main():
         run_stage("diffusion_" + recipe, diff_params, kl_loss, data if recipe == "real" else generated_batches(),
                   a.diff_seconds, 2e-3, log, a.max_steps, neg_block_acceptance)
         model.eval()
+        sim_val, sim_val_pos = simulated_acceptance(model, sim["val"], sim_prompt, mask_id)
+        sim_held, sim_held_pos = simulated_acceptance(model, sim["held"], sim_prompt, mask_id)
         log["recipes"][recipe] = {"val_block_acceptance": -neg_block_acceptance(),
+                                  "val_simulated_acceptance": sim_val,
+                                  "val_simulated_by_position": [round(v, 4) for v in sim_val_pos[:8]],
+                                  "heldout_simulated_acceptance": sim_held,
+                                  "heldout_simulated_by_position": [round(v, 4) for v in sim_held_pos[:8]],
                                   "val_kl": mean_loss(kl_loss, val_batches)(),
                                   "heldout_kl": mean_loss(kl_loss, held_batches)()}
         model.train()
         kept[recipe] = [p.detach().clone() for p in diff_params]
         print(f"recipe {recipe}: {log['recipes'][recipe]}", flush=True)
-    chosen = max(recipes, key=lambda r: log["recipes"][r]["val_block_acceptance"])
+    chosen = max(recipes, key=lambda r: log["recipes"][r]["val_simulated_acceptance"])
     with torch.no_grad():
         for p, b in zip(diff_params, kept[chosen]):
             p.copy_(b)
@@ -562,10 +631,12 @@ def main():
     # subfolder, for comparison
     from orthrus_export.synthetic import write_checkpoint
 
+    shards = max(2, math.ceil(2 * log["params"]["total"] / 12e6))  # bf16 shards of at most ~12 MB
+
     def save(folder):
-        write_checkpoint(folder, vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_layers=LAYERS,
-                         num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, tie_word_embeddings=True,
-                         block_size=BLOCK, tokenizer=False, shards=2, tensors=model.hf_state_dict(),
+        write_checkpoint(folder, vocab_size=VOCAB, hidden_size=a.hidden, intermediate_size=a.ffn,
+                         num_layers=a.layers, num_heads=a.heads, num_kv_heads=a.kv_heads, head_dim=HEAD_DIM,
+                         tie_word_embeddings=True, block_size=BLOCK, tokenizer=False, shards=shards, tensors=model.hf_state_dict(),
                          special_ids={"eos": [eot], "pad": eot, "mask": mask_id}, max_position_embeddings=4096)
     save(out)
     for recipe in recipes:
