@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Train tiny on the GPU machine and bring the result back under $OUT (at most 8 files): the kept checkpoint's two
-# shards, the other recipe's two shards, and everything else as one archive.
+# Train tiny on the GPU machine and bring the result back under $OUT (at most 8 files): the kept checkpoint's
+# shards, the other recipe's shards (with --diff-data both), and everything else as one archive.
 #   bash scripts/train_tiny_gpu.sh [train_tiny.py arguments]
 set -uo pipefail
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/pip.log 2>&1

@@ -15,7 +15,7 @@ def test_tiny_is_in_the_published_layout_and_small():
     assert cfg["architectures"] == ["OrthrusLM"] and cfg["model_type"] == "qwen3"
     assert cfg["block_size"] == 32 and "mask_token_id" in cfg
     total = sum(f.stat().st_size for f in TINY_DIR.iterdir())
-    assert total <= 25 * 1024 * 1024
+    assert total <= 40 * 1024 * 1024  # the issue's ~40 MB ceiling (CI and every CPU test run it)
     ckpt = open_checkpoint("tiny")
     assert ckpt.config.vocab_size >= 4096 and ckpt.config.num_kv_heads < ckpt.config.num_heads
 
