@@ -313,7 +313,27 @@ class Tiny(torch.nn.Module):
             x = self.mlp(m, x)
         return self.head(x)
 
-    def hf_state_dict(self):
+    @classmethod
+    def from_checkpoint(cls, folder):
+        """The model of a checkpoint folder this script wrote (float32; the inverse of ``hf_state_dict``)."""
+        from safetensors.torch import load_file
+        folder = Path(folder)
+        cfg = json.loads((folder / "config.json").read_text())
+        model = cls(layers=cfg["num_hidden_layers"], hidden=cfg["hidden_size"], heads=cfg["num_attention_heads"],
+                    kv_heads=cfg["num_key_value_heads"], ffn=cfg["intermediate_size"])
+        model.add_diffusion_set()
+        tensors = {}
+        for f in sorted(folder.glob("model*.safetensors")):
+            tensors.update(load_file(f))
+        mine = model.hf_state_dict()
+        assert set(mine) == set(tensors), sorted(set(mine) ^ set(tensors))
+        with torch.no_grad():
+            for name, param in model._hf_params().items():
+                param.copy_(tensors[name].float())
+        return model
+
+    def _hf_params(self):
+        """Checkpoint name -> parameter (``hf_state_dict`` without the copies)."""
         out = {"model.embed_tokens.weight": self.embed, "model.norm.weight": self.norm}
         names = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
                  "qn": "self_attn.q_norm", "kn": "self_attn.k_norm"}
@@ -324,8 +344,12 @@ class Tiny(torch.nn.Module):
             out[p + "mlp.down_proj.weight"] = m.down
             for short, long in names.items():
                 out[f"{p}{long}.weight"] = getattr(m, short)
-                out[f"{p}{long}_diff.weight"] = getattr(m, short + "_diff")
-        return {k: v.detach().to(torch.bfloat16).cpu().contiguous() for k, v in out.items()}
+                if hasattr(m, short + "_diff"):
+                    out[f"{p}{long}_diff.weight"] = getattr(m, short + "_diff")
+        return out
+
+    def hf_state_dict(self):
+        return {k: v.detach().to(torch.bfloat16).cpu().contiguous() for k, v in self._hf_params().items()}
 
 
 # ---- training -----------------------------------------------------------------------------------------------------
@@ -364,8 +388,8 @@ def simulated_acceptance(model, seqs, prompt_len, mask_id, chunk=4):
     which anchors the first cycle; a cycle at anchor s drafts s+1 … s+BLOCK-1 in one diffusion pass, accepts the
     leading drafts equal to the sequence, emits them and the bonus token, and the next cycle is anchored after them.
     Every anchor's drafts come from one batched pass (``forward_diffusion`` with ``anchors``); the cycles are then
-    walked on the host. Returns (token-weighted acceptance length: tokens emitted by cycles / cycles, the fraction
-    of cycles accepting each draft position)."""
+    walked on the host. Returns {"acceptance": token-weighted acceptance length (tokens emitted by cycles /
+    cycles), "by_position": the fraction of cycles accepting each draft position, "cycles", "tokens"}."""
     b, n = seqs.shape
     anchors = torch.arange(prompt_len, n - 1, device=seqs.device)
     target_pos = anchors[:, None] + 1 + torch.arange(BLOCK - 1, device=seqs.device)
@@ -390,7 +414,8 @@ def simulated_acceptance(model, seqs, prompt_len, mask_id, chunk=4):
             tokens += accepted + 1
             cycles += 1
             s += accepted + 1
-    return tokens / cycles, [c / cycles for c in per_position]
+    return {"acceptance": tokens / cycles, "by_position": [c / cycles for c in per_position], "cycles": cycles,
+            "tokens": tokens}
 
 
 def lr_at(frac, peak, warm=0.05):
@@ -447,7 +472,8 @@ def main():
     ap.add_argument("--diff-seconds", type=float, default=420, help="per diffusion recipe")
     ap.add_argument("--diff-data", choices=("real", "generated", "both"), default="real",
                     help="distil the diffusion set on the training text, on the base model's greedy continuations "
-                         "of it, or train both and keep the one with the better validation block acceptance")
+                         "of it, or train both and keep the one with the better simulated acceptance on validation "
+                         "windows")
     ap.add_argument("--gen-seconds", type=float, default=45, help="time for generating greedy continuations")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--seq", type=int, default=512)
@@ -603,13 +629,13 @@ def main():
         run_stage("diffusion_" + recipe, diff_params, kl_loss, data if recipe == "real" else generated_batches(),
                   a.diff_seconds, 2e-3, log, a.max_steps, neg_block_acceptance)
         model.eval()
-        sim_val, sim_val_pos = simulated_acceptance(model, sim["val"], sim_prompt, mask_id)
-        sim_held, sim_held_pos = simulated_acceptance(model, sim["held"], sim_prompt, mask_id)
+        sim_val = simulated_acceptance(model, sim["val"], sim_prompt, mask_id)
+        sim_held = simulated_acceptance(model, sim["held"], sim_prompt, mask_id)
         log["recipes"][recipe] = {"val_block_acceptance": -neg_block_acceptance(),
-                                  "val_simulated_acceptance": sim_val,
-                                  "val_simulated_by_position": [round(v, 4) for v in sim_val_pos[:8]],
-                                  "heldout_simulated_acceptance": sim_held,
-                                  "heldout_simulated_by_position": [round(v, 4) for v in sim_held_pos[:8]],
+                                  "val_simulated_acceptance": sim_val["acceptance"],
+                                  "val_simulated_by_position": [round(v, 4) for v in sim_val["by_position"][:8]],
+                                  "heldout_simulated_acceptance": sim_held["acceptance"],
+                                  "heldout_simulated_by_position": [round(v, 4) for v in sim_held["by_position"][:8]],
                                   "val_kl": mean_loss(kl_loss, val_batches)(),
                                   "heldout_kl": mean_loss(kl_loss, held_batches)()}
         model.train()

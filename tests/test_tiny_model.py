@@ -37,3 +37,26 @@ def test_greedy_orthrus_equals_ar_on_heldout_code_with_real_acceptance(models):
     floor = measured - 0.25
     assert tokens / cycles >= floor, f"acceptance length {tokens / cycles:.2f} fell below {floor:.2f}"
     assert tokens / cycles > 2.0  # real drafts: far above the ~1.0 of random weights
+
+
+def test_training_scripts_simulated_acceptance_counts_the_runtimes_cycles(models):
+    """scripts/train_tiny.py picks recipes and shapes by ``simulated_acceptance`` (every anchor's draft from one
+    batched pass, the cycles walked on the host) instead of running the runtime: on the shipped weights it must
+    count the runtime's cycles, prompt by prompt, and its training-side forward must load the checkpoint exactly."""
+    import importlib.util
+
+    import torch
+    spec = importlib.util.spec_from_file_location("train_tiny", TINY_DIR.parents[2] / "scripts" / "train_tiny.py")
+    train_tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_tiny)
+    model = train_tiny.Tiny.from_checkpoint(TINY_DIR).eval()
+    mask_id = json.loads((TINY_DIR / "config.json").read_text())["mask_token_id"]
+    engine = models.engine("tiny")
+    total = 0
+    for p in HELDOUT[:3]:
+        ids = engine.encode(p["text"])
+        r = engine.generate(ids, max_new_tokens=48)
+        sim = train_tiny.simulated_acceptance(model, torch.tensor([ids + r.output_ids]), len(ids), mask_id)
+        assert sim["cycles"] == r.stats.cycles, (p["file"], sim, r.stats.cycles)
+        total += r.stats.cycles
+    assert total < 3 * 47  # real drafts were accepted: the count is not the trivial one-token-per-cycle one
