@@ -75,6 +75,25 @@ def test_cached_attention_writes_block_and_is_causal(hq, hkv, length):
     assert (out.double() - expected).abs().max() < 2e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cached_attention_block_rows_equal_decode_steps_bitwise(dtype):
+    """bf16/fp16 (the reference, i.e. CPU engines): row j of a verify block equals, bit for bit, the decode step at
+    its position, so a bf16 engine's Orthrus output equals its own AR output (a float32 matmul over the whole block
+    and masked rows of the longest length rounded differently and flipped near-ties)."""
+    g = torch.Generator().manual_seed(0)
+    hq, hkv, d, cap, t = 4, 2, 64, 256, 32
+    for n in (0, 37, 200):
+        kc, vc = (torch.randn(1, hkv, cap, d, generator=g).to(dtype) for _ in range(2))
+        q = torch.randn(t, hq, d, generator=g).to(dtype)
+        k, v = (torch.randn(t, hkv, d, generator=g).to(dtype) for _ in range(2))
+        block = torch.ops.orthrus.cached_attention(q, k, v, kc.clone(), vc.clone(), torch.tensor(n), 0, d ** -0.5)
+        kc2, vc2 = kc.clone(), vc.clone()
+        for j in range(t):
+            step = torch.ops.orthrus.cached_attention(q[j:j + 1], k[j:j + 1], v[j:j + 1], kc2, vc2,
+                                                      torch.tensor(n + j), 0, d ** -0.5)
+            assert torch.equal(step, block[j:j + 1]), (n, j)
+
+
 def test_cached_attention_rejects_overflow():
     gen = torch.Generator().manual_seed(0)
     q, k, v, kc, vc = random_case(gen, cap=8)

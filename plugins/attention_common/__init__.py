@@ -84,7 +84,13 @@ def reference(name: str, q, k, v, k_cache, v_cache, cache_len, layer: int, scale
     out = []
     for i, (n, s) in enumerate(zip(lens, sl)):
         rows = slice(i * t, (i + 1) * t)
-        if causal:  # query j (position n+j) sees keys at positions <= n+j
+        if causal and q.dtype != torch.float32:
+            # bf16/fp16: query j over exactly the keys it sees, one at a time, so that a verify row computes what the
+            # decode step at its position computes (a longer masked row or a bigger matmul can round differently in
+            # float32, and that can flip a bf16 rounding): the engine's Orthrus output then equals its own AR output
+            out.append(torch.cat([attend(q[rows][j:j + 1], kc[layer, s, :, :n + j + 1], vc[layer, s, :, :n + j + 1],
+                                         scale, None) for j in range(t)]))
+        elif causal:  # query j (position n+j) sees keys at positions <= n+j
             mask = torch.arange(n + t, device=q.device)[None, :] <= (n + torch.arange(t, device=q.device))[:, None]
             out.append(attend(q[rows], kc[layer, s, :, :n + t], vc[layer, s, :, :n + t], scale, mask))
         else:
