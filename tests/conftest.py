@@ -8,7 +8,11 @@ from orthrus_export.checkpoint import open_checkpoint
 from orthrus_export.reference import Reference
 from orthrus_export.synthetic import write_checkpoint
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# one CPU thread, in this process and in every process the tests start (CLI runs, tritonserver's model processes,
+# fresh-process loads: torch reads OMP_NUM_THREADS): every model here is small, and small engines gain nothing from
+# more threads and lose much to contention (orthrus_export.cli._set_threads, the CLI's default for them, says why)
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 # small shapes that still cover the layouts: GQA ratios 1/2/4, tied and untied heads, a vocabulary that is not a
 # multiple of 64; the real block size of 32
@@ -42,11 +46,12 @@ def _keep_thread_count():
 
 
 class Models:
-    """Session-wide cache of synthetic checkpoints, references and engines (each built once)."""
+    """Session-wide cache of synthetic checkpoints, references and engines (each built once, and loaded once: tests
+    that take a loaded engine from here only generate with it; a test that changes an engine loads its own)."""
 
     def __init__(self, root):
         self.root = root
-        self._ckpt, self._ref, self._engine = {}, {}, {}
+        self._ckpt, self._ref, self._engine, self._loaded = {}, {}, {}, {}
 
     def checkpoint(self, shape: str):
         if shape not in self._ckpt:
@@ -69,8 +74,11 @@ class Models:
         return self._engine[key]
 
     def engine(self, shape: str, precision: str = "fp32", max_seq_len: int = 512):
-        from orthrus_runtime import Engine
-        return Engine.load(self.engine_path(shape, precision, max_seq_len))
+        key = (shape, precision, max_seq_len)
+        if key not in self._loaded:
+            from orthrus_runtime import Engine
+            self._loaded[key] = Engine.load(self.engine_path(*key))
+        return self._loaded[key]
 
 
 @pytest.fixture(scope="session")

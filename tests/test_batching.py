@@ -57,11 +57,12 @@ def test_concurrent_requests_equal_transformers_and_alone(tiny):
     starts = [0, 301, 700, 900, 1100, 1300, 1600, 2000, 2400]
     cases = [dict(prompt=ids[s:s + n], max_new_tokens=m) for s, n, m in zip(starts, lengths, new)]
     cases[3]["use_drafts"] = cases[7]["use_drafts"] = False  # AR requests decode in the same scheduler
-    alone = [engine.generate(**c).output_ids for c in cases]
+    alone_runs = [engine.generate(**c) for c in cases]
     for i in (1, 4):  # a stop token that the request emits early
-        cases[i]["end_id"] = alone[i][3]
-        alone[i] = engine.generate(**cases[i]).output_ids
-        assert len(alone[i]) <= 4 and alone[i][-1] == cases[i]["end_id"]
+        cases[i]["end_id"] = alone_runs[i].output_ids[3]
+        alone_runs[i] = engine.generate(**cases[i])
+        assert len(alone_runs[i].output_ids) <= 4 and alone_runs[i].output_ids[-1] == cases[i]["end_id"]
+    alone = [r.output_ids for r in alone_runs]
     for c, a in zip(cases, alone):
         eos = [c["end_id"]] if "end_id" in c else None
         assert a == ref.generate_ar(c["prompt"], c["max_new_tokens"], eos_ids=eos), len(c["prompt"])
@@ -71,6 +72,8 @@ def test_concurrent_requests_equal_transformers_and_alone(tiny):
     for i, (r, a) in enumerate(zip(results, alone)):
         assert not isinstance(r, Exception), r
         assert r.output_ids == a, f"request {i} ({lengths[i]} prompt tokens) differs from its run alone"
+        # the same drafts too: a row's cycles (and so its acceptance) do not depend on what shares its passes
+        assert (r.stats.cycles, r.stats.cycle_tokens) == (alone_runs[i].stats.cycles, alone_runs[i].stats.cycle_tokens)
         assert r.stats.finish_reason == ("eos" if "end_id" in cases[i] else "length")
         assert r.stats.ttft_s > 0 and r.stats.queue_s >= 0
     after = engine.scheduler_stats()

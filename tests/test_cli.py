@@ -240,8 +240,8 @@ def test_failed_build_leaves_nothing_and_keeps_the_old_engine(tiny_engine, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
 
 
-def test_force_replaces_an_engine(tmp_path):
-    out = builder.build("tiny", out=tmp_path / "e", max_seq_len=128, progress=False, self_check=False)
+def test_force_replaces_an_engine(tiny_engine, tmp_path):
+    out = copy_engine(tiny_engine, tmp_path / "e")  # an engine that is there (max_seq_len 256)
     first = json.loads((out / "manifest.json").read_text())["created"]
     builder.build("tiny", out=out, max_seq_len=64, force=True, progress=False, self_check=False)
     m = json.loads((out / "manifest.json").read_text())
@@ -253,8 +253,8 @@ def test_bad_compile_choice():
     assert_user_error(*cli("build", "--model", "tiny", "--compile", "tensorrt")[::2], "unknown --compile 'tensorrt'")
 
 
-def test_check_bf16_reports_identical_rate_and_near_ties(tmp_path):
-    out = builder.build("tiny", precision="bf16", out=tmp_path / "b", max_seq_len=256, progress=False)
+def test_check_bf16_reports_identical_rate_and_near_ties(models):
+    out = models.engine_path("tiny", "bf16")
     rc, text, err = cli("check", "--engine", out, "--prompts", "4", "--max-new-tokens", "40", "--json")
     assert rc == 0, err
     report = json.loads(text)

@@ -3,6 +3,7 @@ load; kernel options per engine; concurrent callers each get their own result.""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -15,10 +16,22 @@ from orthrus_export import builder
 
 @pytest.fixture(scope="module")
 def compiled_engine(tmp_path_factory):
-    """tiny with --compile inductor (CPU): compiled at build (two batch buckets: each is compiled, and the C++
-    compiler dominates this suite's time), artifacts stored."""
-    return builder.build("tiny", out=tmp_path_factory.mktemp("ind") / "c", max_seq_len=256, progress=False,
-                         compile="inductor", max_batch_size=2)
+    """A small random checkpoint (2 layers, GQA 2, byte tokenizer) with --compile inductor (CPU): compiled at build
+    (two batch buckets), artifacts stored. Not tiny: what is tested here (artifacts stored, reused, refused) does not
+    depend on the model, and Inductor's time grows with the layers (tiny's 12 took this suite's longest setup)."""
+    from orthrus_export.synthetic import write_checkpoint
+    root = tmp_path_factory.mktemp("ind")
+    write_checkpoint(root / "ckpt", vocab_size=301, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                     num_kv_heads=2, head_dim=16, seed=21)
+    return builder.build(str(root / "ckpt"), out=root / "c", max_seq_len=256, progress=False, compile="inductor",
+                         max_batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def compiled_loaded(compiled_engine):
+    """The compiled engine loaded in the build's process (once: each load compiles every bucket)."""
+    from orthrus_runtime import Engine
+    return Engine.load(compiled_engine)
 
 
 def _python(code: str, *args, env=None):
@@ -27,18 +40,18 @@ def _python(code: str, *args, env=None):
     return p.returncode, p.stdout, p.stderr
 
 
-def test_inductor_engine_stores_artifacts_and_runs_its_compiled_programs(compiled_engine):
+@pytest.mark.usefixtures("fresh_loads")  # they start now; their tests are this module's last
+def test_inductor_engine_stores_artifacts_and_runs_its_compiled_programs(compiled_engine, compiled_loaded):
     """The build compiled the engine's own programs, self-checked the compiled passes and stored the artifacts;
     greedy Orthrus output equals the engine's AR output, and generating does not recompile anything."""
     from torch._dynamo.utils import counters
 
-    from orthrus_runtime import Engine
     m = json.loads((compiled_engine / "manifest.json").read_text())
     assert m["build"]["options"]["backend"] == "inductor" and all(r["ok"] for r in m["self_check"]["passes"].values())
     comp = m["build"]["compiled"]
     assert comp["file"] in m["files"] and comp["bytes"] == (compiled_engine / comp["file"]).stat().st_size > 0
     assert comp["stack"]["torch"] == torch.__version__
-    engine = Engine.load(compiled_engine)
+    engine = compiled_loaded
     graphs = counters["stats"]["unique_graphs"]
     r = engine.generate("def main():\n", max_new_tokens=24)
     assert r.output_ids == engine.generate("def main():\n", max_new_tokens=24, use_drafts=False).output_ids
@@ -53,32 +66,35 @@ LOAD = ("import json, sys; from orthrus_runtime import Engine; "
         "'ids': e.generate('def main(', max_new_tokens=16).output_ids}))")
 
 
-def test_fresh_process_reuses_the_stored_artifacts(compiled_engine, tmp_path):
-    """A fresh process with an empty Inductor cache gets its compiled programs from the engine (cache hits, no
-    compile), and generates what the build's process generates."""
-    from orthrus_runtime import Engine
-    rc, out, err = _python(LOAD, compiled_engine, "-", env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "empty")})
-    assert rc == 0, err
-    r = json.loads(out.strip().splitlines()[-1])
-    assert r["stats"]["compiled"]["artifacts"] == "loaded" and r["hits"] >= 3, r
-    assert r["ids"] == Engine.load(compiled_engine).generate("def main(", max_new_tokens=16).output_ids
-
-
-def test_stack_mismatch_recompiles_saying_so_or_refuses_with_strict(compiled_engine, tmp_path):
-    e = tmp_path / "e"
-    subprocess.run(["cp", "-r", str(compiled_engine), str(e)], check=True)
-    m = json.loads((e / "manifest.json").read_text())
+@pytest.fixture(scope="module")
+def fresh_loads(compiled_engine, tmp_path_factory):
+    """LOAD in two fresh processes, each with an empty Inductor cache: "fresh" loads the engine as built,
+    "mismatch" a copy whose manifest says its artifacts were compiled with torch 2.99.0. Both start as soon as the
+    engine is built and compile for a minute or more, beside each other and beside this module's other tests (the
+    tests that read their results come last); ``fresh_loads(name)`` waits for one: exit code, stdout, stderr, and
+    the engine it loaded."""
+    root = tmp_path_factory.mktemp("fresh")
+    mismatch = root / "mismatch"
+    shutil.copytree(compiled_engine, mismatch)
+    m = json.loads((mismatch / "manifest.json").read_text())
     m["build"]["compiled"]["stack"]["torch"] = "2.99.0"
-    (e / "manifest.json").write_text(json.dumps(m))
-    env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
-    rc, out, err = _python(LOAD, e, "-", env=env)
-    assert rc == 0, err
-    assert "LOG compiled artifacts do not match this stack (torch 2.99.0 (engine) vs" in out
-    assert "recompiling" in out and "LOG compiled and captured in" in out
-    r = json.loads(out.strip().splitlines()[-1])
-    assert r["stats"]["compiled"]["artifacts"] == "mismatch"
-    from orthrus_export.cli import main
-    assert main(["run", "--engine", str(e), "--prompt", "x", "--strict"]) == 2
+    (mismatch / "manifest.json").write_text(json.dumps(m))
+    engines = {"fresh": compiled_engine, "mismatch": mismatch}
+    procs = {}
+    for name, path in engines.items():
+        with open(root / f"{name}.out", "w") as out, open(root / f"{name}.err", "w") as err:  # files: never full
+            procs[name] = subprocess.Popen([sys.executable, "-c", LOAD, str(path), "-"], stdout=out, stderr=err,
+                                           text=True, env={**os.environ,
+                                                           "TORCHINDUCTOR_CACHE_DIR": str(root / f"cache-{name}")})
+
+    def result(name):
+        rc = procs[name].wait(timeout=600)
+        return rc, (root / f"{name}.out").read_text(), (root / f"{name}.err").read_text(), engines[name]
+    yield result
+    for p in procs.values():
+        if p.poll() is None:
+            p.kill()
+            p.wait()
 
 
 def test_cli_strict_refusal_message(compiled_engine, tmp_path, capsys):
@@ -114,12 +130,11 @@ print(json.dumps({"greedy": greedy.output_ids, "sampled": sampled.output_ids, "s
 
 def test_runtime_generates_with_the_builder_unimportable(models):
     """A deployment needs orthrus_runtime + orthrus_plugins + torch + safetensors + tokenizers only."""
-    from orthrus_runtime import Engine
     path = models.engine_path("tiny", max_seq_len=256)
     rc, out, err = _python(RUNTIME_ONLY, path)
     assert rc == 0, err
     r = json.loads(out.strip().splitlines()[-1])
-    e = Engine.load(path)
+    e = models.engine("tiny", max_seq_len=256)
     assert r["modules"] == []
     assert r["greedy"] == e.generate("def main(", max_new_tokens=40).output_ids
     assert r["sampled"] == e.generate("import os", max_new_tokens=20, temperature=0.8, top_k=20, seed=5).output_ids
@@ -143,8 +158,7 @@ def test_runtime_never_imports_the_builder():
 def test_concurrent_callers_each_get_their_own_result(models):
     """Six threads call generate (greedy, sampled, streamed) on one engine at once: each result equals the same
     request run alone."""
-    from orthrus_runtime import Engine
-    engine = Engine.load(models.engine_path("tiny", max_seq_len=256))
+    engine = models.engine("tiny", max_seq_len=256)
     requests = [dict(prompt="def main(", max_new_tokens=40), dict(prompt="import sys\n", max_new_tokens=30),
                 dict(prompt="class Foo:", max_new_tokens=35, temperature=0.9, top_k=30, seed=1),
                 dict(prompt="for i in", max_new_tokens=25, temperature=0.6, top_p=0.9, seed=2),
@@ -193,7 +207,7 @@ def test_info_reads_only_the_manifest(models):
     assert "TORCH False" in out and "max_seq_len 256" in out
 
 
-def test_sampling_defaults_come_from_generation_config(tmp_path):
+def test_sampling_defaults_come_from_generation_config(tmp_path, models):
     """A request that sets no sampling parameters samples as the checkpoint's generation_config.json says (as
     transformers and vLLM do); temperature=0 is greedy; a checkpoint that does not sample stays greedy."""
     from orthrus_export.synthetic import write_checkpoint
@@ -214,15 +228,14 @@ def test_sampling_defaults_come_from_generation_config(tmp_path):
     greedy = engine.generate(prompt, max_new_tokens=30, temperature=0.0).output_ids
     assert greedy == engine.generate(prompt, max_new_tokens=30, temperature=0.0, seed=9).output_ids
     assert default != greedy  # it sampled (30 tokens at T 0.7 equal to greedy would be a 1-in-many-millions event)
-    tiny = Engine.load(builder.build("tiny", out=tmp_path / "t", max_seq_len=128, progress=False, self_check=False))
+    tiny = models.engine("tiny", max_seq_len=256)
     assert tiny.sampling_defaults() == (0.0, 0, 1.0)
 
 
 def test_stop_strings_cut_text_tokens_and_stream(models):
     """A stop string ends the generation at the token that completes it; the text ends before it; a stream's deltas
     concatenate to that text and never show any of the stop string; a stop that never occurs changes nothing."""
-    from orthrus_runtime import Engine
-    engine = Engine.load(models.engine_path("tiny", max_seq_len=256))
+    engine = models.engine("tiny", max_seq_len=256)
     full = engine.generate("def main(", max_new_tokens=60)
     stop = full.text[len(full.text) // 2:len(full.text) // 2 + 3]
     assert len(stop) == 3
@@ -242,8 +255,7 @@ def test_stop_strings_cut_text_tokens_and_stream(models):
 def test_a_closed_stream_frees_the_engine(models):
     """An open stream does not hold the engine: another thread's request runs beside it (in-flight batching) and
     equals its result alone; closing the stream part-way cancels its generation and frees its slot."""
-    from orthrus_runtime import Engine
-    engine = Engine.load(models.engine_path("tiny", max_seq_len=256))
+    engine = models.engine("tiny", max_seq_len=256)
     alone = engine.generate("import os", max_new_tokens=20).output_ids
     s = engine.generate("def main(", max_new_tokens=200, stream=True)
     it = iter(s)
@@ -258,3 +270,26 @@ def test_a_closed_stream_frees_the_engine(models):
     assert list(it) == [] or s.handle.finish_reason == "cancelled"
     assert s.handle.finish_reason == "cancelled" and len(s.handle.output_ids) < 200
     assert engine.scheduler_stats()["slots_in_use"] == 0
+
+
+# ---- the fresh processes (started with the first test: see fresh_loads) ---------------------------------------------
+def test_fresh_process_reuses_the_stored_artifacts(fresh_loads, compiled_loaded):
+    """A fresh process with an empty Inductor cache gets its compiled programs from the engine (cache hits, no
+    compile), and generates what the build's process generates."""
+    rc, out, err, _ = fresh_loads("fresh")
+    assert rc == 0, err
+    r = json.loads(out.strip().splitlines()[-1])
+    assert r["stats"]["compiled"]["artifacts"] == "loaded" and r["hits"] >= 3, r
+    assert r["ids"] == compiled_loaded.generate("def main(", max_new_tokens=16).output_ids
+
+
+def test_stack_mismatch_recompiles_saying_so_or_refuses_with_strict(fresh_loads):
+    rc, out, err, e = fresh_loads("mismatch")
+    assert rc == 0, err
+    assert "LOG compiled artifacts do not match this stack (torch 2.99.0 (engine) vs" in out
+    assert "recompiling" in out and "LOG compiled and captured in" in out
+    r = json.loads(out.strip().splitlines()[-1])
+    # no cache hit: nothing came from the engine's artifacts, every program was compiled again
+    assert r["stats"]["compiled"]["artifacts"] == "mismatch" and r["hits"] == 0, r
+    from orthrus_export.cli import main
+    assert main(["run", "--engine", str(e), "--prompt", "x", "--strict"]) == 2

@@ -43,10 +43,8 @@ def test_fp8_linear_reference_matches_float64(m):
 
 
 @pytest.fixture(scope="module")
-def fp8_tiny(tmp_path_factory):
-    from orthrus_export.builder import build
-    root = tmp_path_factory.mktemp("fp8")
-    return build("tiny", precision="fp8", out=root / "tiny-fp8", max_seq_len=512, progress=False)
+def fp8_tiny(models):
+    return models.engine_path("tiny", "fp8")  # the session's (tests/test_newcomer.py runs it too), max_seq_len 512
 
 
 def test_fp8_engine_layout_and_manifest(fp8_tiny, models):

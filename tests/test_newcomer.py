@@ -233,9 +233,8 @@ def test_chat_without_a_template(tmp_path):
 
 
 # ---- 8. FP8 engines and ONNX Runtime --------------------------------------------------------------------------------
-def test_fp8_engine_with_onnxruntime(tmp_path):
-    out = builder.build("tiny", precision="fp8", out=tmp_path / "fp8", max_seq_len=128, progress=False,
-                        self_check=False)
+def test_fp8_engine_with_onnxruntime(models):
+    out = models.engine_path("tiny", "fp8")  # the session's FP8 tiny (tests/test_fp8.py checks it)
     for variant in ("orthrus", "decomposed"):
         rc, _, err = cli("run", "--engine", out, "--prompt", "x", "--backend", "onnxruntime", "--onnx-variant",
                          variant)
@@ -261,7 +260,7 @@ def test_bad_thread_counts(engine, cmd, bad):
 def test_default_thread_count_follows_the_engine_size(engine):
     from orthrus_export.cli import _set_threads
     m = read_manifest(engine)
-    assert _set_threads(argparse.Namespace(threads=None), m) == 1 and torch.get_num_threads() == 1  # 9.4 M params
+    assert _set_threads(argparse.Namespace(threads=None), m) == 1 and torch.get_num_threads() == 1  # 13.4 M params
     big = {**m, "precision": "bf16", "files": {**m["files"], m["weights"]: {"bytes": 16 * 10**9}}}  # 8 B params
     assert _set_threads(argparse.Namespace(threads=None), big) == min(os.cpu_count(), 8)
     assert _set_threads(argparse.Namespace(threads=3), m) == 3 and torch.get_num_threads() == 3

@@ -143,9 +143,11 @@ def test_cli_onnx_run_and_errors(models, tmp_path):
     assert main(["run", "--engine", str(bf16), "--prompt-ids", "1", "--backend", "onnxruntime"]) == 2
 
 
-def test_build_with_onnx_writes_both_variants_inside_the_engine(tmp_path):
+def test_build_with_onnx_writes_both_variants_inside_the_engine(models, tmp_path):
     from orthrus_export.builder import build
-    out = build("tiny", out=tmp_path / "t", max_seq_len=128, progress=False, onnx="both")
+    # a small random checkpoint: the export itself is checked on tiny above (the `exported` fixture)
+    out = build(str(models.checkpoint("gqa1_tied")), out=tmp_path / "t", max_seq_len=128, progress=False,
+                onnx="both")
     m = verify_engine(out)
     assert set(m["onnx"]) == {"orthrus", "decomposed"}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directory left behind

@@ -24,26 +24,29 @@ ALPHA = 1e-3
 
 
 def markov_sample_pairs(n, temperature, top_k, top_p, seed):
+    """``n`` independent chains, each one slot of the same ``orthrus::accept`` calls (slots are independent): a
+    block drafted from the anchor, accepted against the base model; chains that emitted one token draft a second
+    block from it. The joint counts of each chain's first two emitted tokens, and their exact law."""
     g = torch.Generator().manual_seed(seed)
     w_true = 1.5 * torch.randn(V, V, generator=g)  # base model: logits of the next token given the previous
     w_draft = 1.5 * torch.randn(B, V, V, generator=g)  # drafter: position-dependent, conditioned on the anchor
-    no_eos = torch.empty(1, 0, dtype=torch.int64)
-    pairs = Counter()
-    for _ in range(n):
-        out, x = [], 0
-        while len(out) < 2:
-            q_logits = w_draft[:, x]  # [B, V]
-            u = torch.rand(B - 1, generator=g)
-            drafts = sample_token(filter_logits(q_logits[:-1], temperature, top_k, top_p), u)
-            block = torch.cat([torch.tensor([x]), drafts])
-            p_logits = w_true[block]
-            tokens, k = torch.ops.orthrus.accept(
-                block[None], q_logits[None], p_logits[None], torch.rand(1, B, generator=g), no_eos,
-                torch.tensor([temperature]), torch.tensor([top_k]), torch.tensor([top_p]), True)
-            tokens, k = tokens[0], k[0]
-            out += tokens[:int(k)].tolist()
-            x = out[-1]
-        pairs[(out[0], out[1])] += 1
+
+    def cycle(x):  # one draft/verify cycle of every chain, from its anchor token x [m]
+        m = len(x)
+        q_logits = w_draft[:, x].transpose(0, 1)  # [m, B, V]
+        u = torch.rand(m, B - 1, generator=g)
+        drafts = sample_token(filter_logits(q_logits[:, :-1], temperature, top_k, top_p), u)
+        block = torch.cat([x[:, None], drafts], dim=1)
+        p_logits = w_true[block]
+        return torch.ops.orthrus.accept(
+            block, q_logits, p_logits, torch.rand(m, B, generator=g), torch.empty(m, 0, dtype=torch.int64),
+            torch.full((m,), temperature), torch.full((m,), top_k), torch.full((m,), float(top_p)), True)
+
+    tokens, k = cycle(torch.zeros(n, dtype=torch.int64))
+    first, second = tokens[:, 0], tokens[:, 1].clone()
+    short = k < 2  # one token emitted: the chain's second token comes from its next cycle
+    second[short] = cycle(first[short])[0][:, 0]
+    pairs = Counter(zip(first.tolist(), second.tolist()))
     p = filter_logits(w_true, temperature, top_k, top_p)
     exact = {(a, b): float(p[0, a] * p[a, b]) for a in range(V) for b in range(V)}
     return pairs, exact

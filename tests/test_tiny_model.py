@@ -25,14 +25,18 @@ def test_greedy_orthrus_equals_ar_on_heldout_code_with_real_acceptance(models):
     ref = Reference(open_checkpoint("tiny"))
     n_prompts, new = EVAL["test"]["prompts"], EVAL["test"]["max_new_tokens"]
     assert n_prompts >= 20 and len(HELDOUT) >= n_prompts
+    prompts = [(p["file"], engine.encode(p["text"])) for p in HELDOUT[:n_prompts]]
+    # the engine's own AR decoding and its Orthrus decoding of every prompt, each submitted at once (in-flight
+    # batching: a row's tokens and cycles equal its run alone, tests/test_batching.py checks that)
+    ar = [h.wait() for h in [engine.submit(ids, max_new_tokens=new, use_drafts=False) for _, ids in prompts]]
+    orthrus = [engine.submit(ids, max_new_tokens=new) for _, ids in prompts]
     cycles = tokens = 0
-    for p in HELDOUT[:n_prompts]:
-        ids = engine.encode(p["text"])
-        r = engine.generate(ids, max_new_tokens=new)
-        assert r.output_ids == engine.generate(ids, max_new_tokens=new, use_drafts=False).output_ids, p["file"]
-        assert r.output_ids == ref.generate_ar(ids, new), p["file"]
-        cycles += r.stats.cycles
-        tokens += r.stats.cycle_tokens
+    for (file, ids), ar_ids, handle in zip(prompts, ar, orthrus):
+        out = handle.wait()
+        assert out == ar_ids, file
+        assert out == ref.generate_ar(ids, new), file
+        cycles += handle.stats.cycles
+        tokens += handle.stats.cycle_tokens
     measured = EVAL["test"]["acceptance_length_token_weighted"]
     floor = measured - 0.25
     assert tokens / cycles >= floor, f"acceptance length {tokens / cycles:.2f} fell below {floor:.2f}"

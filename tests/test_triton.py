@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from orthrus_export.builder import build
 from orthrus_export.tritonserver import Server, install, write_repository
 
 # the client example's gRPC streaming function, so that the tests exercise the code users copy
@@ -32,11 +31,11 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tmp_path_factory, models):
     from orthrus_runtime import Engine
     root = tmp_path_factory.mktemp("triton")
     install()
-    engine_dir = build("tiny", out=root / "engine", max_seq_len=512, progress=False)
+    engine_dir = models.engine_path("tiny")  # the session's tiny engine (fp32, max_seq_len 512, 8 slots)
     repo = write_repository(engine_dir, root / "repo")
     server = Server(repo, free_port(), free_port(), free_port(), log=root / "server.log")
     try:
@@ -190,12 +189,22 @@ def test_metrics_counters_move(served):
     assert 'orthrus_requests_running{model="orthrus"}' in after and 'orthrus_requests_waiting{model="orthrus"}' in after
 
 
+def stop_from_own_text(engine, prompt, n):
+    """Three characters from the middle of the model's own greedy text: a stop string that occurs (whatever the
+    embedded model writes), so a request with it stops before ``n`` tokens."""
+    text = engine.generate(prompt, max_new_tokens=n).text
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    assert len(stop) == 3, text
+    return stop
+
+
 def test_stop_strings_end_the_text(served):
     server, engine = served
-    local = engine.generate(PROMPTS[1], max_new_tokens=60, stop=["\n"])
-    r = generate(server, PROMPTS[1], 60, stop=["\n"])
-    assert r["text_output"] == local.text and "\n" not in r["text_output"]
-    assert r["output_tokens"] == len(local.output_ids) < 60
+    stop = stop_from_own_text(engine, PROMPTS[1], 60)
+    local = engine.generate(PROMPTS[1], max_new_tokens=60, stop=[stop])
+    r = generate(server, PROMPTS[1], 60, stop=[stop])
+    assert r["text_output"] == local.text and stop not in r["text_output"]
+    assert r["output_tokens"] == len(local.output_ids) < 60 and local.stats.finish_reason == "stop"
 
 
 def test_gpu_engines_get_gpu_instances_one_per_listed_gpu(served, tmp_path):
@@ -390,8 +399,9 @@ def test_openai_client_completions_and_chat(served, openai_url):
     assert len([c for c in chunks if c.choices and c.choices[0].text]) > 1
     assert "".join(c.choices[0].text for c in chunks if c.choices) == local.text
     assert chunks[-1].usage.completion_tokens == 24
-    stopped = client.completions.create(model="orthrus", prompt=PROMPTS[1], max_tokens=60, temperature=0, stop="\n")
-    assert stopped.choices[0].text == engine.generate(PROMPTS[1], max_new_tokens=60, temperature=0, stop=["\n"]).text
+    stop = stop_from_own_text(engine, PROMPTS[1], 60)
+    stopped = client.completions.create(model="orthrus", prompt=PROMPTS[1], max_tokens=60, temperature=0, stop=stop)
+    assert stopped.choices[0].text == engine.generate(PROMPTS[1], max_new_tokens=60, temperature=0, stop=[stop]).text
     assert stopped.choices[0].finish_reason == "stop"
     sampled = [client.completions.create(model="orthrus", prompt=PROMPTS[2], max_tokens=16, temperature=0.8,
                                          top_p=0.95, seed=11).choices[0].text for _ in range(2)]
@@ -469,7 +479,7 @@ def test_resident_memory_is_flat_over_300_requests(served):
     assert after_300 <= after_20 * 1.05, f"resident memory grew from {after_20} kB to {after_300} kB"
 
 
-def test_a_killed_model_process_is_reported_unready_and_reloaded(tmp_path):
+def test_a_killed_model_process_is_reported_unready_and_reloaded(tmp_path, models):
     """SIGKILL of the model's Python-backend stub under a supervised server (what `serve` runs): requests fail at
     once (no hang), the model's readiness and the OpenAI endpoint's /health turn unready within seconds, the model is
     reloaded (a fresh stub; the server log then holds two engine load times) and answers as before. Without
@@ -480,7 +490,7 @@ def test_a_killed_model_process_is_reported_unready_and_reloaded(tmp_path):
 
     from orthrus_runtime.openai_frontend import server as openai_server
     install()
-    engine_dir = build("tiny", out=tmp_path / "engine", max_seq_len=256, max_batch_size=2, progress=False)
+    engine_dir = models.engine_path("tiny")  # its own servers and repository; the engine is only read
     repo = write_repository(engine_dir, tmp_path / "repo")
 
     def kill_stub(server):
