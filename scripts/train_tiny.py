@@ -22,6 +22,12 @@ One GPU, fixed seeds, a wall-clock budget per stage (the step counts reached are
    recipes are compared by ``simulated_acceptance`` (the runtime's greedy cycles, anchored wherever the last one
    ended) on validation windows; it is also reported on held-out windows.
 
+Resumable in parts (``--init-from DIR``, a checkpoint folder this script wrote, the shipped ``tiny`` included): the
+model, its shape and its tokenizer come from DIR, the corpus must be the one DIR was trained on (its data manifest's
+``corpus_sha256``: the same held-out packages and validation files, or the script refuses), the base model trains on
+for ``--lm-seconds`` (0: kept as it is) and the diffusion set is distilled on from DIR's (``--diff-init checkpoint``,
+the default with ``--init-from``) or from the AR set again (``ar``). The log keeps DIR's own log under ``init_from``.
+
 Writes a checkpoint folder in the published Orthrus-Qwen3 layout (sharded safetensors, bf16; the other recipe's in
 ``recipe-NAME/`` with ``both``), the data manifest, held-out prompts, losses (JSON) and a loss plot to --out.
 
@@ -429,7 +435,7 @@ def run_stage(name, params, loss_fn, data, seconds, peak_lr, log, max_steps, eva
     t0, step, hist, evals = time.perf_counter(), 0, [], []
     best = (float("inf"), 0, [p.detach().clone() for p in params])
     while step < max_steps:
-        frac = (time.perf_counter() - t0) / seconds
+        frac = (time.perf_counter() - t0) / seconds if seconds > 0 else 1.0  # 0 s: keep the weights as they are
         if frac >= 1.0:
             break
         for g in opt.param_groups:
@@ -465,6 +471,36 @@ def run_stage(name, params, loss_fn, data, seconds, peak_lr, log, max_steps, eva
     return step
 
 
+def resolve_init(a):
+    """--init-from's folder (``tiny``: the shipped model), checked to be a checkpoint this script wrote; None without
+    it. --diff-init checkpoint needs it."""
+    if a.init_from is None:
+        if a.diff_init == "checkpoint":
+            raise SystemExit("train_tiny: --diff-init checkpoint needs --init-from")
+        return None
+    if a.init_from == "tiny":
+        from orthrus_export.checkpoint import TINY_DIR
+        return TINY_DIR
+    init = Path(a.init_from)
+    missing = [f for f in ("config.json", "tokenizer.json", "data_manifest.json", "train_log.json")
+               if not (init / f).is_file()]
+    if missing:
+        raise SystemExit(f"train_tiny: --init-from {init} is not a folder this script wrote (no {', '.join(missing)})")
+    return init
+
+
+def copy_tokenizer(init: Path, out: Path):
+    """The tokenizer of ``init`` (a resumed model keeps its vocabulary), copied to ``out``."""
+    from tokenizers import Tokenizer
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        if (init / f).resolve() != (out / f).resolve():
+            (out / f).write_bytes((init / f).read_bytes())
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    specials = {sp: tok.token_to_id(sp) for sp in SPECIALS}
+    assert None not in specials.values() and tok.get_vocab_size() == VOCAB, (specials, tok.get_vocab_size())
+    return tok, specials
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -489,7 +525,13 @@ def main():
     ap.add_argument("--kl-decay", type=float, default=5.0,
                     help="weight block position j's KL by exp(-j / this) (0: every position alike); later positions "
                          "only count when every earlier draft was accepted")
+    ap.add_argument("--init-from", default=None,
+                    help="a checkpoint folder this script wrote (or 'tiny', the shipped one): go on training it")
+    ap.add_argument("--diff-init", choices=("ar", "checkpoint"), default=None,
+                    help="what the diffusion set starts from: a copy of the AR set (the default without --init-from) "
+                         "or the --init-from checkpoint's diffusion set (the default with it)")
     a = ap.parse_args()
+    init = resolve_init(a)
     t_start = time.time()
     torch.manual_seed(a.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -499,9 +541,23 @@ def main():
 
     train, val, held, info = corpus(tuple(x for x in a.heldout.split(",") if x))
     if a.files_every > 1:
-        train, val, held = ([d for d in docs if h(d[1]) % a.files_every == 0] for docs in (train, val, held))
+        # a hash of its own: h(path) % 100 chooses the validation files, and the two must not be correlated
+        train, val, held = ([d for d in docs if h('files-every:' + d[1]) % a.files_every == 0]
+                            for docs in (train, val, held))
+    fingerprint = hashlib.sha256("\n".join(f"{rel} {hashlib.sha1(t.encode()).hexdigest()}" for docs in
+                                           (train, val, held) for _, rel, t in docs).encode()).hexdigest()
+    if init is not None:
+        theirs = json.loads((init / "data_manifest.json").read_text())["corpus_sha256"]
+        if theirs != fingerprint:
+            raise SystemExit(f"train_tiny: the corpus here (sha256 {fingerprint[:12]}…) is not the one {init} was "
+                             f"trained on ({theirs[:12]}…): going on would train on its held-out or validation files; "
+                             "run on the machine (and with the --heldout and --files-every) that trained it")
+        log["init_from"] = {"path": str(init), "log": json.loads((init / "train_log.json").read_text())}
     t0 = time.perf_counter()
-    tok, specials = train_tokenizer([t for _, rel, t in train if h(rel) % a.tokenizer_every == 0], out)
+    if init is None:
+        tok, specials = train_tokenizer([t for _, rel, t in train if h(rel) % a.tokenizer_every == 0], out)
+    else:
+        tok, specials = copy_tokenizer(init, out)
     log["tokenizer_seconds"] = round(time.perf_counter() - t0, 1)
     eot, mask_id = specials["<|endoftext|>"], specials["<|mask|>"]
     t0 = time.perf_counter()
@@ -521,8 +577,6 @@ def main():
             e["tokens"] += n
     for pk, v in package_versions(packages).items():
         packages[pk]["version"] = v
-    fingerprint = hashlib.sha256("\n".join(f"{rel} {hashlib.sha1(t.encode()).hexdigest()}" for docs in
-                                           (train, val, held) for _, rel, t in docs).encode()).hexdigest()
     totals = {s: {"files": len(d), "bytes": sum(len(t.encode()) for _, _, t in d), "tokens": sum(counts[s])}
               for s, d in (("train", train), ("val", val), ("held", held))}
     data_manifest = {
@@ -555,15 +609,21 @@ def main():
                 return sum(float(loss_fn(b)) for b in bs) / len(bs)
         return run
 
-    model = Tiny(**{k: getattr(a, k) for k in SHAPE}).to(device)
+    if init is None:
+        model = Tiny(**{k: getattr(a, k) for k in SHAPE}).to(device)
+    else:
+        model = Tiny.from_checkpoint(init).to(device)
+        for k, v in model.shape.items():  # the checkpoint's shape, whatever the shape options said
+            setattr(a, k, v)
+        log["args"] = vars(a)
     gen = torch.Generator().manual_seed(a.seed)
     data = batches(streams["train"], a.seq + 1, a.batch, gen, device)
 
     def lm_loss(batch):
         logits, _ = model.forward_ar(batch[:, :-1])
         return F.cross_entropy(logits.float().reshape(-1, VOCAB), batch[:, 1:].reshape(-1))
-    run_stage("lm", list(model.parameters()), lm_loss, data, a.lm_seconds, 3e-3, log, a.max_steps,
-              mean_loss(lm_loss, val_batches))
+    lm_params = [p for n, p in model.named_parameters() if not n.endswith("_diff")]
+    run_stage("lm", lm_params, lm_loss, data, a.lm_seconds, 3e-3, log, a.max_steps, mean_loss(lm_loss, val_batches))
     log["val_lm_loss"] = mean_loss(lm_loss, val_batches)()
     log["heldout_lm_loss"] = mean_loss(lm_loss, held_batches)()
 
@@ -595,11 +655,15 @@ def main():
             idx = torch.randint(0, generated.shape[0], (a.batch,), generator=g).to(device)
             yield generated[idx]
 
-    model.add_diffusion_set()
-    model.to(device)
+    if init is None:
+        model.add_diffusion_set()
+        model.to(device)
     named = dict(model.named_parameters())
     diff_params = [p for n, p in named.items() if n.endswith("_diff")]
     ar_params = [named[n[:-len("_diff")]] for n in named if n.endswith("_diff")]
+    diff_init = a.diff_init or ("ar" if init is None else "checkpoint")
+    start = [p.detach().clone() for p in (ar_params if diff_init == "ar" else diff_params)]
+    log["diff_init"] = diff_init
     for n, p in model.named_parameters():
         p.requires_grad_(n.endswith("_diff"))
 
@@ -623,8 +687,8 @@ def main():
     log["recipes"] = {}
     kept = {}
     for recipe in recipes:
-        with torch.no_grad():  # the diffusion set starts as a copy of the AR attention set
-            for d, p in zip(diff_params, ar_params):
+        with torch.no_grad():  # the diffusion set starts as a copy of the AR attention set, or of --init-from's
+            for d, p in zip(diff_params, start):
                 d.copy_(p)
         run_stage("diffusion_" + recipe, diff_params, kl_loss, data if recipe == "real" else generated_batches(),
                   a.diff_seconds, 2e-3, log, a.max_steps, neg_block_acceptance)

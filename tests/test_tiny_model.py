@@ -64,3 +64,28 @@ def test_training_scripts_simulated_acceptance_counts_the_runtimes_cycles(models
         assert sim["cycles"] == r.stats.cycles, (p["file"], sim, r.stats.cycles)
         total += r.stats.cycles
     assert total < 3 * 47  # real drafts were accepted: the count is not the trivial one-token-per-cycle one
+
+
+def test_training_resumes_only_on_the_corpus_it_was_trained_on(tmp_path):
+    """``train_tiny.py --init-from`` (training in parts) refuses a checkpoint whose data manifest names another
+    corpus (its held-out and validation files could be trained on), and a folder it did not write; it says so in one
+    line before any training."""
+    import shutil
+    import subprocess
+    import sys
+    script = TINY_DIR.parents[2] / "scripts" / "train_tiny.py"
+    other = tmp_path / "other"
+    shutil.copytree(TINY_DIR, other)
+    manifest = json.loads((other / "data_manifest.json").read_text())
+    manifest["corpus_sha256"] = "0" * 64
+    (other / "data_manifest.json").write_text(json.dumps(manifest))
+    # networkx: a held-out package every environment of this project has (torch needs it)
+    cmd = [sys.executable, str(script), "--out", str(tmp_path / "out"), "--heldout", "networkx", "--files-every", "50"]
+    p = subprocess.run(cmd + ["--init-from", str(other)], capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and "is not the one" in p.stderr and "000000000000" in p.stderr, p.stderr[-2000:]
+    assert not (tmp_path / "out" / "tokenizer.json").exists()  # refused before anything was trained or copied
+    (other / "train_log.json").unlink()
+    p = subprocess.run(cmd + ["--init-from", str(other)], capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and "is not a folder this script wrote (no train_log.json)" in p.stderr, p.stderr
+    p = subprocess.run(cmd + ["--diff-init", "checkpoint"], capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and "--diff-init checkpoint needs --init-from" in p.stderr, p.stderr
