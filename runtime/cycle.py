@@ -245,24 +245,65 @@ class Steps:
         out = self.out[:len(rows)].tolist()
         return [o[1:1 + o[0]] for o in out]
 
-    def time(self, kind: str, context: int, iters: int, sampled: bool = False, rows: int = 1,
-             warmup: int = 5) -> float:
-        """Median milliseconds of one ``kind`` step over ``rows`` rows (slots 0 … rows-1, every one at cache length
-        ``context``): CUDA events around graph replays on a GPU; the host clock around eager calls on the CPU.
-        Overwrites those slots' cache and the row inputs."""
-        cuda = self.device.type == "cuda"
+    def _bench_rows(self, kind: str, context: int, sampled: bool, rows: int) -> int:
+        """Fill ``rows`` benchmark rows (slots 0 … rows-1, every one at cache length ``context``, random block
+        tokens; sampled rows at T 0.6, top-k 20, top-p 0.95) and return their bucket; on a GPU, capture the lone
+        pass's graph if it is not there yet."""
         bucket = self.bucket(rows)
-        if kind in ("draft", "verify") and cuda and (kind, False, bucket) not in self.graphs:
+        if kind in ("draft", "verify") and self.device.type == "cuda" and (kind, False, bucket) not in self.graphs:
             self.graphs[(kind, False, bucket)] = self._capture(kind, False, bucket)
         gen = torch.Generator().manual_seed(0)
         self.fill([Row(slot=i, x=5, s=context, temperature=0.6 if sampled else 0.0, top_k=20 if sampled else 0,
                        top_p=0.95 if sampled else 1.0, uniforms=torch.rand(2 * self.b, generator=gen))
                    for i in range(rows)], bucket)
         self.ints[:bucket, CHUNK:].random_(0, self.vocab)
+        return bucket
+
+    def time(self, kind: str, context: int, iters: int, sampled: bool = False, rows: int = 1,
+             warmup: int = 5) -> float:
+        """Median milliseconds of one ``kind`` step over ``rows`` rows (slots 0 … rows-1, every one at cache length
+        ``context``): CUDA events around graph replays on a GPU; the host clock around eager calls on the CPU.
+        Overwrites those slots' cache and the row inputs."""
+        bucket = self._bench_rows(kind, context, sampled, rows)
+        cuda = self.device.type == "cuda"
         run = self.graphs[(kind, sampled, bucket)].replay if cuda else (lambda: self.body(kind, sampled, bucket))
         with torch.no_grad():  # the grad mode the programs were compiled and captured in
             times = time_it(run, iters, warmup, self.device)
         return statistics.median(times)
+
+    def profile(self, kind: str, context: int, iters: int, sampled: bool = False, rows: int = 1) -> list[dict]:
+        """What one ``kind`` step over ``rows`` rows (set up as ``time`` sets them up) spends its time in, from
+        torch.profiler over ``iters`` eager calls of the step body (after one untimed call), per call. On a GPU:
+        each CUDA kernel by name (``ms`` of device time, ``launches``); on the CPU: each operator's self time, with
+        ``within`` naming the outermost ``orthrus::`` op it ran inside (the reference attention's matmuls belong to
+        the attention), else None. Sorted by time, largest first. Overwrites those slots' cache and the row inputs."""
+        from torch.profiler import ProfilerActivity, profile
+        bucket = self._bench_rows(kind, context, sampled, rows)
+        cuda = self.device.type == "cuda"
+        with torch.no_grad():
+            self.body(kind, sampled, bucket)
+            if cuda:
+                torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+                for _ in range(iters):
+                    self.body(kind, sampled, bucket)
+                if cuda:
+                    torch.cuda.synchronize()
+        table: dict = {}
+        for e in prof.events():
+            if cuda != (e.device_type == torch.autograd.DeviceType.CUDA):
+                continue
+            within, up = None, e.cpu_parent
+            while up is not None and not cuda:
+                within = up.name if up.name.startswith("orthrus::") else within
+                up = up.cpu_parent
+            ms = (e.device_time_total if cuda else e.self_cpu_time_total) / 1e3 / iters
+            entry = table.setdefault((e.name, within), {"name": e.name, "within": within, "ms": 0.0, "launches": 0.0})
+            entry["ms"] += ms
+            entry["launches"] += 1 / iters
+        for entry in table.values():
+            entry["launches"] = round(entry["launches"], 2)
+        return sorted(table.values(), key=lambda r: -r["ms"])
 
 
 def time_it(fn, iters: int, warmup: int = 5, device: torch.device = torch.device("cuda"),

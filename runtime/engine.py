@@ -5,10 +5,10 @@ Requests go through one path: ``submit`` queues a request with the scheduler (in
 request shares each pass) and returns a ``Handle``; ``generate`` submits and waits (or streams). Any number of
 threads may submit or generate at once; each result equals the same request run alone.
 
-Public surface for tools (parity, quality, autotune, bench, tests): ``run_pass(name, tokens, start)`` runs one
-program eagerly, ``time_step(kind, context, iters, batch=…)`` times a step as decoding runs it, ``with_options``
-re-specialises the programs with other kernel options, ``load_stats`` says where loading spent its time,
-``scheduler_stats()`` what the scheduler has run.
+Public surface for tools (parity, quality, autotune, bench, profile, tests): ``run_pass(name, tokens, start)`` runs
+one program eagerly, ``time_step(kind, context, iters, batch=…)`` times a step as decoding runs it, ``profile_step``
+says where that step's time goes, ``with_options`` re-specialises the programs with other kernel options,
+``load_stats`` says where loading spent its time, ``scheduler_stats()`` what the scheduler has run.
 """
 
 import threading
@@ -260,15 +260,30 @@ class Engine:
         ``batch`` sequences, each at cache length ``context``: the CUDA-graph replay that decoding runs (CUDA
         events), or the eager call on the CPU (host clock). Sampled steps run at the published sampling defaults
         (T 0.6, top-k 20, top-p 0.95). Overwrites the cache: only while no request runs."""
+        self._check_bench(context, batch)
+        with self._lock:
+            if self.scheduler.busy:
+                raise OrthrusError("time_step while requests run: it overwrites their cache; wait for them")
+            return self.steps.time(kind, context, iters, sampled, rows=batch)
+
+    def _check_bench(self, context: int, batch: int) -> None:
         if not 0 <= context <= self.max_seq_len:
             raise OrthrusError(f"context {context} is outside 0..{self.max_seq_len} (the engine's max_seq_len)")
         if not 1 <= batch <= self.max_batch_size:
             raise OrthrusError(f"batch {batch} is outside 1..{self.max_batch_size} (the engine's max batch size): "
                                "rebuild with a larger --max-batch-size")
+
+    def profile_step(self, kind: str, context: int, iters: int = 5, sampled: bool = False,
+                     batch: int = 1) -> list[dict]:
+        """Where one step (as ``time_step`` sets it up) spends its time: CUDA kernels by name on a GPU, operators'
+        self time on the CPU (``Steps.profile`` says what each entry holds). Eager calls of the step body, not the
+        graph replay: a replay's time less these kernels' sum is the time between kernels. Overwrites the cache:
+        only while no request runs."""
+        self._check_bench(context, batch)
         with self._lock:
             if self.scheduler.busy:
-                raise OrthrusError("time_step while requests run: it overwrites their cache; wait for them")
-            return self.steps.time(kind, context, iters, sampled, rows=batch)
+                raise OrthrusError("profile_step while requests run: it overwrites their cache; wait for them")
+            return self.steps.profile(kind, context, iters, sampled, rows=batch)
 
     # ---- inputs ---------------------------------------------------------------------------------------------------
     def encode(self, prompt, chat: bool = False) -> list[int]:

@@ -1,75 +1,96 @@
-"""Where a pass's time goes: GPU kernel time by kind (GEMM, attention plugin, other) for one verify and one draft
-pass at a Qwen3 shape (random weights, bf16), from torch.profiler over eager calls of the traced programs.
+"""Where each decoding step's time goes, by kind (GEMM, attention, other, time between kernels), each kind against
+its own byte floor (``orthrus_export.profile`` defines the kinds and floors), at a Qwen3 shape with random weights.
 
-    python scripts/profile_gpu.py --shape 8b --context 4096 --out benchmarks/h100-profile-8b.json
+    python scripts/profile_gpu.py --shape 8b --context 4096 --batches 1,8 --steps verify,draft,cycle \
+        --compile inductor --out benchmarks/h100-profile-8b.json
+    python scripts/profile_gpu.py --from benchmarks/h200-profile-cycle-8b-none.json \
+        --bandwidth-from benchmarks/h200-attention-splits.json --out benchmarks/h200-profile-cycle-8b-none-kinds.json
+
+Per step and batch size: the CUDA-graph replay (``Engine.time_step``, CUDA events, median) and the kernels of eager
+calls of the same step body (``Engine.profile_step``, torch.profiler); the copy bandwidth is measured in the same
+run. ``--from`` re-reads a profile this script (or the cycle profiler it replaced) wrote before and adds the kinds
+and floors, with the bandwidth measured on that device (``--bandwidth-from``: a benchmark JSON with
+``copy_bandwidth_GBps``, or ``--bandwidth`` in GB/s).
 """
 
 import argparse
 import json
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from orthrus_export.bench import build_random, copy_bandwidth, kv_bytes, pass_bytes  # noqa: E402
+from orthrus_export.bench import build_random, copy_bandwidth, qwen3_config  # noqa: E402
+from orthrus_export.profile import breakdown, floors_ms, table  # noqa: E402
+from orthrus_export.weights import engine_shapes  # noqa: E402
 
 
-def kind(name: str) -> str:
-    n = name.lower()
-    if "_split_kernel" in n or "_merge_kernel" in n:
-        return "attention plugin (Triton)"
-    if "gemm" in n or "gemv" in n or "cutlass" in n or "sm90_xmma" in n or "nvjet" in n or "splitk" in n:
-        return "GEMM"
-    if "index_copy" in n or "indexcopy" in n:
-        return "cache write"
-    return "other (elementwise, norms, rope, argmax, copies)"
+def measure(a) -> dict:
+    batches = [int(b) for b in a.batches.split(",")]
+    bw = copy_bandwidth(torch.device("cuda"))
+    cfg, engine, export_s, load_s, _ = build_random(a.shape, torch.bfloat16, a.context,
+                                                    compile=a.compile == "inductor", max_batch_size=max(batches))
+    print(f"qwen3-{a.shape}: traced {export_s:.1f} s, compiled+captured {load_s:.1f} s; copy bandwidth "
+          f"{bw / 1e9:.0f} GB/s", flush=True)
+    engine.k_cache.normal_()
+    engine.v_cache.normal_()
+    elem = engine.k_cache.element_size()
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": a.shape,
+              "context": a.context, "compile": a.compile, "copy_bandwidth_GBps": bw / 1e9, "steps": {}}
+    for step in a.steps.split(","):
+        for b in batches:
+            replay = engine.time_step(step, a.context, a.iters, batch=b)
+            entries = engine.profile_step(step, a.context, 5, batch=b)
+            r = breakdown(entries, floors_ms(cfg, engine.weights, step, a.context, b, elem, bw), replay)
+            r["top_kernels"] = entries[:a.top]
+            report["steps"][f"{step} batch {b}"] = r
+            print("\n".join(table(f"{step} batch {b}", r)), flush=True)
+            Path(a.out).write_text(json.dumps(report, indent=1) + "\n")
+    engine.close()
+    return report
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def reread(a) -> dict:
+    """A profile of the replaced cycle profiler (``batches`` → {replay_ms, kernels}) with kinds and floors added."""
+    old = json.loads(Path(a.src).read_text())
+    bw = a.bandwidth * 1e9 if a.bandwidth else json.loads(Path(a.bandwidth_from).read_text())["copy_bandwidth_GBps"] * 1e9
+    cfg = qwen3_config(old["shape"])
+    # only the shapes and dtypes matter to the floors: the engine's bf16 tensors, unallocated
+    weights = {n: torch.empty(shape, dtype=torch.bfloat16, device="meta") for n, shape in engine_shapes(cfg).items()}
+    report = {k: old[k] for k in ("device", "torch", "shape", "context", "compile") if k in old}
+    report.update(source=a.src, copy_bandwidth_GBps=bw / 1e9, bandwidth_source=a.bandwidth_from or "--bandwidth",
+                  steps={})
+    for b, r in old["batches"].items():
+        out = breakdown(r["kernels"], floors_ms(cfg, weights, "cycle", old["context"], int(b), 2, bw), r["replay_ms"])
+        report["steps"][f"cycle batch {b}"] = out
+        print("\n".join(table(f"cycle batch {b}", out)))
+    Path(a.out).write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="8b")
     ap.add_argument("--context", type=int, default=4096)
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--steps", default="verify,draft,cycle")
+    ap.add_argument("--compile", choices=["none", "inductor"], default="none")
+    ap.add_argument("--iters", type=int, default=30, help="graph replays timed per step (median)")
+    ap.add_argument("--top", type=int, default=12, help="kernels kept per step in the JSON")
+    ap.add_argument("--from", dest="src", default=None, help="re-read an earlier profile instead of measuring")
+    ap.add_argument("--bandwidth-from", default=None)
+    ap.add_argument("--bandwidth", type=float, default=None, help="GB/s (with --from)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
-    bw = copy_bandwidth(torch.device("cuda"))
-    cfg, engine, _, _, _ = build_random(a.shape, torch.bfloat16, a.context + 64)
-    block = torch.randint(0, cfg.vocab_size, (cfg.block_size,), device="cuda")
-    result = {"device": torch.cuda.get_device_name(0), "shape": a.shape, "context": a.context,
-              "copy_bandwidth_GBps": bw / 1e9, "passes": {}}
-    for name, view in (("verify", "ar"), ("draft", "diff")):
-        with torch.inference_mode():
-            for _ in range(3):
-                engine.run_pass(name, block, a.context)
-            torch.cuda.synchronize()
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                for _ in range(10):
-                    engine.run_pass(name, block, a.context)
-                torch.cuda.synchronize()
-        per_kind, count = defaultdict(float), defaultdict(int)
-        top = defaultdict(float)
-        for ev in prof.key_averages():
-            if ev.device_type != torch.autograd.DeviceType.CUDA:
-                continue
-            t = ev.device_time_total / 10 / 1e3  # ms per pass
-            per_kind[kind(ev.key)] += t
-            count[kind(ev.key)] += ev.count // 10
-            top[ev.key[:90]] += t
-        floor = (pass_bytes(cfg, engine.weights, view) + kv_bytes(cfg, a.context, 2)) / bw * 1e3
-        result["passes"][name] = {"floor_ms": floor, "kernel_ms_by_kind": dict(per_kind),
-                                  "kernels_per_pass_by_kind": dict(count),
-                                  "kernel_ms_total": sum(per_kind.values()),
-                                  "top_kernels_ms": dict(sorted(top.items(), key=lambda kv: -kv[1])[:12])}
-        r = result["passes"][name]
-        print(f"{name}: floor {floor:.2f} ms, kernel time {r['kernel_ms_total']:.2f} ms "
-              f"({sum(count.values())} kernels)", flush=True)
-        for k, v in sorted(per_kind.items(), key=lambda kv: -kv[1]):
-            print(f"   {v:7.3f} ms  {count[k]:5d} kernels  {k}")
-        for k, v in list(r["top_kernels_ms"].items())[:6]:
-            print(f"   top {v:7.3f} ms  {k}")
-    Path(a.out).write_text(json.dumps(result, indent=1))
+    if a.src:
+        if not (a.bandwidth or a.bandwidth_from):
+            ap.error("--from needs --bandwidth-from or --bandwidth (the device's measured copy bandwidth)")
+        reread(a)
+    else:
+        measure(a)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -300,3 +300,17 @@ def test_fp8_gpu_engine_orthrus_equals_its_own_ar(tmp_path):
         tokens += a.stats.cycle_tokens
     print(f"fp8 GPU engine: Orthrus == its own AR on {same}/{len(prompts)} prompts; acceptance {tokens / cycles:.2f}")
     assert same == len(prompts)
+
+
+def test_profile_step_sorts_the_gpu_kernels(tiny_gpu):
+    """``Engine.profile_step`` on a GPU engine: a verify pass runs the attention plugin's three kernels once per layer
+    (cache write, split, merge), all of kind attention, and every kernel's time is counted in one kind."""
+    from orthrus_export.profile import breakdown, floors_ms
+    from orthrus_runtime import Engine
+    engine = Engine.load(tiny_gpu["bf16"])
+    entries = engine.profile_step("verify", 200, iters=3)
+    assert {"_split_kernel", "_merge_kernel", "_cache_write_kernel"} <= {e["name"] for e in entries}
+    b = breakdown(entries, floors_ms(engine.config, engine.weights, "verify", 200, 1, 2, 3e12),
+                  engine.time_step("verify", 200, 20))
+    assert b["kinds"]["attention"]["launches"] == 3 * engine.config.num_layers
+    assert b["kernel_ms"] == sum(e["ms"] for e in entries) > 0 and b["replay_ms"] > 0

@@ -1,0 +1,92 @@
+"""Where a decoding step's time goes, by kind, each kind against its own byte floor.
+
+Input: the per-kernel (GPU) or per-operator (CPU) times of one step, ``Engine.profile_step``'s list, and the
+step's CUDA-graph replay time (``Engine.time_step``). Output: time per kind, launches per kind, each kind's floor
+and its ratio to it, and the time between kernels (replay less the kernels' sum). The kinds:
+
+- ``gemm`` — the linear layers: cuBLAS kernels (``nvjet``, ``*gemm*``, ``*gemv*``, ``cutlass``, ``xmma``, split-K
+  reduces, Inductor's matmul templates) and the fp8 linear's Triton kernels; on the CPU ``aten::mm``/``addmm``/``bmm`` outside the
+  attention ops, and everything inside ``orthrus::fp8_linear``. Floor: the weight bytes the step's passes read
+  (``bench.pass_bytes``: the view's attention set, the MLPs, the norms, the head) over the copy bandwidth.
+- ``attention`` — the attention ops: their Triton kernels (split, merge, cache write); on the CPU everything inside
+  ``orthrus::cached_attention``/``orthrus::diffusion_attention``. Floor: the K/V bytes of every row's cache at
+  the context (``bench.kv_bytes``), read once per pass.
+- ``other`` — norms, RoPE, residual adds, activations, casts and copies, argmax, sampling and acceptance
+  (elementwise and reduction kernels, Inductor's fused ``triton_*`` kernels). Floor 0: their bytes are the
+  activations, which can be consumed inside the GEMMs' prologues and epilogues; all of their time is overhead.
+- ``between kernels`` (GPU) — replay time less the kernels' sum: launch gaps inside the graph. Floor 0.
+
+The floors of gemm and attention add up to the step floor that ``orthrus-export bench`` reports (one definition).
+"""
+
+from orthrus_export.bench import kv_bytes, pass_bytes
+
+KINDS = ("gemm", "attention", "other")
+VIEWS = {"verify": ("ar",), "decode": ("ar",), "draft": ("diff",), "cycle": ("diff", "ar")}  # passes of a step
+ATTENTION_KERNELS = ("_split_kernel", "_merge_kernel", "_cache_write_kernel")  # plugins/attention_common/kernel.py
+FP8_KERNELS = ("_quant_kernel", "_gemm_kernel", "_reduce_kernel")  # plugins/fp8_linear/kernel.py
+GEMM_MARKS = ("nvjet", "gemm", "gemv", "cutlass", "xmma", "splitkreduce", "scaled_mm", "triton_tem_fused")
+# the CPU operators that do a matmul's work (``aten::linear`` and ``aten::matmul`` only dispatch to them: their
+# self time is dispatch overhead, kind "other")
+CPU_GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_mm")
+
+
+def kind_of(entry: dict) -> str:
+    """The kind of one ``profile_step`` entry (a CUDA kernel, or a CPU operator with the ``orthrus::`` op it ran
+    inside)."""
+    name, within = entry["name"], entry.get("within")
+    op = within or name
+    if op.startswith("orthrus::") and op.endswith("_attention"):
+        return "attention"
+    if op == "orthrus::fp8_linear":
+        return "gemm"
+    if name.startswith("aten::"):
+        return "gemm" if name in CPU_GEMM_OPS else "other"
+    bare = name.split("(")[0].strip().split(" ")[-1]  # a Triton kernel's bare name; "void f<...>(args)" otherwise
+    if bare in ATTENTION_KERNELS:
+        return "attention"
+    if bare in FP8_KERNELS or any(m in name.lower() for m in GEMM_MARKS):
+        return "gemm"
+    return "other"
+
+
+def floors_ms(cfg, weights: dict, step: str, context: int, rows: int, elem: int, bandwidth: float) -> dict:
+    """Each kind's floor in milliseconds for ``step`` over ``rows`` sequences at cache length ``context`` (K/V
+    elements of ``elem`` bytes), at ``bandwidth`` bytes/s (the copy bandwidth: bytes read plus written)."""
+    views = VIEWS[step]
+    gemm = sum(pass_bytes(cfg, weights, v) for v in views)
+    attention = len(views) * rows * kv_bytes(cfg, context, elem)
+    return {"gemm": gemm / bandwidth * 1e3, "attention": attention / bandwidth * 1e3, "other": 0.0}
+
+
+def breakdown(entries: list[dict], floors: dict, replay_ms: float | None = None) -> dict:
+    """Time, launches, floor and ratio per kind; the kernels' sum; with ``replay_ms``, the time between kernels and
+    the whole step against its floor."""
+    kinds = {k: {"ms": 0.0, "launches": 0.0, "floor_ms": floors[k]} for k in KINDS}
+    for e in entries:
+        k = kinds[kind_of(e)]
+        k["ms"] += e["ms"]
+        k["launches"] += e.get("launches", 0)
+    for k in kinds.values():
+        k["ratio_to_floor"] = k["ms"] / k["floor_ms"] if k["floor_ms"] > 0 else None
+        k["launches"] = round(k["launches"], 2)
+    total = sum(k["ms"] for k in kinds.values())
+    floor = sum(floors.values())
+    out = {"kinds": kinds, "kernel_ms": total, "floor_ms": floor}
+    if replay_ms is not None:
+        out.update(replay_ms=replay_ms, between_kernels_ms=replay_ms - total, ratio_to_floor=replay_ms / floor)
+    return out
+
+
+def table(name: str, b: dict) -> list[str]:
+    """Printable lines of one ``breakdown``."""
+    head = f"{name}: kernels {b['kernel_ms']:.3f} ms, floor {b['floor_ms']:.3f} ms"
+    if "replay_ms" in b:
+        head += (f", replay {b['replay_ms']:.3f} ms ({b['ratio_to_floor']:.2f}x floor), between kernels "
+                 f"{b['between_kernels_ms']:.3f} ms")
+    lines = [head]
+    for kind, k in b["kinds"].items():
+        ratio = f"{k['ratio_to_floor']:6.2f}x" if k["ratio_to_floor"] is not None else "   (0 floor)"
+        lines.append(f"  {kind:9s} {k['ms']:8.3f} ms {k['launches']:8.0f} launches  floor {k['floor_ms']:7.3f} ms "
+                     f"{ratio}")
+    return lines

@@ -1,0 +1,88 @@
+"""The step profiler (issue 14's "profile first"): kernels and operators sorted into kinds, each kind's floor, and
+``Engine.profile_step`` on a real engine."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orthrus_export.bench import kv_bytes, pass_bytes
+from orthrus_export.profile import breakdown, floors_ms, kind_of
+from orthrus_runtime.errors import OrthrusError
+
+ROOT = Path(__file__).resolve().parents[1]
+H200_CYCLE = ROOT / "benchmarks" / "h200-profile-cycle-8b-none.json"  # measured on an H200 (8B, eager cycle)
+
+
+def test_recorded_h200_kernels_fall_into_their_kinds():
+    """On the kernels an H200 ran for one 8B cycle (36 layers, two passes): exactly the attention plugin's split and
+    merge launches (2 kernels x 36 layers x 2 passes) are attention, and exactly the packed linear layers (QKV, O,
+    gate/up, down per layer and pass, the head of each pass) and cuBLAS's split-K reduces are GEMMs."""
+    prof = json.loads(H200_CYCLE.read_text())["batches"]["1"]["kernels"]
+    launches = {k: 0.0 for k in ("gemm", "attention", "other")}
+    for e in prof:
+        launches[kind_of(e)] += e["launches"]
+    reduces = sum(e["launches"] for e in prof if "splitKreduce" in e["name"])
+    assert launches["attention"] == 2 * 36 * 2
+    assert launches["gemm"] == 4 * 36 * 2 + 2 + reduces and reduces > 0
+    assert kind_of({"name": "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, "
+                            "at::native::MeanOps<float, float, float, float>"}) == "other"  # a norm, not fp8's reduce
+    assert kind_of({"name": "_reduce_kernel"}) == kind_of({"name": "_quant_kernel"}) == "gemm"  # the fp8 linear's
+    assert kind_of({"name": "_cache_write_kernel"}) == "attention"
+    assert kind_of({"name": "triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0"}) == "other"  # an Inductor norm
+
+
+def test_floors_add_up_to_the_bench_floor(models):
+    """gemm + attention floors of a step = the bench's floor of its passes (weights + K/V of every row)."""
+    engine = models.engine("tiny")
+    cfg, w, bw, ctx = engine.config, engine.weights, 1e12, 300
+    elem = engine.k_cache.element_size()
+    for step, views in (("verify", ["ar"]), ("draft", ["diff"]), ("cycle", ["ar", "diff"])):
+        for rows in (1, 3):
+            f = floors_ms(cfg, w, step, ctx, rows, elem, bw)
+            want = sum(pass_bytes(cfg, w, v) + rows * kv_bytes(cfg, ctx, elem) for v in views) / bw * 1e3
+            assert f["other"] == 0 and f["gemm"] > 0 and f["attention"] > 0
+            assert f["gemm"] + f["attention"] == pytest.approx(want, rel=1e-12)
+
+
+def test_profile_step_on_the_cpu_engine(models):
+    """``Engine.profile_step`` on tiny: a verify pass runs one attention op per layer and the packed linear layers
+    (QKV, O, gate/up, down per layer, and the head), its kinds' times add up to the operators' total, and a cycle
+    runs both views."""
+    engine = models.engine("tiny")
+    layers = engine.config.num_layers
+    entries = engine.profile_step("verify", 200, iters=2, batch=2)
+    assert {e["name"] for e in entries} >= {"aten::mm", "orthrus::cached_attention"}
+    attention_calls = [e for e in entries if e["name"] == "orthrus::cached_attention" and e["within"] is None]
+    assert attention_calls[0]["launches"] == layers
+    b = breakdown(entries, floors_ms(engine.config, engine.weights, "verify", 200, 2, 4, 1e11))
+    assert b["kinds"]["gemm"]["launches"] == 4 * layers + 1
+    assert all(b["kinds"][k]["ms"] > 0 for k in ("gemm", "attention", "other"))
+    assert sum(k["ms"] for k in b["kinds"].values()) == pytest.approx(sum(e["ms"] for e in entries))
+    assert b["kinds"]["gemm"]["ratio_to_floor"] > 0 and b["kinds"]["other"]["ratio_to_floor"] is None
+    cycle = {e["name"] for e in engine.profile_step("cycle", 200, iters=1)}
+    assert {"orthrus::cached_attention", "orthrus::diffusion_attention", "orthrus::accept"} <= cycle
+    with pytest.raises(OrthrusError, match="outside 1..8"):
+        engine.profile_step("verify", 10, batch=9)
+
+
+def test_profile_script_rereads_a_recorded_profile(tmp_path):
+    """``scripts/profile_gpu.py --from`` adds kinds and floors to a recorded H200 profile with that device's measured
+    bandwidth; without a bandwidth it refuses."""
+    out = tmp_path / "kinds.json"
+    script = ROOT / "scripts" / "profile_gpu.py"
+    bw = ROOT / "benchmarks" / "h200-attention-splits.json"
+    p = subprocess.run([sys.executable, script, "--from", H200_CYCLE, "--bandwidth-from", bw, "--out", out],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    r = json.loads(out.read_text())["steps"]["cycle batch 1"]
+    recorded = json.loads(H200_CYCLE.read_text())["batches"]["1"]
+    assert r["kernel_ms"] == pytest.approx(recorded["kernel_ms_total"])
+    assert r["between_kernels_ms"] == pytest.approx(recorded["replay_ms"] - recorded["kernel_ms_total"])
+    # an 8B cycle reads both views' weights once: ~30 GB over ~4.2 TB/s
+    assert 6.5 < r["kinds"]["gemm"]["floor_ms"] < 8.0
+    p = subprocess.run([sys.executable, script, "--from", H200_CYCLE, "--out", out], capture_output=True, text=True)
+    assert p.returncode == 2 and "--bandwidth-from" in p.stderr
+
