@@ -23,6 +23,7 @@ class KernelOptions:
     manifest (``build.options``), passed to the ops as attributes."""
     backend: str = "none"                  # "none": the traced graphs as they are; "inductor": torch.compile of them
     attention_splits: int = orthrus_plugins.DEFAULT_ATTENTION_SPLITS
+    attention_query_block: int = 0         # query rows per attention program (0: all of a row's; the kernel's doc)
     fp8_kernel: str = "auto"               # orthrus::fp8_linear's CUDA kernel (FP8 engines)
     compute_dtype: str = "float32"
 
@@ -101,14 +102,15 @@ _ATTENTION = ("cached_attention", "diffusion_attention")
 
 
 def specialize(module: torch.fx.GraphModule, options: KernelOptions) -> torch.fx.GraphModule:
-    """Write the engine's kernel options into the program's custom-op nodes (attention ``splits``, the FP8
-    ``kernel``), in place; returns the module."""
+    """Write the engine's kernel options into the program's custom-op nodes (attention ``splits`` and
+    ``query_block``, the FP8 ``kernel``), in place; returns the module."""
     for node in module.graph.nodes:
         if node.op != "call_function" or not str(node.target).startswith("orthrus."):
             continue
         op = str(node.target).split(".")[1]
         if op in _ATTENTION:
             _set_argument(node, "splits", options.attention_splits)
+            _set_argument(node, "query_block", options.attention_query_block)
         elif op == "fp8_linear":
             _set_argument(node, "kernel", options.fp8_kernel)
     module.recompile()
@@ -133,7 +135,7 @@ def kernel_attributes(module: torch.fx.GraphModule) -> dict[str, set]:
             op = str(node.target).split(".")[1]
             names = [a.name for a in node.target._schema.arguments]
             given = {**dict(zip(names, node.args)), **node.kwargs}
-            out.setdefault(op, set()).update((k, v) for k, v in given.items() if k in ("splits", "kernel"))
+            out.setdefault(op, set()).update((k, v) for k, v in given.items() if k in ("splits", "query_block", "kernel"))
     return out
 
 

@@ -1,12 +1,14 @@
-"""Time the attention kernel alone (split + merge launches) at the batched 8B shapes, for every split count, against
-its byte floor: the lever #14 names for the batched cycle ("fewer splits as rows grow", "the merge fused").
+"""Time the attention kernel alone (split + merge launches) at the batched 8B shapes, for every split count and
+query block (query rows per program, ``--query-blocks``), against its byte floor: the lever #14 names for the
+batched cycle ("fewer splits as rows grow", "the merge fused"). A query block is an engine setting (not chosen per
+batch size), so fewer splits with smaller query blocks stay batch-invariant.
 
 For b rows of 32 tokens with 4k keys each (Qwen3-8B attention: 32 query / 8 KV heads of 128), verify (cached, causal)
 and draft (diffusion) mode, every split count of SPLIT_CHOICES: median of CUDA-event timings, the K/V bytes floor
 (K and V read once at the measured copy bandwidth) and the fp32 split partials written and read back by the merge.
 Each call is captured as a CUDA graph and timed by its replays (as the runtime runs it).
 
-    python scripts/bench_attention_splits.py --out $OUT/attention-splits.json
+    python scripts/bench_attention_splits.py --out $OUT/attention-splits.json [--query-blocks 0,16,32,64]
     python scripts/bench_attention_splits.py --smoke      # tiny shapes (CPU: TRITON_INTERPRET=1)
 """
 
@@ -20,7 +22,7 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from orthrus_plugins.attention_common.kernel import SPLIT_CHOICES, attention  # noqa: E402
+from orthrus_plugins.attention_common.kernel import QUERY_BLOCK_CHOICES, SPLIT_CHOICES, attention  # noqa: E402
 
 
 def timed(fn, reps, warm=3, inner=20):
@@ -56,6 +58,7 @@ def main():
     ap.add_argument("--rows", default="1,2,4,8,16")
     ap.add_argument("--keys", type=int, default=4096)
     ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--query-blocks", default="0", help="comma-separated, of " + str(QUERY_BLOCK_CHOICES))
     ap.add_argument("--smoke", action="store_true", help="small shapes, for a check on the CPU")
     a = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -86,22 +89,23 @@ def main():
             kv_bytes = rows * hkv * keys * d * 2 * kc.element_size()
             floor_us = kv_bytes / bw * 1e6
             ref = None
-            for splits in SPLIT_CHOICES:
+            for splits, qb in [(s, b) for s in SPLIT_CHOICES for b in map(int, a.query_blocks.split(","))]:
                 if a.smoke and splits > 8:
                     continue
                 run = lambda: attention(q, k, v, kc, vc, lens, 0, d ** -0.5, causal, splits=splits,  # noqa: E731
-                                        slots=slots)
+                                        slots=slots, query_block=qb)
                 us = timed(run, a.reps)
                 o = run()
                 ref = o if ref is None else ref
                 m_pad = max(16, triton.next_power_of_2(blk * hq // hkv))  # as attention() pads
                 partial_bytes = 2 * rows * hkv * (splits + 1) * m_pad * (d + 2) * 4  # written, then read by merge
-                row = {"rows": rows, "mode": "verify" if causal else "draft", "splits": splits, "us": us,
+                row = {"rows": rows, "mode": "verify" if causal else "draft", "splits": splits, "query_block": qb,
+                       "us": us,
                        "kv_floor_us": floor_us, "x_floor": us / floor_us, "partial_MB": partial_bytes / 1e6,
                        "kv_MB": kv_bytes / 1e6,
                        "max_abs_diff_vs_fewest_splits": float((o.float() - ref.float()).abs().max())}
                 results["rows"].append(row)
-                print(f"rows {rows:2d} {row['mode']:6s} splits {splits:2d}: {us:8.1f} us  ({row['x_floor']:.2f}x the "
+                print(f"rows {rows:2d} {row['mode']:6s} splits {splits:2d} query block {qb:3d}: {us:8.1f} us  ({row['x_floor']:.2f}x the "
                       f"K/V floor {floor_us:.1f} us; partials {row['partial_MB']:.1f} MB vs K/V {row['kv_MB']:.1f} "
                       f"MB)  diff {row['max_abs_diff_vs_fewest_splits']:.2e}", flush=True)
     if a.out:

@@ -21,7 +21,8 @@ def tolerance(dtype):
                                         (32, 4, 4, 16)])
 @pytest.mark.parametrize("n", [0, 5, 1000, 4133])
 @pytest.mark.parametrize("causal", [False, True])
-def test_triton_attention_matches_reference(dtype, b, hq, hkv, d, n, causal):
+@pytest.mark.parametrize("query_block", [0, 16])
+def test_triton_attention_matches_reference(dtype, b, hq, hkv, d, n, causal, query_block):
     from orthrus_plugins.attention_common import kernel as ta
     g = torch.Generator(device="cuda").manual_seed(n + 7 * b + hq)
     layers, cap = 3, 4200
@@ -43,7 +44,8 @@ def test_triton_attention_matches_reference(dtype, b, hq, hkv, d, n, causal):
         values = torch.cat([vc_ref[1, :, :n], v.transpose(0, 1)], 1)
         expected = attend(q, keys, values, d ** -0.5, None)
     out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
-    ta.attention(q, k, v, kc, vc, torch.tensor(n, device="cuda"), 1, d ** -0.5, causal, out=out)
+    ta.attention(q, k, v, kc, vc, torch.tensor(n, device="cuda"), 1, d ** -0.5, causal, out=out,
+                 query_block=query_block)
     assert torch.isfinite(out).all()
     err = (out.double() - expected.double()).abs().max().item()
     assert err <= tolerance(dtype) * (1 + expected.double().abs().max().item()), err
@@ -52,9 +54,11 @@ def test_triton_attention_matches_reference(dtype, b, hq, hkv, d, n, causal):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("causal", [False, True])
-def test_triton_batched_attention_matches_reference_and_is_row_invariant(dtype, causal):
+@pytest.mark.parametrize("query_block", [0, 16, 32, 64])
+def test_triton_batched_attention_matches_reference_and_is_row_invariant(dtype, causal, query_block):
     """Rows of different lengths and slots (two consecutive chunks of one slot among them) against the reference;
-    each row's output is bitwise the same as the row run alone (batch invariance of the kernel)."""
+    each row's output is bitwise the same as the row run alone (batch invariance of the kernel), at every query
+    block size."""
     from orthrus_plugins.attention_common import kernel as ta
     from orthrus_plugins.attention_common import reference
     g = torch.Generator(device="cuda").manual_seed(3 + causal)
@@ -71,7 +75,7 @@ def test_triton_batched_attention_matches_reference_and_is_row_invariant(dtype, 
     kc_ref, vc_ref = kc.clone(), vc.clone()
     expected = reference("test", q, k, v, kc_ref, vc_ref, lens.cpu(), 1, d ** -0.5, causal, slots.cpu())
     out = torch.full_like(q, float("nan"))
-    ta.attention(q, k, v, kc, vc, lens, 1, d ** -0.5, causal, slots=slots, out=out)
+    ta.attention(q, k, v, kc, vc, lens, 1, d ** -0.5, causal, slots=slots, out=out, query_block=query_block)
     assert torch.isfinite(out).all()
     err = (out.double() - expected.double()).abs().max().item()
     assert err <= tolerance(dtype) * (1 + expected.double().abs().max().item()), err
@@ -79,7 +83,7 @@ def test_triton_batched_attention_matches_reference_and_is_row_invariant(dtype, 
     for i in (0, 1, 2):  # rows on their own slots: alone, bitwise the same
         rows_i = slice(i * t, (i + 1) * t)
         alone = ta.attention(q[rows_i], k[rows_i], v[rows_i], kc.clone(), vc.clone(), lens[i:i + 1], 1, d ** -0.5,
-                             causal, slots=slots[i:i + 1])
+                             causal, slots=slots[i:i + 1], query_block=query_block)
         assert torch.equal(alone, out[rows_i]), i
 
 
@@ -171,7 +175,7 @@ def test_two_engines_with_different_kernel_options_in_one_process(tiny_gpu):
     b = Engine.load(tiny_gpu["bf16"])
     other = 8 if a.options.attention_splits != 8 else 32
     b.with_options(b.options.replace(attention_splits=other, backend="none"))
-    assert kernel_attributes(b.programs["verify"])["cached_attention"] == {("splits", other)}
+    assert kernel_attributes(b.programs["verify"])["cached_attention"] == {("splits", other), ("query_block", 0)}
     ids = a.encode(heldout(1)[0]["text"])
     ra, rb = a.generate(ids, max_new_tokens=64), b.generate(ids, max_new_tokens=64)
     assert a.generate(ids, max_new_tokens=64).output_ids == ra.output_ids  # a still runs its own setting

@@ -5,16 +5,20 @@ chunks of one prompt; b = 1 is a single sequence). Each row's cache length and s
 inside the kernel, so one launch configuration — and one captured CUDA graph — serves every length and every
 assignment of rows to slots.
 
-- grid ``(Hkv, SPLITS + 1, b)``: each program takes one row, one KV head and all its ``G = Hq / Hkv`` query heads
-  for the row's B block positions (``M = B·G`` rows, so each K/V tile is read once per group), and one slice of the
-  row's key range; the last split index handles the diffusion block's own keys (diffusion mode) and is idle in
-  cached mode, whose block keys are already in the cache.
+- grid ``(Hkv, (SPLITS + 1) · MB, b)``: each program takes one row, one KV head and ``QUERY_BLOCK`` of its
+  ``M = B·G`` query rows (``G = Hq / Hkv`` query heads for each of the row's B block positions; ``MB = M_PAD /
+  QUERY_BLOCK`` query blocks, 1 by default: then each K/V tile is read once per group), and one slice of the row's
+  key range; the last split index handles the diffusion block's own keys (diffusion mode) and is idle in cached
+  mode, whose block keys are already in the cache. Smaller query blocks give a row more programs over the same key
+  slice (fewer splits for the same parallelism, so fewer fp32 partials to write and merge), at the price of reading
+  each K/V tile once per query block (from L2 when they run together).
 - a second kernel merges the splits' partial (max, sum, accumulator) with the usual log-sum-exp rescaling;
 - in cached mode a first, copy-only kernel writes every row's K/V into the cache (one launch; it was two
   ``index_put_`` calls and their index arithmetic, ~12 µs of a 37 µs batch-1 8B verify call on the H200).
 
 A row's result depends only on its own queries, keys and length (the split boundaries are a function of its own
-length), never on the other rows: batching is invariant by construction.
+length; the query block is an engine setting, never a function of the row count), never on the other rows: batching
+is invariant by construction.
 
 Contracts are those of the ops (see their packages, which register :func:`attention` as their CUDA
 implementations). Accumulation in float32; inputs fp32/bf16/fp16.
@@ -27,6 +31,7 @@ import triton.language as tl
 from orthrus_plugins.attention_common import batched_view
 
 SPLIT_CHOICES = (4, 8, 16, 32, 64)  # the ops' ``splits`` attribute (an engine option, tuned at build)
+QUERY_BLOCK_CHOICES = (0, 16, 32, 64)  # the ops' ``query_block`` attribute: query rows per program (0: all of them)
 BLOCK_N = 64
 
 
@@ -51,16 +56,17 @@ def _cache_write_kernel(K, V, KC, VC, LEN, SLOT, layer_off, sk_t, sk_h, sc_slot,
 @triton.jit
 def _split_kernel(Q, KC, VC, KB, VB, LEN, SLOT, ACC, MS, LS, layer_off, scale,
                   sq_b, sq_h, sc_slot, sc_h, sc_s, sb_b, sb_h,
-                  B: tl.constexpr, G: tl.constexpr, D: tl.constexpr, M_PAD: tl.constexpr,
+                  B: tl.constexpr, G: tl.constexpr, D: tl.constexpr, M_PAD: tl.constexpr, M_BLOCK: tl.constexpr,
                   BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, CAUSAL: tl.constexpr,
                   PREC: tl.constexpr):
     h = tl.program_id(0)
-    split = tl.program_id(1)
+    split = tl.program_id(1) // (M_PAD // M_BLOCK)
+    qb = tl.program_id(1) % (M_PAD // M_BLOCK)  # the query block
     r = tl.program_id(2)                # the batch row
     Q += r * B * sq_b
     KB += r * B * sb_b
     VB += r * B * sb_b
-    rows = tl.arange(0, M_PAD)
+    rows = qb * M_BLOCK + tl.arange(0, M_BLOCK)
     row_ok = rows < B * G
     i = rows // G                       # block position of the row
     qh = h * G + rows % G               # query head of the row
@@ -69,9 +75,9 @@ def _split_kernel(Q, KC, VC, KB, VB, LEN, SLOT, ACC, MS, LS, layer_off, scale,
     one = tl.arange(0, 1)               # the row's cache length and slot, as scalars from device memory
     n = tl.max(tl.load(LEN + r + one), 0)
     slot_off = tl.max(tl.load(SLOT + r + one), 0).to(tl.int64) * sc_slot
-    m_i = tl.full([M_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([M_PAD], tl.float32)
-    acc = tl.zeros([M_PAD, D], tl.float32)
+    m_i = tl.full([M_BLOCK], float("-inf"), tl.float32)
+    l_i = tl.zeros([M_BLOCK], tl.float32)
+    acc = tl.zeros([M_BLOCK, D], tl.float32)
     cols = tl.arange(0, BLOCK_N)
     if split < SPLITS:
         total = n + B if CAUSAL else n
@@ -141,12 +147,16 @@ def _merge_kernel(ACC, MS, LS, O, so_b, so_h,
 
 
 def attention(q, k, v, k_cache, v_cache, cache_len, layer: int, scale: float, causal: bool, splits: int = 16,
-              slots=None, out=None):
+              slots=None, out=None, query_block: int = 0):
     """Launch both kernels, either layout (:mod:`orthrus_plugins.attention_common`). Cached mode (``causal``) first
     writes every row's K/V at its slot and ``cache_len`` (device indices, no host read). ``splits``: key-range splits
-    (one of SPLIT_CHOICES). ``out``: a tensor to write the result into (tests poison it)."""
+    (one of SPLIT_CHOICES). ``query_block``: query rows per program (one of QUERY_BLOCK_CHOICES; 0, or more than a
+    row has: all of a row's query rows in one program). ``out``: a tensor to write the result into (tests poison
+    it)."""
     if splits not in SPLIT_CHOICES:
         raise ValueError(f"attention splits must be one of {SPLIT_CHOICES}, got {splits}")
+    if query_block not in QUERY_BLOCK_CHOICES:
+        raise ValueError(f"attention query_block must be one of {QUERY_BLOCK_CHOICES}, got {query_block}")
     k_cache, v_cache, lens, slots = batched_view(k_cache, v_cache, cache_len, slots)
     # the kernels index lengths and slots as contiguous vectors (the runtime passes columns of its row buffers)
     lens, slots = lens.contiguous(), slots.contiguous()
@@ -164,20 +174,21 @@ def attention(q, k, v, k_cache, v_cache, cache_len, layer: int, scale: float, ca
                                       kw.stride(0), kw.stride(1), k_cache.stride(1), k_cache.stride(2),
                                       k_cache.stride(3), B=b, D=d, num_warps=1)
     m_pad = max(16, triton.next_power_of_2(b * g))
+    m_block = m_pad if query_block == 0 else min(query_block, m_pad)
     parts = rows * hkv * (splits + 1)
     acc = torch.empty(parts, m_pad, d, device=q.device, dtype=torch.float32)
     ms = torch.empty(parts, m_pad, device=q.device, dtype=torch.float32)
     ls = torch.empty(parts, m_pad, device=q.device, dtype=torch.float32)
     out = torch.empty_like(q) if out is None else out
-    _split_kernel[(hkv, splits + 1, rows)](
+    _split_kernel[(hkv, (splits + 1) * (m_pad // m_block), rows)](
         # the layer's offset computed here: past 2**31 elements (35 layers of an 8B cache with 17 slots of 4k
         # positions) Triton passes it as a 64-bit integer, where an in-kernel layer * stride would overflow int32
         q, k_cache, v_cache, k, v, length, slots, acc, ms, ls, layer * k_cache.stride(0), scale,
         q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
         k.stride(0), k.stride(1),
-        B=b, G=g, D=d, M_PAD=m_pad, BLOCK_N=BLOCK_N, SPLITS=splits, CAUSAL=causal,
+        B=b, G=g, D=d, M_PAD=m_pad, M_BLOCK=m_block, BLOCK_N=BLOCK_N, SPLITS=splits, CAUSAL=causal,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 engines stay exact
-        num_warps=8 if m_pad * d >= 128 * 64 else 4)  # a [M_PAD, D] fp32 accumulator: spread it over 8 warps
+        num_warps=8 if m_block * d >= 128 * 64 else 4)  # a [M_BLOCK, D] fp32 accumulator: spread it over 8 warps
     # merge: 16 rows a program (one program a head serialised 36 us a layer on an H100)
     _merge_kernel[(hkv, m_pad // 16, rows)](acc, ms, ls, out, out.stride(0), out.stride(1), B=b, G=g, D=d,
                                             M_PAD=m_pad, SPLITS=splits, ROWS=16, num_warps=4)
@@ -187,6 +198,6 @@ def attention(q, k, v, k_cache, v_cache, cache_len, layer: int, scale: float, ca
 def register(op, causal: bool) -> None:
     """Make ``attention`` (cached mode when ``causal``) the CUDA implementation of the attention op ``op``."""
     @op.register_kernel("cuda")
-    def _(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=16, slots=None):
+    def _(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=16, slots=None, query_block=0):
         return attention(q, k, v, k_cache, v_cache, cache_len, layer, scale, causal=causal, splits=splits,
-                         slots=slots)
+                         slots=slots, query_block=query_block)

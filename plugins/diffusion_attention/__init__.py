@@ -2,7 +2,8 @@
 
 Contract
 --------
-``diffusion_attention(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=16, slots=None) -> out``
+``diffusion_attention(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=16, slots=None,
+query_block=0) -> out``
 
 - ``q``: ``[B, Hq, D]``; ``k``, ``v``: ``[B, Hkv, D]`` — the block's diffusion-view projections, already
   normed and rotated (RoPE at positions ``cache_len … cache_len+B-1``). ``Hq`` is a multiple of ``Hkv`` (GQA).
@@ -12,6 +13,9 @@ Contract
 - ``splits`` (int attribute, a kernel setting): key-range splits of the GPU kernel (4, 8, 16, 32 or 64; the
   engine's tuned value, written into the program's nodes at load). Results do not depend on it beyond rounding; the
   reference ignores it.
+- ``query_block`` (int attribute, a kernel setting): query rows per program of the GPU kernel (0: all of a
+  row's, or 16, 32, 64; an engine setting, never a function of the row count, so batching stays invariant);
+  the reference ignores it.
 - ``slots`` (batched layout, :mod:`orthrus_plugins.attention_common`): int64 ``[b]``; then ``q``/``k``/``v`` hold b
   rows of T = B/b tokens, the caches are ``[L, S, Hkv, C, D]`` and ``cache_len`` is ``[b]``: row ``i`` attends to
   slot ``slots[i]``'s first ``cache_len[i]`` positions and to its own T block keys.
@@ -36,14 +40,15 @@ from orthrus_plugins.attention_common import reference
 @torch.library.custom_op("orthrus::diffusion_attention", mutates_args=())
 def diffusion_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                         v_cache: torch.Tensor, cache_len: torch.Tensor, layer: int, scale: float,
-                        splits: int = 16, slots: torch.Tensor | None = None) -> torch.Tensor:
+                        splits: int = 16, slots: torch.Tensor | None = None,
+                        query_block: int = 0) -> torch.Tensor:
     """Reference implementation (any device)."""
     return reference("orthrus::diffusion_attention", q, k, v, k_cache, v_cache, cache_len, layer, scale, False,
                      slots)
 
 
 @diffusion_attention.register_fake
-def _(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=16, slots=None):
+def _(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=16, slots=None, query_block=0):
     return q.new_empty(q.shape)  # contiguous, like every real kernel
 
 
