@@ -110,7 +110,8 @@ def specialize(module: torch.fx.GraphModule, options: KernelOptions) -> torch.fx
         op = str(node.target).split(".")[1]
         if op in _ATTENTION:
             _set_argument(node, "splits", options.attention_splits)
-            _set_argument(node, "query_block", options.attention_query_block)
+            if options.attention_query_block:  # left out at its default: the graphs (and their compile-cache keys)
+                _set_argument(node, "query_block", options.attention_query_block)  # stay those of older builds
         elif op == "fp8_linear":
             _set_argument(node, "kernel", options.fp8_kernel)
     module.recompile()
