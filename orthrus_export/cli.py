@@ -161,6 +161,9 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--no-sampled", action="store_true", help="skip the sampled-cycle timing")
     be.add_argument("--batch", help="comma-separated batch sizes: time the cycle over that many sequences (each at "
                                     "every context) instead of the per-pass table, e.g. 1,2,4,8")
+    be.add_argument("--profile", action="store_true",
+                    help="where each step's time goes instead: GEMM, attention, other and time between kernels, each "
+                         "against its own floor (verify, draft and cycle; at every context and --batch size)")
     be.add_argument("--json", action="store_true")
     _threads_arg(be)
     _load_args(be)
@@ -353,7 +356,13 @@ def cmd_bench(a) -> int:
     engine = _load(a)
     bandwidth = copy_bandwidth(engine.device)
     log(f"{engine.path.name} on {engine.manifest['gpu']['device_name']}: copy bandwidth {bandwidth / 1e9:.1f} GB/s")
-    if batches:
+    if a.profile:
+        from orthrus_export.profile import profile_engine
+        engine.k_cache.normal_()
+        engine.v_cache.normal_()
+        result = {"profile": profile_engine(engine, contexts, batches or [1], ["verify", "draft", "cycle"], a.iters,
+                                            bandwidth, log=log)}
+    elif batches:
         from orthrus_export.bench import bench_batches
         result = bench_batches(engine, contexts, batches, a.iters, acceptance, log=log, sampled=not a.no_sampled)
     else:

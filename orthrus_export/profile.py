@@ -14,7 +14,8 @@ and its ratio to it, and the time between kernels (replay less the kernels' sum)
 - ``other`` — norms, RoPE, residual adds, activations, casts and copies, argmax, sampling and acceptance
   (elementwise and reduction kernels, Inductor's fused ``triton_*`` kernels). Floor 0: their bytes are the
   activations, which can be consumed inside the GEMMs' prologues and epilogues; all of their time is overhead.
-- ``between kernels`` (GPU) — replay time less the kernels' sum: launch gaps inside the graph. Floor 0.
+- ``between kernels`` — the step's time less the kernels' sum: on a GPU the gaps inside the replayed graph, on the
+  CPU the host time between operators (dispatch, Python). Floor 0.
 
 The floors of gemm and attention add up to the step floor that ``orthrus-export bench`` reports (one definition).
 """
@@ -82,7 +83,7 @@ def table(name: str, b: dict) -> list[str]:
     """Printable lines of one ``breakdown``."""
     head = f"{name}: kernels {b['kernel_ms']:.3f} ms, floor {b['floor_ms']:.3f} ms"
     if "replay_ms" in b:
-        head += (f", replay {b['replay_ms']:.3f} ms ({b['ratio_to_floor']:.2f}x floor), between kernels "
+        head += (f", step {b['replay_ms']:.3f} ms ({b['ratio_to_floor']:.2f}x floor), between kernels "
                  f"{b['between_kernels_ms']:.3f} ms")
     lines = [head]
     for kind, k in b["kinds"].items():
@@ -90,3 +91,25 @@ def table(name: str, b: dict) -> list[str]:
         lines.append(f"  {kind:9s} {k['ms']:8.3f} ms {k['launches']:8.0f} launches  floor {k['floor_ms']:7.3f} ms "
                      f"{ratio}")
     return lines
+
+
+def profile_engine(engine, contexts: list[int], batches: list[int], steps: list[str], iters: int, bandwidth: float,
+                   top: int = 12, log=print) -> dict:
+    """``breakdown`` of each step at each context and batch size: the step as decoding runs it
+    (``Engine.time_step``: a CUDA-graph replay, or the eager body on the CPU) and its kernels or operators
+    (``Engine.profile_step``); ``top`` of them kept per step. Overwrites the engine's cache. Used by
+    ``orthrus-export bench --profile`` and ``scripts/profile_gpu.py``."""
+    elem = engine.k_cache.element_size()
+    out = {}
+    for ctx in contexts:
+        for step in steps:
+            for b in batches:
+                replay = engine.time_step(step, ctx, iters, batch=b)
+                entries = engine.profile_step(step, ctx, min(iters, 5), batch=b)
+                r = breakdown(entries, floors_ms(engine.config, engine.weights, step, ctx, b, elem, bandwidth), replay)
+                r["top"] = entries[:top]
+                name = f"{step} ctx {ctx} batch {b}"
+                out[name] = r
+                for line in table(name, r):
+                    log(line)
+    return out

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from orthrus_export.bench import build_random, copy_bandwidth, qwen3_config  # noqa: E402
-from orthrus_export.profile import breakdown, floors_ms, table  # noqa: E402
+from orthrus_export.profile import breakdown, floors_ms, profile_engine, table  # noqa: E402
 from orthrus_export.weights import engine_shapes  # noqa: E402
 
 
@@ -35,18 +35,11 @@ def measure(a) -> dict:
           f"{bw / 1e9:.0f} GB/s", flush=True)
     engine.k_cache.normal_()
     engine.v_cache.normal_()
-    elem = engine.k_cache.element_size()
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": a.shape,
-              "context": a.context, "compile": a.compile, "copy_bandwidth_GBps": bw / 1e9, "steps": {}}
-    for step in a.steps.split(","):
-        for b in batches:
-            replay = engine.time_step(step, a.context, a.iters, batch=b)
-            entries = engine.profile_step(step, a.context, 5, batch=b)
-            r = breakdown(entries, floors_ms(cfg, engine.weights, step, a.context, b, elem, bw), replay)
-            r["top_kernels"] = entries[:a.top]
-            report["steps"][f"{step} batch {b}"] = r
-            print("\n".join(table(f"{step} batch {b}", r)), flush=True)
-            Path(a.out).write_text(json.dumps(report, indent=1) + "\n")
+              "context": a.context, "compile": a.compile, "copy_bandwidth_GBps": bw / 1e9,
+              "steps": profile_engine(engine, [a.context], batches, a.steps.split(","), a.iters, bw, a.top,
+                                      log=lambda m: print(m, flush=True))}
+    Path(a.out).write_text(json.dumps(report, indent=1) + "\n")
     engine.close()
     return report
 

@@ -86,3 +86,22 @@ def test_profile_script_rereads_a_recorded_profile(tmp_path):
     p = subprocess.run([sys.executable, script, "--from", H200_CYCLE, "--out", out], capture_output=True, text=True)
     assert p.returncode == 2 and "--bandwidth-from" in p.stderr
 
+
+
+def test_bench_profile_cli(models, capsys):
+    """``orthrus-export bench --profile --json`` on tiny: every step at every context and batch size, by kind."""
+    from orthrus_export.cli import main
+    path = models.engine_path("tiny")
+    assert main(["bench", "--engine", str(path), "--contexts", "300", "--batch", "1,2", "--iters", "2",
+                 "--profile", "--json"]) == 0
+    prof = json.loads(capsys.readouterr().out)["profile"]
+    assert set(prof) == {f"{s} ctx {c} batch {b}" for s in ("verify", "draft", "cycle") for c in (300,)
+                         for b in (1, 2)}
+    layers = models.engine("tiny").config.num_layers
+    for name, r in prof.items():
+        passes = 2 if name.startswith("cycle") else 1
+        assert r["kinds"]["gemm"]["launches"] == passes * (4 * layers + 1), name
+        assert r["replay_ms"] > 0 and r["floor_ms"] > 0 and r["top"]
+    assert prof["verify ctx 300 batch 2"]["kinds"]["attention"]["floor_ms"] == pytest.approx(
+        2 * prof["verify ctx 300 batch 1"]["kinds"]["attention"]["floor_ms"])
+    assert main(["bench", "--engine", str(path), "--contexts", "64", "--batch", "9", "--profile"]) == 2
