@@ -501,7 +501,8 @@ def cmd_info(a) -> int:
           f"{c['num_heads']}/{c['num_kv_heads']}, vocab {c['vocab_size']}, block {c['block_size']}")
     o = m["build"]["options"]
     print(f"max_seq_len {m['build']['max_seq_len']}, kernels {m['build']['kernels']}, backend {o['backend']}, "
-          f"attention splits {o['attention_splits']}, query block {o.get('attention_query_block', 0) or 'all'}; programs {', '.join(m['programs'])}")
+          f"attention splits {o['attention_splits']}, query block {o.get('attention_query_block', 0) or 'all'}; "
+          f"programs {', '.join(m['programs'])}")
     print(f"max batch size {m['build']['max_batch_size']} (buckets "
           f"{', '.join(map(str, m['build']['batch_buckets']))}), {m['build']['draft_sampling']} drafts when sampling")
     comp = m["build"].get("compiled")

@@ -5,8 +5,8 @@ step's CUDA-graph replay time (``Engine.time_step``). Output: time per kind, lau
 and its ratio to it, and the time between kernels (replay less the kernels' sum). The kinds:
 
 - ``gemm`` — the linear layers: cuBLAS kernels (``nvjet``, ``*gemm*``, ``*gemv*``, ``cutlass``, ``xmma``, split-K
-  reduces, Inductor's matmul templates) and the fp8 linear's Triton kernels; on the CPU ``aten::mm``/``addmm``/``bmm`` outside the
-  attention ops, and everything inside ``orthrus::fp8_linear``. Floor: the weight bytes the step's passes read
+  reduces, Inductor's matmul templates) and the fp8 linear's Triton kernels; on the CPU ``aten::mm``/``addmm``/
+  ``bmm`` outside the attention ops, and everything inside ``orthrus::fp8_linear``. Floor: the weight bytes the step's passes read
   (``bench.pass_bytes``: the view's attention set, the MLPs, the norms, the head) over the copy bandwidth.
 - ``attention`` — the attention ops: their Triton kernels (split, merge, cache write); on the CPU everything inside
   ``orthrus::cached_attention``/``orthrus::diffusion_attention``. Floor: the K/V bytes of every row's cache at

@@ -136,7 +136,8 @@ def kernel_attributes(module: torch.fx.GraphModule) -> dict[str, set]:
             op = str(node.target).split(".")[1]
             names = [a.name for a in node.target._schema.arguments]
             given = {**dict(zip(names, node.args)), **node.kwargs}
-            out.setdefault(op, set()).update((k, v) for k, v in given.items() if k in ("splits", "query_block", "kernel"))
+            out.setdefault(op, set()).update((k, v) for k, v in given.items()
+                                             if k in ("splits", "query_block", "kernel"))
     return out
 
 
