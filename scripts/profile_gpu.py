@@ -8,8 +8,9 @@ its own byte floor (``orthrus_export.profile`` defines the kinds and floors), at
 
 Per step and batch size: the CUDA-graph replay (``Engine.time_step``, CUDA events, median) and the kernels of eager
 calls of the same step body (``Engine.profile_step``, torch.profiler); the copy bandwidth is measured in the same
-run. ``--from`` re-reads a profile this script (or the cycle profiler it replaced) wrote before and adds the kinds
-and floors, with the bandwidth measured on that device (``--bandwidth-from``: a benchmark JSON with
+run. ``--from`` re-reads a profile in the layout of the cycle profiler this script replaced (per batch size: the
+replay and the kernels by name, as ``benchmarks/h200-profile-cycle-8b-none.json``) and adds the kinds and floors,
+with the bandwidth measured on that device (``--bandwidth-from``: a benchmark JSON with
 ``copy_bandwidth_GBps``, or ``--bandwidth`` in GB/s).
 """
 
