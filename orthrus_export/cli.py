@@ -358,8 +358,6 @@ def cmd_bench(a) -> int:
     log(f"{engine.path.name} on {engine.manifest['gpu']['device_name']}: copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     if a.profile:
         from orthrus_export.profile import profile_engine
-        engine.k_cache.normal_()
-        engine.v_cache.normal_()
         result = {"profile": profile_engine(engine, contexts, batches or [1], ["verify", "draft", "cycle"], a.iters,
                                             bandwidth, log=log)}
     elif batches:

@@ -6,8 +6,9 @@ and its ratio to it, and the time between kernels (replay less the kernels' sum)
 
 - ``gemm`` — the linear layers: cuBLAS kernels (``nvjet``, ``*gemm*``, ``*gemv*``, ``cutlass``, ``xmma``, split-K
   reduces, Inductor's matmul templates) and the fp8 linear's Triton kernels; on the CPU ``aten::mm``/``addmm``/
-  ``bmm`` outside the attention ops, and everything inside ``orthrus::fp8_linear``. Floor: the weight bytes the step's passes read
-  (``bench.pass_bytes``: the view's attention set, the MLPs, the norms, the head) over the copy bandwidth.
+  ``bmm`` outside the attention ops, and everything inside ``orthrus::fp8_linear``. Floor: the weight bytes the
+  step's passes read (``bench.pass_bytes``: the view's attention set, the MLPs, the norms, the head) over the copy
+  bandwidth.
 - ``attention`` — the attention ops: their Triton kernels (split, merge, cache write); on the CPU everything inside
   ``orthrus::cached_attention``/``orthrus::diffusion_attention``. Floor: the K/V bytes of every row's cache at
   the context (``bench.kv_bytes``), read once per pass.
@@ -97,8 +98,10 @@ def profile_engine(engine, contexts: list[int], batches: list[int], steps: list[
                    top: int = 12, log=print) -> dict:
     """``breakdown`` of each step at each context and batch size: the step as decoding runs it
     (``Engine.time_step``: a CUDA-graph replay, or the eager body on the CPU) and its kernels or operators
-    (``Engine.profile_step``); ``top`` of them kept per step. Overwrites the engine's cache. Used by
-    ``orthrus-export bench --profile`` and ``scripts/profile_gpu.py``."""
+    (``Engine.profile_step``); ``top`` of them kept per step. Fills the engine's cache with random K/V (never time
+    zeros). Used by ``orthrus-export bench --profile`` and ``scripts/profile_gpu.py``."""
+    engine.k_cache.normal_()
+    engine.v_cache.normal_()
     elem = engine.k_cache.element_size()
     out = {}
     for ctx in contexts:

@@ -34,8 +34,6 @@ def measure(a) -> dict:
                                                     compile=a.compile == "inductor", max_batch_size=max(batches))
     print(f"qwen3-{a.shape}: traced {export_s:.1f} s, compiled+captured {load_s:.1f} s; copy bandwidth "
           f"{bw / 1e9:.0f} GB/s", flush=True)
-    engine.k_cache.normal_()
-    engine.v_cache.normal_()
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": a.shape,
               "context": a.context, "compile": a.compile, "copy_bandwidth_GBps": bw / 1e9,
               "steps": profile_engine(engine, [a.context], batches, a.steps.split(","), a.iters, bw, a.top,
@@ -48,7 +46,8 @@ def measure(a) -> dict:
 def reread(a) -> dict:
     """A profile of the replaced cycle profiler (``batches`` → {replay_ms, kernels}) with kinds and floors added."""
     old = json.loads(Path(a.src).read_text())
-    bw = a.bandwidth * 1e9 if a.bandwidth else json.loads(Path(a.bandwidth_from).read_text())["copy_bandwidth_GBps"] * 1e9
+    gbps = a.bandwidth or json.loads(Path(a.bandwidth_from).read_text())["copy_bandwidth_GBps"]
+    bw = gbps * 1e9
     cfg = qwen3_config(old["shape"])
     # only the shapes and dtypes matter to the floors: the engine's bf16 tensors, unallocated
     weights = {n: torch.empty(shape, dtype=torch.bfloat16, device="meta") for n, shape in engine_shapes(cfg).items()}

@@ -550,8 +550,8 @@ def main():
         theirs = json.loads((init / "data_manifest.json").read_text())["corpus_sha256"]
         if theirs != fingerprint:
             raise SystemExit(f"train_tiny: the corpus here (sha256 {fingerprint[:12]}…) is not the one {init} was "
-                             f"trained on ({theirs[:12]}…): going on would train on its held-out or validation files; "
-                             "run on the machine (and with the --heldout and --files-every) that trained it")
+                             f"trained on ({theirs[:12]}…): going on would train on its held-out or validation "
+                             "files; run on the machine (and with the --heldout and --files-every) that trained it")
         log["init_from"] = {"path": str(init), "log": json.loads((init / "train_log.json").read_text())}
     t0 = time.perf_counter()
     if init is None:
@@ -613,9 +613,8 @@ def main():
         model = Tiny(**{k: getattr(a, k) for k in SHAPE}).to(device)
     else:
         model = Tiny.from_checkpoint(init).to(device)
-        for k, v in model.shape.items():  # the checkpoint's shape, whatever the shape options said
-            setattr(a, k, v)
-        log["args"] = vars(a)
+        for k, v in model.shape.items():  # the checkpoint's shape, whatever the shape options said (log["args"]
+            setattr(a, k, v)             # is vars(a): it records them)
     gen = torch.Generator().manual_seed(a.seed)
     data = batches(streams["train"], a.seq + 1, a.batch, gen, device)
 
