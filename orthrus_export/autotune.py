@@ -2,15 +2,18 @@
 
 The tuned quantity is what decoding spends its time on: the latency of one whole greedy cycle (draft, verify and
 acceptance, one CUDA-graph replay: ``Engine.time_step("cycle", …)``), median of ``iters`` replays at each tuning
-context, summed over the contexts. Candidates: the attention kernels' key-range splits, timed on the first backend
-(re-specialising the traced programs is cheap), then every other pass backend (Inductor) at the best split count,
-so each backend is compiled once. The engine ends with the fastest options; every candidate is recorded.
+context and batch size, summed over them. Candidates: the attention kernels' key-range splits × query blocks (query
+rows per program), timed on the first backend (re-specialising the traced programs is cheap), then every other pass
+backend (Inductor) at the best attention options, so each backend is compiled once. The engine ends with the fastest
+options; every candidate is recorded. Options are engine-wide, never chosen per batch size: that keeps a row's
+result independent of what it is batched with.
 """
 
 import time
 from collections.abc import Callable
 
 SPLIT_CANDIDATES = (8, 16, 32)
+QUERY_BLOCK_CANDIDATES = (0,)  # 0: all of a row's query rows per program (measure before adding more)
 
 
 def tuning_contexts(max_seq_len: int, block_size: int) -> list[int]:
@@ -21,36 +24,44 @@ def tuning_contexts(max_seq_len: int, block_size: int) -> list[int]:
 
 
 def autotune(engine, backends: list[str], contexts: list[int], iters: int = 20,
-             splits: tuple[int, ...] = SPLIT_CANDIDATES, log: Callable[[str], None] | None = None):
-    """Time the candidates on ``engine`` (re-specialised in place); return ``(engine with the fastest options,
-    record)``."""
+             splits: tuple[int, ...] = SPLIT_CANDIDATES, log: Callable[[str], None] | None = None,
+             query_blocks: tuple[int, ...] = QUERY_BLOCK_CANDIDATES, batches: tuple[int, ...] = (1,)):
+    """Time the candidates on ``engine`` (re-specialised in place) at every context × batch size; return ``(engine
+    with the fastest options, record)``."""
     t_all = time.perf_counter()
     candidates, prepare_s = [], {}
+    points = [(c, b) for c in contexts for b in batches]
 
     def measure(options):
         t0 = time.perf_counter()
         engine.with_options(options)
         prepare_s.setdefault(options.backend, round(time.perf_counter() - t0, 3))
-        ms = [engine.time_step("cycle", c, iters) for c in contexts]
+        ms = [engine.time_step("cycle", c, iters, batch=b) for c, b in points]
         cand = {"backend": options.backend, "attention_splits": options.attention_splits,
+                "attention_query_block": options.attention_query_block,
                 "cycle_ms": [round(m, 4) for m in ms], "options": options}
         candidates.append(cand)
         if log:
-            log(f"autotune: {options.backend:8s} splits {options.attention_splits:2d}: cycle " + ", ".join(
-                f"{m:.3f} ms @ {c}" for m, c in zip(ms, contexts)))
+            log(f"autotune: {options.backend:8s} splits {options.attention_splits:2d} query block "
+                f"{options.attention_query_block:2d}: cycle " + ", ".join(
+                    f"{m:.3f} ms @ {c}" + (f" x{b}" if b > 1 else "") for m, (c, b) in zip(ms, points)))
         return cand
 
     base = engine.options
-    first = [measure(base.replace(backend=backends[0], attention_splits=n)) for n in splits]
-    best_splits = min(first, key=lambda c: sum(c["cycle_ms"]))["attention_splits"]
+    first = [measure(base.replace(backend=backends[0], attention_splits=n, attention_query_block=q))
+             for n in splits for q in query_blocks]
+    best_first = min(first, key=lambda c: sum(c["cycle_ms"]))["options"]
     for backend in backends[1:]:
-        measure(base.replace(backend=backend, attention_splits=best_splits))
+        measure(best_first.replace(backend=backend))
     best = min(candidates, key=lambda c: sum(c["cycle_ms"]))
     if engine.options != best["options"]:
         engine.with_options(best["options"])
-    record = {"metric": f"greedy cycle latency (CUDA-graph replay), median of {iters}, summed over the contexts",
-              "contexts": contexts, "candidates": [{k: v for k, v in c.items() if k != "options"} for c in candidates],
+    record = {"metric": f"greedy cycle latency (CUDA-graph replay), median of {iters}, summed over the contexts "
+                        "and batch sizes",
+              "contexts": contexts, "batches": list(batches), "points": [list(p) for p in points],
+              "candidates": [{k: v for k, v in c.items() if k != "options"} for c in candidates],
               "backend": best["backend"], "attention_splits": best["attention_splits"],
+              "attention_query_block": best["attention_query_block"],
               "prepare_seconds": prepare_s, "seconds": round(time.perf_counter() - t_all, 3),
-              "note": f"splits timed on the {backends[0]} backend, other backends at the best split count"}
+              "note": f"attention options timed on the {backends[0]} backend, other backends at the best of them"}
     return engine, record

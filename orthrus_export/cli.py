@@ -225,10 +225,17 @@ def cmd_build(a) -> int:
     if tuning:
         best = min(tuning["candidates"], key=lambda c: sum(c["cycle_ms"]))
         print(f"autotuned: backend {manifest['build']['options']['backend']}, attention splits "
-              f"{tuning['attention_splits']} (cycle {', '.join(f'{m:.3f} ms' for m in best['cycle_ms'])} at context "
-              f"{', '.join(map(str, tuning['contexts']))}; {len(tuning['candidates'])} candidates, "
-              f"{tuning['seconds']:.0f} s)")
+              f"{tuning['attention_splits']}, query block {tuning.get('attention_query_block', 0) or 'all'} (cycle "
+              f"{', '.join(f'{m:.3f} ms' for m in best['cycle_ms'])} at {_tuning_points(tuning)}; "
+              f"{len(tuning['candidates'])} candidates, {tuning['seconds']:.0f} s)")
     return 0
+
+
+def _tuning_points(tuning: dict) -> str:
+    """Where the autotuner timed the cycle: "context 512, 4096" or, for batched engines, "context 4096 ×1, ×8"."""
+    points = tuning.get("points") or [[c, 1] for c in tuning["contexts"]]
+    return "context " + ", ".join(f"{c}" + (f" x{b}" if len(tuning.get("batches", [1])) > 1 else "")
+                                  for c, b in points)
 
 
 def _prompt_ids(text: str) -> list[int]:
@@ -512,9 +519,9 @@ def cmd_info(a) -> int:
               f"kernel {f['kernel']['name']}")
     tuning = m["build"].get("tuning")
     if tuning:
-        print(f"autotuned on the build GPU: attention splits {tuning['attention_splits']}, "
-              f"{len(tuning['candidates'])} candidates timed at context {', '.join(map(str, tuning['contexts']))} "
-              f"in {tuning['seconds']:.0f} s; prepare {tuning['prepare_seconds']}")
+        print(f"autotuned on the build GPU: attention splits {tuning['attention_splits']}, query block "
+              f"{tuning.get('attention_query_block', 0) or 'all'}, {len(tuning['candidates'])} candidates timed at "
+              f"{_tuning_points(tuning)} in {tuning['seconds']:.0f} s; prepare {tuning['prepare_seconds']}")
     print("versions " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v))
     if m.get("self_check"):
         print("self-check " + ", ".join(f"{k} {r['budget_used']:.0%}" for k, r in m["self_check"]["passes"].items()))

@@ -290,9 +290,9 @@ class Server:
                     self._event(f"reloading model '{MODEL}' failed (HTTP {status}): it stays unloaded and not "
                                 "ready; see the server log")
                     return
-                self.reloads += 1
                 expected = self.stub_processes()
                 self._event(f"model '{MODEL}' reloaded in {time.monotonic() - t0:.1f} s: ready again")
+                self.reloads += 1  # after the event: a caller that sees the count also sees the event
 
         self._watcher = threading.Thread(target=loop, daemon=True, name="tritonserver-watch")
         self._watcher.start()

@@ -236,7 +236,9 @@ def test_build_autotunes_and_records_the_choice(tiny_gpu):
         t = m["build"]["tuning"]
         assert {c["backend"] for c in t["candidates"]} == backends
         assert {c["attention_splits"] for c in t["candidates"] if c["backend"] == "none"} == {8, 16, 32}
-        assert all(len(c["cycle_ms"]) == len(t["contexts"]) and min(c["cycle_ms"]) > 0 for c in t["candidates"])
+        assert t["batches"] == sorted({1, m["build"]["max_batch_size"]})
+        assert t["points"] == [[c, b] for c in t["contexts"] for b in t["batches"]]
+        assert all(len(c["cycle_ms"]) == len(t["points"]) and min(c["cycle_ms"]) > 0 for c in t["candidates"])
         best = min(t["candidates"], key=lambda c: sum(c["cycle_ms"]))
         o = m["build"]["options"]
         assert (o["backend"], o["attention_splits"]) == (best["backend"], best["attention_splits"])

@@ -105,3 +105,27 @@ def test_bench_profile_cli(models, capsys):
     assert prof["verify ctx 300 batch 2"]["kinds"]["attention"]["floor_ms"] == pytest.approx(
         2 * prof["verify ctx 300 batch 1"]["kinds"]["attention"]["floor_ms"])
     assert main(["bench", "--engine", str(path), "--contexts", "64", "--batch", "9", "--profile"]) == 2
+
+
+def test_autotune_tries_every_attention_option_at_every_batch_size(models):
+    """The build-time autotuner on a real engine (CPU: host-clock timings): every splits × query block candidate is
+    timed at every context × batch size, the engine ends with the fastest, and its output is unchanged."""
+    from orthrus_export.autotune import autotune
+    from orthrus_runtime import Engine
+    engine = Engine.load(models.engine_path("gqa1_tied"))  # its own: autotune re-specialises it in place
+    try:
+        prompt = list(range(5, 25))
+        before = engine.generate(prompt, 12).output_ids
+        engine, t = autotune(engine, ["none"], [40, 100], iters=2, splits=(8, 16), query_blocks=(0, 32),
+                             batches=(1, 2))
+        assert t["points"] == [[40, 1], [40, 2], [100, 1], [100, 2]]
+        assert [(c["attention_splits"], c["attention_query_block"]) for c in t["candidates"]] == \
+            [(8, 0), (8, 32), (16, 0), (16, 32)]
+        assert all(len(c["cycle_ms"]) == 4 and min(c["cycle_ms"]) > 0 for c in t["candidates"])
+        best = min(t["candidates"], key=lambda c: sum(c["cycle_ms"]))
+        assert (engine.options.attention_splits, engine.options.attention_query_block) == \
+            (best["attention_splits"], best["attention_query_block"]) == (t["attention_splits"],
+                                                                          t["attention_query_block"])
+        assert engine.generate(prompt, 12).output_ids == before
+    finally:
+        engine.close()
