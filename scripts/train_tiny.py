@@ -429,11 +429,12 @@ def lr_at(frac, peak, warm=0.05):
 
 
 def run_stage(name, params, loss_fn, data, seconds, peak_lr, log, max_steps, eval_fn, eval_every=100):
-    """Train until the time budget; evaluate on held-out data every ``eval_every`` steps and keep the best weights
-    (early stopping: the training set is small)."""
+    """Train until the time budget; evaluate on held-out data at the start and every ``eval_every`` steps and keep the
+    best weights (early stopping: the training set is small)."""
     opt = torch.optim.AdamW(params, lr=peak_lr, betas=(0.9, 0.95), weight_decay=0.1, fused=torch.cuda.is_available())
-    t0, step, hist, evals = time.perf_counter(), 0, [], []
-    best = (float("inf"), 0, [p.detach().clone() for p in params])
+    t0, step, hist = time.perf_counter(), 0, []
+    held = eval_fn()  # the starting weights compete too: training on from a checkpoint never ends worse than it began
+    evals, best = [(0, held)], (held, 0, [p.detach().clone() for p in params])
     while step < max_steps:
         frac = (time.perf_counter() - t0) / seconds if seconds > 0 else 1.0  # 0 s: keep the weights as they are
         if frac >= 1.0:
