@@ -60,7 +60,26 @@ def measure(engine, ref, prompts, max_new_tokens):
         "rows": rows}
 
 
+def history(log: dict) -> list[dict]:
+    """The training runs that made a checkpoint, oldest first (``train_tiny.py --init-from`` nests its start's log)."""
+    parts = [log]
+    while parts[-1].get("init_from"):
+        parts.append(parts[-1]["init_from"]["log"])
+    return parts[::-1]
+
+
+def command(part: dict) -> str:
+    a = part["args"]
+    if part.get("init_from"):
+        return (f"--init-from tiny --lm-seconds {a['lm_seconds']:.0f} --diff-seconds {a['diff_seconds']:.0f} "
+                f"--kl-decay {a['kl_decay']:g}")
+    return (f"--layers {a['layers']} --lm-seconds {a['lm_seconds']:.0f} --diff-seconds {a['diff_seconds']:.0f} "
+            f"--diff-data {a['diff_data']} --kl-decay {a['kl_decay']:g}")
+
+
 def card(folder: Path, log: dict, data: dict, ev: dict) -> str:
+    parts = history(log)
+    first = parts[0]
     cfg = json.loads((folder / "config.json").read_text())
     full, test = ev["full"], ev["test"]
     size_mb = sum(f.stat().st_size for f in folder.glob("model-*.safetensors")) / 1e6
@@ -68,30 +87,42 @@ def card(folder: Path, log: dict, data: dict, ev: dict) -> str:
     top = sorted((k for k in pk if pk[k]["split"] == "train"), key=lambda k: -pk[k]["tokens"])[:12]
     held = sorted(k for k in pk if pk[k]["split"] == "heldout")
     tot = data["totals"]
-    args = log["args"]
-    lm = log["lm"]
-    tokens_seen = lm["best_step"] * args["batch"] * args["seq"]
-    rec = log["recipes"]
+    args = first["args"]
+    lm = first["lm"]
+    base_steps = sum(p["lm"]["best_step"] for p in parts)
+    tokens_seen = base_steps * args["batch"] * args["seq"]
     pos = full["acceptance_by_position"]
     prev = ev["previous_test"]
     rows = "\n".join(f"| {k} | {pk[k]['version']} | {pk[k]['files']} | {pk[k]['tokens'] / 1e6:.2f} |" for k in top)
     hrows = "\n".join(f"| {k} | {pk[k]['version']} | {pk[k]['files']} | {pk[k]['tokens'] / 1e6:.2f} | "
                       f"{full['acceptance_length_by_package'].get(k, float('nan')):.2f} |" for k in held)
-    runs = log.get("compared_runs", [])
+    runs = first.get("compared_runs", [])
     run_rows = "\n".join(
         f"| {r['layers']} | {r['params'] / 1e6:.1f} | {r['lm_steps']} | {r['val_lm_loss']:.3f} | {r['diff_steps']} | "
         f"{r['val_simulated_acceptance']:.2f} | {r['heldout_simulated_acceptance']:.2f} | "
         f"{'**shipped**' if r['shipped'] else ''} |" for r in runs)
-    real = rec[log["chosen_recipe"]]
+    rec = first["recipes"]
+    real = rec[first["chosen_recipe"]]
+    resumed = "".join(f"; then trained on from that checkpoint by `train_tiny.py {command(p)}` on one {p['device']} "
+                      f"({p['total_seconds']:.0f} s){' — ' + p['note'] if p.get('note') else ''}" for p in parts[1:])
+    later = "".join(
+        f"\n{i + 3}. Trained on from the checkpoint above (`{command(p)}`): base {p['lm']['steps']} steps in "
+        f"{p['lm']['seconds']:.0f} s (kept step {p['lm']['best_step']}; step 0 is the starting weights), validation "
+        f"cross-entropy {p['val_lm_loss']:.3f}, held-out packages {p['heldout_lm_loss']:.3f}; diffusion set from "
+        f"{'the checkpoint' if p.get('diff_init') == 'checkpoint' else 'the AR set'}: {p['diffusion']['steps']} steps "
+        f"in {p['diffusion']['seconds']:.0f} s (kept step {p['diffusion']['best_step']}), validation block acceptance "
+        f"{p['val_block_acceptance']:.2f}, simulated acceptance {p['recipes'][p['chosen_recipe']]['val_simulated_acceptance']:.2f} "
+        f"(validation) / {p['recipes'][p['chosen_recipe']]['heldout_simulated_acceptance']:.2f} (held-out)."
+        for i, p in enumerate(parts[1:]))
     return f"""# tiny — a small Orthrus-Qwen3 trained for this project
 
 The embedded default model (`--model tiny`). Trained by `python3 scripts/train_tiny.py --out DIR --layers
 {cfg['num_hidden_layers']} --lm-seconds {args['lm_seconds']:.0f} --diff-seconds {args['diff_seconds']:.0f} --diff-data
-{args['diff_data']} --kl-decay {args['kl_decay']:g}` (these are the script's defaults) on one {log['device']}
-({log['total_seconds']:.0f} s wall-clock, torch {log['torch']}), fixed seed 0, side by side on the same GPU with the
-same command at `--layers 8` (`scripts/gpu_session.sh`); stage lengths are wall-clock budgets, so step counts (below)
-depend on what else runs on the GPU. Measured by `scripts/eval_tiny.py` with this project's runtime (CPU engine, fp32,
-greedy).
+{args['diff_data']} --kl-decay {args['kl_decay']:g}` (these are the script's defaults) on one {first['device']}
+({first['total_seconds']:.0f} s wall-clock, torch {first['torch']}), fixed seed 0, side by side on the same GPU with the
+same command at `--layers 8` (`scripts/gpu_session.sh`){resumed}; stage lengths are wall-clock budgets, so step counts
+(below) depend on what else runs on the GPU. Measured by `scripts/eval_tiny.py` with this project's runtime (CPU
+engine, fp32, greedy).
 
 ## Model
 
@@ -146,15 +177,15 @@ Held-out packages (never trained on; vendored copies dropped from training):
 
 1. Base language model, all weights: {lm['steps']} steps in {lm['seconds']:.0f} s, batch {args['batch']} ×
    {args['seq']} tokens, AdamW (peak lr 3e-3, warm-up then cosine), bf16 autocast; kept step {lm['best_step']}.
-   Cross-entropy: validation {log['val_lm_loss']:.3f}, held-out packages {log['heldout_lm_loss']:.3f} nats/token.
+   Cross-entropy: validation {first['val_lm_loss']:.3f}, held-out packages {first['heldout_lm_loss']:.3f} nats/token.
 2. Diffusion set only (`*_proj_diff`, `*_norm_diff`, initialised from the AR set; everything else frozen),
    KL(AR ‖ draft) on the training text with the Orthrus training mask (blocks of 32; block positions see the AR
    keys/values before their anchor and their own block bidirectionally; input `[x_anchor, M, …, M]`; single-step
    denoising), block position j weighted by exp(−j / {args['kl_decay']:g}) (a later draft only counts when every earlier
-   one was accepted): {log['diffusion']['steps']} steps in {log['diffusion']['seconds']:.0f} s, keeping the weights with
+   one was accepted): {first['diffusion']['steps']} steps in {first['diffusion']['seconds']:.0f} s, keeping the weights with
    the best validation block acceptance ({real['val_block_acceptance']:.2f}; weighted held-out KL
    {real['heldout_kl']:.2f}). An earlier recipe, distilling on the base's own greedy continuations, accepted less on
-   held-out code (2.33 vs 2.78 for the training text, previous checkpoint) and was not run again.
+   held-out code (2.33 vs 2.78 for the training text, previous checkpoint) and was not run again.{later}
 
 ![loss curves](loss_curves.png)
 
