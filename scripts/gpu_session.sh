@@ -2,7 +2,7 @@
 # A GPU session's work as background jobs (started with setsid by one device call, polled by later calls).
 # Results under $RESULTS, each step's log as it finishes; `collect`
 # packs them into $OUT (at most 8 files).
-#   setsid bash scripts/gpu_session.sh all &   # ~15 min: timings (#14), then two trainings (#15) + kernel tests
+#   setsid bash scripts/gpu_session.sh all &   # ~12 min: timings (#14), then two trainings (#15) + kernel tests
 #   bash scripts/gpu_session.sh collect        # in a later call
 # The previous session's run (two tiny shapes trained side by side, the GPU tests, the batched 8B benchmark) is in
 # git history (git log -- scripts/gpu_session.sh).
@@ -25,7 +25,7 @@ python3 -c "import orthrus_runtime" || { echo "install failed" > "$R/done-$phase
 if [ "$phase" = all ]; then
   # timings first, on an idle GPU; then the two trainings side by side, and the kernel tests (no timings) beside them
   step "attention alone: splits x query blocks, batch 1-16"
-  python3 scripts/bench_attention_splits.py --query-blocks 0,16,32,64 --rows 1,4,8,16 --out "$R/attention-query-blocks.json" \
+  python3 scripts/bench_attention_splits.py --query-blocks 0,16,32,64 --rows 1,8,16 --out "$R/attention-query-blocks.json" \
     > "$R/attention-query-blocks.log" 2>&1
   step "attention bench rc $?"
   step "8B cycle (traced programs) for every splits x query block, batch 1 and 8"
@@ -33,10 +33,10 @@ if [ "$phase" = all ]; then
     --query-blocks 0,16,32 --out "$R/sweep-8b.json" > "$R/sweep-8b.log" 2>&1
   step "sweep rc $?"
   step "tiny trained on from the shipped checkpoint, two ways side by side: drafter only / base then drafter"
-  python3 scripts/train_tiny.py --out "$R/tiny-drafter" --init-from tiny --lm-seconds 0 --diff-seconds 420 \
+  python3 scripts/train_tiny.py --out "$R/tiny-drafter" --init-from tiny --lm-seconds 0 --diff-seconds 300 \
     > "$R/train-drafter.log" 2>&1 &
   a=$!
-  python3 scripts/train_tiny.py --out "$R/tiny-both" --init-from tiny --lm-seconds 150 --diff-seconds 270 \
+  python3 scripts/train_tiny.py --out "$R/tiny-both" --init-from tiny --lm-seconds 120 --diff-seconds 180 \
     > "$R/train-both.log" 2>&1 &
   b=$!
   step "attention kernel tests (every query block) and the profiler's GPU test"
