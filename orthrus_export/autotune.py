@@ -25,10 +25,11 @@ def tuning_contexts(max_seq_len: int, block_size: int) -> list[int]:
 
 def autotune(engine, backends: list[str], contexts: list[int], iters: int = 20,
              splits: tuple[int, ...] = SPLIT_CANDIDATES, log: Callable[[str], None] | None = None,
-             query_blocks: tuple[int, ...] = QUERY_BLOCK_CANDIDATES, batches: tuple[int, ...] = (1,)):
-    """Time the candidates on ``engine`` (re-specialised in place) at every context × batch size; return ``(engine
-    with the fastest options, record)``."""
+             query_blocks: tuple[int, ...] = QUERY_BLOCK_CANDIDATES, batches: tuple[int, ...] | None = None):
+    """Time the candidates on ``engine`` (re-specialised in place) at every context × batch size (by default batch 1
+    and the engine's max batch size); return ``(engine with the fastest options, record)``."""
     t_all = time.perf_counter()
+    batches = tuple(sorted({1, engine.max_batch_size})) if batches is None else tuple(batches)
     candidates, prepare_s = [], {}
     points = [(c, b) for c in contexts for b in batches]
 

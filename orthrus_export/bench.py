@@ -178,7 +178,6 @@ def build_random(name, dtype, max_ctx, compile=False, autotune_contexts=None, lo
     load_s = time.perf_counter() - t0
     if autotune_contexts:
         from orthrus_export.autotune import autotune
-        engine, tuning = autotune(engine, ["none", "inductor"], autotune_contexts, log=log,
-                                  batches=tuple(sorted({1, max_batch_size})))
+        engine, tuning = autotune(engine, ["none", "inductor"], autotune_contexts, log=log)
         return cfg, engine, export_s, tuning["prepare_seconds"][tuning["backend"]], tuning
     return cfg, engine, export_s, load_s, None

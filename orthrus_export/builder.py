@@ -216,8 +216,7 @@ def _build_into(tmp: Path, name: str, ckpt, profile, precision, device, max_seq_
         from orthrus_export.autotune import autotune as run_autotune
         from orthrus_export.autotune import tuning_contexts
         engine, tuning = run_autotune(engine, backends, tuning_contexts(max_seq_len, cfg.block_size),
-                                      log=(lambda m: tqdm.write(m)) if progress else None,
-                                      batches=tuple(sorted({1, max_batch_size})))
+                                      log=(lambda m: tqdm.write(m)) if progress else None)
         manifest["build"]["tuning"] = tuning
         manifest["build"]["options"] = engine.options.to_dict()
         done("autotune")

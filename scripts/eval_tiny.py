@@ -77,6 +77,19 @@ def command(part: dict) -> str:
             f"--diff-data {a['diff_data']} --kl-decay {a['kl_decay']:g}")
 
 
+def later_part(n: int, p: dict) -> str:
+    """Item ``n`` of the card's training list: a run that trained on from the checkpoint before it."""
+    rec = p["recipes"][p["chosen_recipe"]]
+    return (f"\n{n}. Trained on from the checkpoint above (`{command(p)}`): base {p['lm']['steps']} steps in "
+            f"{p['lm']['seconds']:.0f} s (kept step {p['lm']['best_step']}; step 0 is the starting weights), "
+            f"validation cross-entropy {p['val_lm_loss']:.3f}, held-out packages {p['heldout_lm_loss']:.3f}; diffusion "
+            f"set from {'the checkpoint' if p.get('diff_init') == 'checkpoint' else 'the AR set'}: "
+            f"{p['diffusion']['steps']} steps in {p['diffusion']['seconds']:.0f} s (kept step "
+            f"{p['diffusion']['best_step']}), validation block acceptance {p['val_block_acceptance']:.2f}, simulated "
+            f"acceptance {rec['val_simulated_acceptance']:.2f} (validation) / {rec['heldout_simulated_acceptance']:.2f} "
+            "(held-out).")
+
+
 def card(folder: Path, log: dict, data: dict, ev: dict) -> str:
     parts = history(log)
     first = parts[0]
@@ -104,16 +117,8 @@ def card(folder: Path, log: dict, data: dict, ev: dict) -> str:
     rec = first["recipes"]
     real = rec[first["chosen_recipe"]]
     resumed = "".join(f"; then trained on from that checkpoint by `train_tiny.py {command(p)}` on one {p['device']} "
-                      f"({p['total_seconds']:.0f} s){' — ' + p['note'] if p.get('note') else ''}" for p in parts[1:])
-    later = "".join(
-        f"\n{i + 3}. Trained on from the checkpoint above (`{command(p)}`): base {p['lm']['steps']} steps in "
-        f"{p['lm']['seconds']:.0f} s (kept step {p['lm']['best_step']}; step 0 is the starting weights), validation "
-        f"cross-entropy {p['val_lm_loss']:.3f}, held-out packages {p['heldout_lm_loss']:.3f}; diffusion set from "
-        f"{'the checkpoint' if p.get('diff_init') == 'checkpoint' else 'the AR set'}: {p['diffusion']['steps']} steps "
-        f"in {p['diffusion']['seconds']:.0f} s (kept step {p['diffusion']['best_step']}), validation block acceptance "
-        f"{p['val_block_acceptance']:.2f}, simulated acceptance {p['recipes'][p['chosen_recipe']]['val_simulated_acceptance']:.2f} "
-        f"(validation) / {p['recipes'][p['chosen_recipe']]['heldout_simulated_acceptance']:.2f} (held-out)."
-        for i, p in enumerate(parts[1:]))
+                      f"({p['total_seconds']:.0f} s)" for p in parts[1:])
+    later = "".join(later_part(i + 3, p) for i, p in enumerate(parts[1:]))
     return f"""# tiny — a small Orthrus-Qwen3 trained for this project
 
 The embedded default model (`--model tiny`). Trained by `python3 scripts/train_tiny.py --out DIR --layers
