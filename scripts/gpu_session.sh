@@ -2,14 +2,14 @@
 # A GPU session's work as background jobs (started with setsid by one device call, polled by later calls).
 # Results under $RESULTS, each step's log as it finishes; `collect`
 # packs them into $OUT (at most 8 files).
-#   setsid bash scripts/gpu_session.sh all &   # ~12 min: timings (#14), then two trainings (#15) + kernel tests
-#   setsid bash scripts/gpu_session.sh kernels &   # the same without the trainings (~7 min)
+#   setsid bash scripts/gpu_session.sh train &     # ~15 min: tiny trained on two ways side by side (#15)
+#   setsid bash scripts/gpu_session.sh kernels &   # timings, then the kernel tests (#14)
 #   bash scripts/gpu_session.sh collect        # in a later call
 # The previous session's run (two tiny shapes trained side by side, the GPU tests, the batched 8B benchmark) is in
 # git history (git log -- scripts/gpu_session.sh).
 set -u
 R=${RESULTS:-/tmp/gpu-results}
-phase=${1:-all}
+phase=${1:-}
 if [ "$phase" = collect ]; then
   # model shards travel one per file (16 MiB each at most); everything else as one archive
   for d in "$R"/tiny-*; do [ -d "$d" ] && for f in "$d"/model-*.safetensors; do
@@ -23,7 +23,7 @@ export PYTHONUNBUFFERED=1
 step() { echo "$(date +%T) $1" >> "$R/progress"; }
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$R/install.log" 2>&1
 python3 -c "import orthrus_runtime" || { echo "install failed" > "$R/done-$phase"; exit 1; }
-if [ "$phase" = all ] || [ "$phase" = kernels ]; then
+if [ "$phase" = kernels ]; then
   # timings first, on an idle GPU; then the two trainings side by side, and the kernel tests (no timings) beside them
   step "attention alone: splits x query blocks, batch 1-16"
   python3 scripts/bench_attention_splits.py --query-blocks 0,16,32,64 --rows 1,8,16 \
@@ -33,24 +33,30 @@ if [ "$phase" = all ] || [ "$phase" = kernels ]; then
   python3 scripts/sweep_attention_options.py --shape 8b --context 4096 --batches 1,8 --splits 4,8,16,32 \
     --query-blocks 0,16,32 --out "$R/sweep-8b.json" > "$R/sweep-8b.log" 2>&1
   step "sweep rc $?"
-  a= b=
-  if [ "$phase" = all ]; then
-    step "tiny trained on from the shipped checkpoint, two ways side by side: drafter only / base then drafter"
-    python3 scripts/train_tiny.py --out "$R/tiny-drafter" --init-from tiny --lm-seconds 0 --diff-seconds 300 \
-      > "$R/train-drafter.log" 2>&1 &
-    a=$!
-    python3 scripts/train_tiny.py --out "$R/tiny-both" --init-from tiny --lm-seconds 120 --diff-seconds 180 \
-      > "$R/train-both.log" 2>&1 &
-    b=$!
-  fi
   step "attention kernel tests (every query block) and the profiler's GPU test"
   python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -W ignore::FutureWarning \
     -k "triton_attention or triton_batched or profile_step or autotune" > "$R/gpu-kernel-tests.log" 2>&1
   step "kernel tests rc $?"
-  [ -n "$a" ] && { wait $a; step "train drafter rc $?"; }
-  [ -n "$b" ] && { wait $b; step "train both rc $?"; }
+elif [ "$phase" = train ]; then
+  # two ways of training on from the shipped checkpoint, side by side: the drafter only / base, then drafter
+  train() {  # NAME ARGS...: --init-from tiny; if this machine's corpus is not tiny's, one fresh run (base + drafter)
+    local name=$1; shift
+    python3 scripts/train_tiny.py --out "$R/tiny-$name" --init-from tiny "$@" > "$R/train-$name.log" 2>&1
+    local rc=$?
+    if [ "$name" = drafter ] && grep -q "is not the one" "$R/train-$name.log"; then
+      step "train $name: corpus differs from tiny's, a fresh run instead"
+      python3 scripts/train_tiny.py --out "$R/tiny-$name" --lm-seconds 360 --diff-seconds 420 \
+        > "$R/train-$name-fresh.log" 2>&1
+      rc=$?
+    fi
+    step "train $name rc $rc"
+  }
+  step "tiny trained on from the shipped checkpoint: drafter only / base then drafter, side by side"
+  train drafter --lm-seconds 0 --diff-seconds 780 &
+  [ "${ONE:-}" = 1 ] || { train both --lm-seconds 300 --diff-seconds 480 & }
+  wait
 else
-  echo "usage: gpu_session.sh all|kernels|collect" >&2
+  echo "usage: gpu_session.sh kernels|train|collect" >&2
   exit 2
 fi
 echo finished > "$R/done-$phase"
