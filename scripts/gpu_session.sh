@@ -3,7 +3,7 @@
 # Results under $RESULTS, each step's log as it finishes; `collect`
 # packs them into $OUT (at most 8 files).
 #   setsid bash scripts/gpu_session.sh train &     # ~15 min: tiny trained on two ways side by side (#15)
-#   setsid bash scripts/gpu_session.sh kernels &   # timings, then the kernel tests (#14)
+#   setsid bash scripts/gpu_session.sh kernels &   # ~8 min: attention launch timings, then GPU tests (#14)
 #   bash scripts/gpu_session.sh collect        # in a later call
 # The previous session's run (two tiny shapes trained side by side, the GPU tests, the batched 8B benchmark) is in
 # git history (git log -- scripts/gpu_session.sh).
@@ -24,18 +24,14 @@ step() { echo "$(date +%T) $1" >> "$R/progress"; }
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$R/install.log" 2>&1
 python3 -c "import orthrus_runtime" || { echo "install failed" > "$R/done-$phase"; exit 1; }
 if [ "$phase" = kernels ]; then
-  # timings first, on an idle GPU; then the two trainings side by side, and the kernel tests (no timings) beside them
-  step "attention alone: splits x query blocks, batch 1-16"
-  python3 scripts/bench_attention_splits.py --query-blocks 0,16,32,64 --rows 1,8,16 \
-    --out "$R/attention-query-blocks.json" > "$R/attention-query-blocks.log" 2>&1
-  step "attention bench rc $?"
-  step "8B cycle (traced programs) for every splits x query block, batch 1 and 8"
-  python3 scripts/sweep_attention_options.py --shape 8b --context 4096 --batches 1,8 --splits 4,8,16,32 \
-    --query-blocks 0,16,32 --out "$R/sweep-8b.json" > "$R/sweep-8b.log" 2>&1
-  step "sweep rc $?"
-  step "attention kernel tests (every query block) and the profiler's GPU test"
-  python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -W ignore::FutureWarning \
-    -k "triton_attention or triton_batched or profile_step or autotune" > "$R/gpu-kernel-tests.log" 2>&1
+  # timings first, on an idle GPU, then the kernel tests (no timings)
+  step "attention launch configurations (tile, warps, stages, merge rows), batch 1 and 8"
+  timeout 300 python3 scripts/sweep_attention_launch.py --out "$R/attention-launch.json" \
+    > "$R/attention-launch.log" 2>&1
+  step "launch sweep rc $?"
+  step "the autotuner's and the profiler's GPU tests"
+  timeout 240 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -W ignore::FutureWarning \
+    -k "profile_step or autotune" > "$R/gpu-kernel-tests.log" 2>&1
   step "kernel tests rc $?"
 elif [ "$phase" = train ]; then
   # two ways of training on from the shipped checkpoint, side by side: the drafter only / base, then drafter

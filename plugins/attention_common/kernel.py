@@ -24,6 +24,8 @@ Contracts are those of the ops (see their packages, which register :func:`attent
 implementations). Accumulation in float32; inputs fp32/bf16/fp16.
 """
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -33,6 +35,21 @@ from orthrus_plugins.attention_common import batched_view
 SPLIT_CHOICES = (4, 8, 16, 32, 64)  # the ops' ``splits`` attribute (an engine option, tuned at build)
 QUERY_BLOCK_CHOICES = (0, 16, 32, 64)  # the ops' ``query_block`` attribute: query rows per program (0: all of them)
 BLOCK_N = 64
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How the kernels are launched (not what they compute: every choice gives the same function, each its own
+    summation order; a row's result never depends on the other rows for any of them). ``None``: the default
+    (``num_warps`` 8 for a [M_BLOCK, D] accumulator of at least 128×64 elements, else 4; ``num_stages`` Triton's).
+    ``scripts/sweep_attention_launch.py`` times the alternatives on a GPU."""
+    block_n: int = BLOCK_N      # keys per loop iteration of the split kernel
+    num_warps: int | None = None
+    num_stages: int | None = None
+    merge_rows: int = 16        # query rows per merge program (one program a head serialised 36 us a layer on an H100)
+
+
+DEFAULT_LAUNCH = Launch()
 
 
 @triton.jit
@@ -147,22 +164,27 @@ def _merge_kernel(ACC, MS, LS, O, so_b, so_h,
 
 
 def attention(q, k, v, k_cache, v_cache, cache_len, layer: int, scale: float, causal: bool, splits: int = 16,
-              slots=None, out=None, query_block: int = 0):
+              slots=None, out=None, query_block: int = 0, launch: Launch = DEFAULT_LAUNCH):
     """Launch both kernels, either layout (:mod:`orthrus_plugins.attention_common`). Cached mode (``causal``) first
     writes every row's K/V at its slot and ``cache_len`` (device indices, no host read). ``splits``: key-range splits
     (one of SPLIT_CHOICES). ``query_block``: query rows per program (one of QUERY_BLOCK_CHOICES; 0, or more than a
     row has: all of a row's query rows in one program). ``out``: a tensor to write the result into (tests poison
-    it)."""
+    it). ``launch``: block sizes, warps and stages (:class:`Launch`; benchmarks try others)."""
     if splits not in SPLIT_CHOICES:
         raise ValueError(f"attention splits must be one of {SPLIT_CHOICES}, got {splits}")
     if query_block not in QUERY_BLOCK_CHOICES:
         raise ValueError(f"attention query_block must be one of {QUERY_BLOCK_CHOICES}, got {query_block}")
     k_cache, v_cache, lens, slots = batched_view(k_cache, v_cache, cache_len, slots)
+    if launch.merge_rows & (launch.merge_rows - 1) or launch.block_n & (launch.block_n - 1):
+        raise ValueError(f"attention launch block sizes must be powers of two, got {launch}")
     # the kernels index lengths and slots as contiguous vectors (the runtime passes columns of its row buffers)
     lens, slots = lens.contiguous(), slots.contiguous()
     rows = lens.shape[0]
     n, hq, d = q.shape
     b = n // rows                       # tokens per row
+    if not causal and launch.block_n < b:
+        raise ValueError(f"attention launch block_n {launch.block_n} is below the {b} diffusion-block keys it must "
+                         "hold in one tile")
     hkv = k.shape[1]
     g = hq // hkv
     q = q.contiguous()
@@ -186,12 +208,14 @@ def attention(q, k, v, k_cache, v_cache, cache_len, layer: int, scale: float, ca
         q, k_cache, v_cache, k, v, length, slots, acc, ms, ls, layer * k_cache.stride(0), scale,
         q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
         k.stride(0), k.stride(1),
-        B=b, G=g, D=d, M_PAD=m_pad, M_BLOCK=m_block, BLOCK_N=BLOCK_N, SPLITS=splits, CAUSAL=causal,
+        B=b, G=g, D=d, M_PAD=m_pad, M_BLOCK=m_block, BLOCK_N=launch.block_n, SPLITS=splits, CAUSAL=causal,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 engines stay exact
-        num_warps=8 if m_block * d >= 128 * 64 else 4)  # a [M_BLOCK, D] fp32 accumulator: spread it over 8 warps
-    # merge: 16 rows a program (one program a head serialised 36 us a layer on an H100)
-    _merge_kernel[(hkv, m_pad // 16, rows)](acc, ms, ls, out, out.stride(0), out.stride(1), B=b, G=g, D=d,
-                                            M_PAD=m_pad, SPLITS=splits, ROWS=16, num_warps=4)
+        # a [M_BLOCK, D] fp32 accumulator: spread it over 8 warps
+        num_warps=launch.num_warps or (8 if m_block * d >= 128 * 64 else 4),
+        **({} if launch.num_stages is None else {"num_stages": launch.num_stages}))
+    merge_rows = min(launch.merge_rows, m_pad)
+    _merge_kernel[(hkv, m_pad // merge_rows, rows)](acc, ms, ls, out, out.stride(0), out.stride(1), B=b, G=g, D=d,
+                                                    M_PAD=m_pad, SPLITS=splits, ROWS=merge_rows, num_warps=4)
     return out
 
 

@@ -1,0 +1,85 @@
+"""Time the attention kernels (split + merge, CUDA-graph replays) at the 8B shapes for launch configurations other
+than the default (``Launch``: keys per tile, warps, pipeline stages, merge rows per program), at batch 1 and 8,
+verify and draft, several split counts; each output compared with the default configuration's. Issue #14's batch-1
+lever: the kernel runs at ~5x its K/V floor (27.6 us vs 5.6 us, H100), and each program has only a few tiles of
+keys, so the pipeline's prologue and the register footprint of a [128, 128] fp32 accumulator are the suspects.
+
+    python scripts/sweep_attention_launch.py --out $OUT/attention-launch.json
+    TRITON_INTERPRET=1 python scripts/sweep_attention_launch.py --smoke    # the CPU: small shapes, no timings
+"""
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_attention_splits import timed  # noqa: E402  (scripts/ is on sys.path when run as a script)
+
+from orthrus_plugins.attention_common.kernel import DEFAULT_LAUNCH, Launch, attention  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out")
+    ap.add_argument("--rows", default="1,8")
+    ap.add_argument("--splits", default="4,8,16")
+    ap.add_argument("--keys", type=int, default=4096)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--smoke", action="store_true")
+    a = ap.parse_args()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    hq, hkv, d, blk = (32, 8, 128, 32) if not a.smoke else (4, 2, 16, 4)
+    keys = a.keys if not a.smoke else 96
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    g = torch.Generator(device=dev).manual_seed(0)
+    split_configs = [Launch(block_n=bn, num_warps=w, num_stages=st) for bn, w, st in
+                     itertools.product((32, 64, 128), (4, 8), (1, 2, 3))]
+    if a.smoke:
+        split_configs = split_configs[:3] + [Launch(block_n=128, num_warps=8, num_stages=2)]
+    results = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "dtype": str(dtype),
+               "shape": {"hq": hq, "hkv": hkv, "d": d, "tokens_per_row": blk, "keys": keys}, "rows": []}
+    for rows in map(int, a.rows.split(",")):
+        kc = torch.randn(1, rows + 1, hkv, keys + blk, d, generator=g, device=dev, dtype=dtype)
+        vc = torch.randn_like(kc)
+        q = torch.randn(rows * blk, hq, d, generator=g, device=dev, dtype=dtype)
+        k = torch.randn(rows * blk, hkv, d, generator=g, device=dev, dtype=dtype)
+        v = torch.randn_like(k)
+        slots = torch.arange(rows, device=dev, dtype=torch.int64)
+        for causal, splits in itertools.product((True, False), map(int, a.splits.split(","))):
+            lens = torch.full((rows,), keys - blk if causal else keys, device=dev, dtype=torch.int64)
+
+            def run(launch):
+                return attention(q, k, v, kc, vc, lens, 0, d ** -0.5, causal, splits=splits, slots=slots,
+                                 launch=launch)
+            ref = run(DEFAULT_LAUNCH).float()
+            base_us = timed(lambda: run(DEFAULT_LAUNCH), a.reps)
+            timings = []
+            for launch in split_configs:
+                try:
+                    us = timed(lambda: run(launch), a.reps)
+                    diff = float((run(launch).float() - ref).abs().max())
+                except Exception as e:  # a configuration the compiler refuses (shared memory, registers)
+                    us, diff = float("nan"), repr(e).splitlines()[0][:160]
+                timings.append((launch, us, diff))
+            best = min((t for t in timings if t[1] == t[1]), key=lambda t: t[1], default=(DEFAULT_LAUNCH, base_us, 0))
+            for rows_m in (4, 8, 32):  # merge rows per program, for the best split configuration
+                launch = Launch(best[0].block_n, best[0].num_warps, best[0].num_stages, rows_m)
+                us = timed(lambda: run(launch), a.reps)
+                timings.append((launch, us, float((run(launch).float() - ref).abs().max())))
+            mode = "verify" if causal else "draft"
+            for launch, us, diff in timings:
+                results["rows"].append({"rows": rows, "mode": mode, "splits": splits, **launch.__dict__, "us": us,
+                                        "default_us": base_us, "max_abs_diff_vs_default": diff})
+            top = sorted((t for t in timings if t[1] == t[1]), key=lambda t: t[1])[:3]
+            print(f"rows {rows} {mode:6s} splits {splits:2d}: default {base_us:7.1f} us; best " +
+                  "; ".join(f"{t[1]:.1f} us {t[0]}" for t in top), flush=True)
+    if a.out:
+        Path(a.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
