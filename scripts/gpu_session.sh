@@ -2,9 +2,10 @@
 # A GPU session's work as background jobs (started with setsid by one device call, polled by later calls).
 # Results under $RESULTS, each step's log as it finishes; `collect`
 # packs them into $OUT (at most 8 files).
-#   setsid bash scripts/gpu_session.sh train &     # ~15 min: tiny trained on two ways side by side (#15)
-#   setsid bash scripts/gpu_session.sh kernels &   # ~8 min: attention launch timings, then GPU tests (#14)
-#   bash scripts/gpu_session.sh collect        # in a later call
+#   setsid bash scripts/gpu_session.sh all &       # ~19 min: the launch sweep on an idle GPU (#14), then tiny
+#                                                  # trained on two ways side by side (#15) with the GPU tests beside
+#   bash scripts/gpu_session.sh collect            # in a later call, within 30 s of the last (the machine goes back)
+# (`kernels` and `train` run the parts alone.)
 # The previous session's run (two tiny shapes trained side by side, the GPU tests, the batched 8B benchmark) is in
 # git history (git log -- scripts/gpu_session.sh).
 set -u
@@ -23,36 +24,40 @@ export PYTHONUNBUFFERED=1
 step() { echo "$(date +%T) $1" >> "$R/progress"; }
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$R/install.log" 2>&1
 python3 -c "import orthrus_runtime" || { echo "install failed" > "$R/done-$phase"; exit 1; }
-if [ "$phase" = kernels ]; then
-  # timings first, on an idle GPU, then the kernel tests (no timings)
+sweep() {  # timings first, on an idle GPU
   step "attention launch configurations (tile, warps, stages, merge rows), batch 1 and 8"
-  timeout 300 python3 scripts/sweep_attention_launch.py --out "$R/attention-launch.json" \
+  timeout "${SWEEP_S:-240}" python3 scripts/sweep_attention_launch.py --out "$R/attention-launch.json" \
     > "$R/attention-launch.log" 2>&1
   step "launch sweep rc $?"
+}
+kernel_tests() {  # no timings: may share the GPU
   step "the autotuner's and the profiler's GPU tests"
-  timeout 240 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -W ignore::FutureWarning \
+  timeout 300 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -W ignore::FutureWarning \
     -k "profile_step or autotune" > "$R/gpu-kernel-tests.log" 2>&1
   step "kernel tests rc $?"
-elif [ "$phase" = train ]; then
-  # two ways of training on from the shipped checkpoint, side by side: the drafter only / base, then drafter
-  train() {  # NAME ARGS...: --init-from tiny; if this machine's corpus is not tiny's, one fresh run (base + drafter)
-    local name=$1; shift
-    python3 scripts/train_tiny.py --out "$R/tiny-$name" --init-from tiny "$@" > "$R/train-$name.log" 2>&1
-    local rc=$?
-    if [ "$name" = drafter ] && grep -q "is not the one" "$R/train-$name.log"; then
-      step "train $name: corpus differs from tiny's, a fresh run instead"
-      python3 scripts/train_tiny.py --out "$R/tiny-$name" --lm-seconds 360 --diff-seconds 420 \
-        > "$R/train-$name-fresh.log" 2>&1
-      rc=$?
-    fi
-    step "train $name rc $rc"
-  }
+}
+train() {  # NAME ARGS...: --init-from tiny; if this machine's corpus is not tiny's, one fresh run (base + drafter)
+  local name=$1; shift
+  python3 scripts/train_tiny.py --out "$R/tiny-$name" --init-from tiny "$@" > "$R/train-$name.log" 2>&1
+  local rc=$?
+  if [ "$name" = drafter ] && grep -q "is not the one" "$R/train-$name.log"; then
+    step "train $name: corpus differs from tiny's, a fresh run instead"
+    python3 scripts/train_tiny.py --out "$R/tiny-$name" --lm-seconds 330 --diff-seconds 390 \
+      > "$R/train-$name-fresh.log" 2>&1
+    rc=$?
+  fi
+  step "train $name rc $rc"
+}
+trainings() {  # two ways of training on from the shipped checkpoint, side by side: drafter only / base, then drafter
   step "tiny trained on from the shipped checkpoint: drafter only / base then drafter, side by side"
-  train drafter --lm-seconds 0 --diff-seconds 780 &
-  [ "${ONE:-}" = 1 ] || { train both --lm-seconds 300 --diff-seconds 480 & }
+  train drafter --lm-seconds 0 --diff-seconds 720 &
+  [ "${ONE:-}" = 1 ] || { train both --lm-seconds 270 --diff-seconds 450 & }
   wait
-else
-  echo "usage: gpu_session.sh kernels|train|collect" >&2
-  exit 2
-fi
+}
+case "$phase" in
+  kernels) sweep; kernel_tests ;;
+  train) trainings ;;
+  all) sweep; kernel_tests & trainings; wait ;;
+  *) echo "usage: gpu_session.sh all|kernels|train|collect" >&2; exit 2 ;;
+esac
 echo finished > "$R/done-$phase"

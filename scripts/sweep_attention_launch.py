@@ -77,8 +77,8 @@ def main():
             top = sorted((t for t in timings if t[1] == t[1]), key=lambda t: t[1])[:3]
             print(f"rows {rows} {mode:6s} splits {splits:2d}: default {base_us:7.1f} us; best " +
                   "; ".join(f"{t[1]:.1f} us {t[0]}" for t in top), flush=True)
-    if a.out:
-        Path(a.out).write_text(json.dumps(results, indent=1))
+            if a.out:  # after every group: a run cut short by its time limit keeps what it measured
+                Path(a.out).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
