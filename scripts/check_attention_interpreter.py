@@ -1,5 +1,5 @@
 """The attention Triton kernel against the reference on the CPU, under Triton's interpreter (no GPU needed), at every
-query block and two split counts: batched rows of different lengths and slots (two consecutive chunks of one slot
+query block and two split counts, and two launch configurations besides the default: batched rows of different lengths and slots (two consecutive chunks of one slot
 among them), fp32 and fp16 (the interpreter mishandles bf16: the kernel before query blocks fails there too),
 causal and diffusion mode; outputs poisoned first, cache contents checked, each row bitwise equal to its run alone.
 Exit 1 on the first failure.
@@ -30,27 +30,32 @@ def check(causal: bool, dtype: torch.dtype) -> float:
     kc_ref, vc_ref = kc.clone(), vc.clone()
     expected = reference("check", q, k, v, kc_ref, vc_ref, lens, 1, d ** -0.5, causal, slots)
     worst = 0.0
-    for qb in ta.QUERY_BLOCK_CHOICES[:3]:  # 0 (all rows), 16, 32: a row here has 8·4 = 32 query rows
-        for splits in (4, 16):
-            kc2, vc2 = kc.clone(), vc.clone()
-            out = torch.full_like(q, float("nan"))
-            ta.attention(q, k, v, kc2, vc2, lens, 1, d ** -0.5, causal, splits=splits, slots=slots, out=out,
-                         query_block=qb)
-            what = f"causal={causal} {dtype} query_block={qb} splits={splits}"
-            if not torch.isfinite(out).all():
-                raise SystemExit(f"{what}: outputs left unwritten")
-            err = (out.double() - expected.double()).abs().max().item()
-            if err > TOLERANCE[dtype] * (1 + expected.double().abs().max().item()):
-                raise SystemExit(f"{what}: max difference {err} from the reference")
-            if not (torch.equal(kc2, kc_ref) and torch.equal(vc2, vc_ref)):
-                raise SystemExit(f"{what}: cache contents differ from the reference's")
-            for i in (0, 1, 2):  # rows on their own slots: alone, bitwise the same
-                rows_i = slice(i * t, (i + 1) * t)
-                alone = ta.attention(q[rows_i], k[rows_i], v[rows_i], kc.clone(), vc.clone(), lens[i:i + 1], 1,
-                                     d ** -0.5, causal, splits=splits, slots=slots[i:i + 1], query_block=qb)
-                if not torch.equal(alone, out[rows_i]):
-                    raise SystemExit(f"{what}: row {i} alone differs from the batched call")
-            worst = max(worst, err)
+    # query blocks 0 (all rows), 16, 32 (a row here has 8·4 = 32 query rows) × 4 and 16 splits at the default launch,
+    # then two other launches (key tile, warps, stages, merge rows)
+    configs = [(qb, splits, ta.DEFAULT_LAUNCH) for qb in ta.QUERY_BLOCK_CHOICES[:3] for splits in (4, 16)]
+    configs += [(0, 16, ta.Launch(block_n=32, num_warps=4, num_stages=2, merge_rows=4)),
+                (0, 4, ta.Launch(block_n=128, num_warps=8, num_stages=1, merge_rows=32))]
+    for qb, splits, launch in configs:
+        kc2, vc2 = kc.clone(), vc.clone()
+        out = torch.full_like(q, float("nan"))
+        ta.attention(q, k, v, kc2, vc2, lens, 1, d ** -0.5, causal, splits=splits, slots=slots, out=out,
+                     query_block=qb, launch=launch)
+        what = f"causal={causal} {dtype} query_block={qb} splits={splits} {launch}"
+        if not torch.isfinite(out).all():
+            raise SystemExit(f"{what}: outputs left unwritten")
+        err = (out.double() - expected.double()).abs().max().item()
+        if err > TOLERANCE[dtype] * (1 + expected.double().abs().max().item()):
+            raise SystemExit(f"{what}: max difference {err} from the reference")
+        if not (torch.equal(kc2, kc_ref) and torch.equal(vc2, vc_ref)):
+            raise SystemExit(f"{what}: cache contents differ from the reference's")
+        for i in (0, 1, 2):  # rows on their own slots: alone, bitwise the same
+            rows_i = slice(i * t, (i + 1) * t)
+            alone = ta.attention(q[rows_i], k[rows_i], v[rows_i], kc.clone(), vc.clone(), lens[i:i + 1], 1,
+                                 d ** -0.5, causal, splits=splits, slots=slots[i:i + 1], query_block=qb,
+                                 launch=launch)
+            if not torch.equal(alone, out[rows_i]):
+                raise SystemExit(f"{what}: row {i} alone differs from the batched call")
+        worst = max(worst, err)
     return worst
 
 
@@ -65,6 +70,12 @@ def main() -> int:
         print(f"refused: {e}")
     else:
         raise SystemExit("query_block 8 was not refused")
+    try:
+        ta.attention(*[torch.zeros(1)] * 6, 0, 1.0, True, launch=ta.Launch(block_n=48))
+    except ValueError as e:
+        print(f"refused: {e}")
+    else:
+        raise SystemExit("a 48-key tile was not refused")
     return 0
 
 
