@@ -1,7 +1,8 @@
 """The attention Triton kernel against the reference on the CPU, under Triton's interpreter (no GPU needed), at every
-query block and two split counts, and two launch configurations besides the default: batched rows of different lengths and slots (two consecutive chunks of one slot
-among them), fp32 and fp16 (the interpreter mishandles bf16: the kernel before query blocks fails there too),
-causal and diffusion mode; outputs poisoned first, cache contents checked, each row bitwise equal to its run alone.
+query block and two split counts, and two launch configurations besides the default: batched rows of different
+lengths and slots (two consecutive chunks of one slot among them), fp32 and fp16 (the interpreter mishandles bf16:
+the kernel before query blocks fails there too), causal and diffusion mode; outputs poisoned first, cache contents
+checked, each row bitwise equal to its run alone.
 Exit 1 on the first failure.
 
     pip install --target /tmp/tritonpkg triton   # not a dependency: the CPU wheels of torch need no Triton
