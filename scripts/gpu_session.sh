@@ -5,7 +5,7 @@
 #   setsid bash scripts/gpu_session.sh all &       # ~19 min: the launch sweep on an idle GPU (#14), then tiny
 #                                                  # trained on two ways side by side (#15) with the GPU tests beside
 #   bash scripts/gpu_session.sh collect            # in a later call, within 30 s of the last (the machine goes back)
-# (`kernels` and `train` run the parts alone.)
+# (`kernels` and `train` run the parts alone; SWEEP_S, DRAFTER_DIFF_S, BOTH_LM_S, BOTH_DIFF_S shorten them.)
 # The previous session's run (two tiny shapes trained side by side, the GPU tests, the batched 8B benchmark) is in
 # git history (git log -- scripts/gpu_session.sh).
 set -u
@@ -50,8 +50,8 @@ train() {  # NAME ARGS...: --init-from tiny; if this machine's corpus is not tin
 }
 trainings() {  # two ways of training on from the shipped checkpoint, side by side: drafter only / base, then drafter
   step "tiny trained on from the shipped checkpoint: drafter only / base then drafter, side by side"
-  train drafter --lm-seconds 0 --diff-seconds 720 &
-  [ "${ONE:-}" = 1 ] || { train both --lm-seconds 270 --diff-seconds 450 & }
+  train drafter --lm-seconds 0 --diff-seconds "${DRAFTER_DIFF_S:-720}" &
+  [ "${ONE:-}" = 1 ] || { train both --lm-seconds "${BOTH_LM_S:-270}" --diff-seconds "${BOTH_DIFF_S:-450}" & }
   wait
 }
 case "$phase" in
