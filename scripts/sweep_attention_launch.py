@@ -5,6 +5,7 @@ lever: the kernel runs at ~5x its K/V floor (27.6 us vs 5.6 us, H100), and each 
 keys, so the pipeline's prologue and the register footprint of a [128, 128] fp32 accumulator are the suspects.
 
     python scripts/sweep_attention_launch.py --out $OUT/attention-launch.json
+    python scripts/sweep_attention_launch.py --merge-only --out m.json    # merge rows only, ~1 min
     TRITON_INTERPRET=1 python scripts/sweep_attention_launch.py --smoke    # the CPU: small shapes, no timings
 """
 
@@ -30,6 +31,7 @@ def main():
     ap.add_argument("--keys", type=int, default=4096)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--merge-only", action="store_true", help="the default split launch, merge rows 4/8/16/32 only")
     a = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     hq, hkv, d, blk = (32, 8, 128, 32) if not a.smoke else (4, 2, 16, 4)
@@ -38,6 +40,8 @@ def main():
     g = torch.Generator(device=dev).manual_seed(0)
     split_configs = [Launch(block_n=bn, num_warps=w, num_stages=st) for bn, w, st in
                      itertools.product((32, 64, 128), (4, 8), (1, 2, 3))]
+    if a.merge_only:
+        split_configs = [DEFAULT_LAUNCH]
     if a.smoke:
         split_configs = split_configs[:3] + [Launch(block_n=128, num_warps=8, num_stages=2)]
     results = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "dtype": str(dtype),
@@ -66,7 +70,8 @@ def main():
                     us, diff = float("nan"), repr(e).splitlines()[0][:160]
                 timings.append((launch, us, diff))
             best = min((t for t in timings if t[1] == t[1]), key=lambda t: t[1], default=(DEFAULT_LAUNCH, base_us, 0))
-            for rows_m in (4, 8, 32):  # merge rows per program, for the best split configuration
+            for rows_m in (r for r in (4, 8, 16, 32) if r != best[0].merge_rows):  # merge rows per program, for
+                # the best split configuration
                 launch = Launch(best[0].block_n, best[0].num_warps, best[0].num_stages, rows_m)
                 us = timed(lambda: run(launch), a.reps)
                 timings.append((launch, us, float((run(launch).float() - ref).abs().max())))

@@ -46,7 +46,9 @@ class Launch:
     block_n: int = BLOCK_N      # keys per loop iteration of the split kernel
     num_warps: int | None = None
     num_stages: int | None = None
-    merge_rows: int = 16        # query rows per merge program (one program a head serialised 36 us a layer on an H100)
+    # query rows per merge program: one program a head serialised 36 us a layer on an H100; 16 rows gave 27.7 us
+    # at batch 1 (verify, 16 splits), 4 rows 24.4 us, bitwise the same output (benchmarks/h100-attention-launch.json)
+    merge_rows: int = 4
 
 
 DEFAULT_LAUNCH = Launch()
