@@ -6,6 +6,10 @@
 #                                                  # trained on two ways side by side (#15) with the GPU tests beside
 #   bash scripts/gpu_session.sh collect            # in a later call, within 30 s of the last (the machine goes back)
 # (`kernels` and `train` run the parts alone; SWEEP_S, DRAFTER_DIFF_S, BOTH_LM_S, BOTH_DIFF_S shorten them.)
+# A training that survives the machine going back between calls: one call per part, each in the foreground,
+#   DRAFTER_DIFF_S=420 bash scripts/gpu_session.sh part        # ~9 min: the drafter trained on, collected into $OUT
+# then, on this machine, the returned shards + results.tgz's tiny-drafter/ files make a folder DIR (in a folder
+# .git/info/exclude ignores, carried), and the next call runs INIT=DIR ... part.
 # The previous session's run (two tiny shapes trained side by side, the GPU tests, the batched 8B benchmark) is in
 # git history (git log -- scripts/gpu_session.sh).
 set -u
@@ -38,7 +42,7 @@ kernel_tests() {  # no timings: may share the GPU
 }
 train() {  # NAME ARGS...: --init-from tiny; if this machine's corpus is not tiny's, one fresh run (base + drafter)
   local name=$1; shift
-  python3 scripts/train_tiny.py --out "$R/tiny-$name" --init-from tiny "$@" > "$R/train-$name.log" 2>&1
+  python3 scripts/train_tiny.py --out "$R/tiny-$name" --init-from "${INIT:-tiny}" "$@" > "$R/train-$name.log" 2>&1
   local rc=$?
   if [ "$name" = drafter ] && grep -q "is not the one" "$R/train-$name.log"; then
     step "train $name: corpus differs from tiny's, a fresh run instead"
@@ -58,6 +62,7 @@ case "$phase" in
   kernels) sweep; kernel_tests ;;
   train) trainings ;;
   all) sweep; kernel_tests & trainings; wait ;;
-  *) echo "usage: gpu_session.sh all|kernels|train|collect" >&2; exit 2 ;;
+  part) ONE=1 trainings; echo finished > "$R/done-$phase"; exec bash "$0" collect ;;
+  *) echo "usage: gpu_session.sh all|kernels|train|part|collect" >&2; exit 2 ;;
 esac
 echo finished > "$R/done-$phase"
