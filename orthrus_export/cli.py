@@ -224,11 +224,16 @@ def cmd_build(a) -> int:
     tuning = manifest["build"].get("tuning")
     if tuning:
         best = min(tuning["candidates"], key=lambda c: sum(c["cycle_ms"]))
-        print(f"autotuned: backend {manifest['build']['options']['backend']}, attention splits "
-              f"{tuning['attention_splits']}, query block {tuning.get('attention_query_block', 0) or 'all'} (cycle "
+        print(f"autotuned: backend {manifest['build']['options']['backend']}, {_attention_options(tuning)} (cycle "
               f"{', '.join(f'{m:.3f} ms' for m in best['cycle_ms'])} at {_tuning_points(tuning)}; "
               f"{len(tuning['candidates'])} candidates, {tuning['seconds']:.0f} s)")
     return 0
+
+
+def _attention_options(d: dict) -> str:
+    """The attention kernel settings of a manifest's options or tuning record, in words (older engines lack some)."""
+    return (f"attention splits {d['attention_splits']}, query block {d.get('attention_query_block', 0) or 'all'}, "
+            f"key tile {d.get('attention_block_n', 64)}")
 
 
 def _tuning_points(tuning: dict) -> str:
@@ -506,7 +511,7 @@ def cmd_info(a) -> int:
           f"{c['num_heads']}/{c['num_kv_heads']}, vocab {c['vocab_size']}, block {c['block_size']}")
     o = m["build"]["options"]
     print(f"max_seq_len {m['build']['max_seq_len']}, kernels {m['build']['kernels']}, backend {o['backend']}, "
-          f"attention splits {o['attention_splits']}, query block {o.get('attention_query_block', 0) or 'all'}; "
+          f"{_attention_options(o)}; "
           f"programs {', '.join(m['programs'])}")
     print(f"max batch size {m['build']['max_batch_size']} (buckets "
           f"{', '.join(map(str, m['build']['batch_buckets']))}), {m['build']['draft_sampling']} drafts when sampling")
@@ -519,9 +524,8 @@ def cmd_info(a) -> int:
               f"kernel {f['kernel']['name']}")
     tuning = m["build"].get("tuning")
     if tuning:
-        print(f"autotuned on the build GPU: attention splits {tuning['attention_splits']}, query block "
-              f"{tuning.get('attention_query_block', 0) or 'all'}, {len(tuning['candidates'])} candidates timed at "
-              f"{_tuning_points(tuning)} in {tuning['seconds']:.0f} s; prepare {tuning['prepare_seconds']}")
+        print(f"autotuned on the build GPU: {_attention_options(tuning)}, {len(tuning['candidates'])} candidates "
+              f"timed at {_tuning_points(tuning)} in {tuning['seconds']:.0f} s; prepare {tuning['prepare_seconds']}")
     print("versions " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v))
     if m.get("self_check"):
         print("self-check " + ", ".join(f"{k} {r['budget_used']:.0%}" for k, r in m["self_check"]["passes"].items()))

@@ -24,6 +24,7 @@ class KernelOptions:
     backend: str = "none"                  # "none": the traced graphs as they are; "inductor": torch.compile of them
     attention_splits: int = orthrus_plugins.DEFAULT_ATTENTION_SPLITS
     attention_query_block: int = 0         # query rows per attention program (0: all of a row's; the kernel's doc)
+    attention_block_n: int = 64            # keys per loop iteration of the attention kernel (64 or 32)
     fp8_kernel: str = "auto"               # orthrus::fp8_linear's CUDA kernel (FP8 engines)
     compute_dtype: str = "float32"
 
@@ -103,7 +104,7 @@ _ATTENTION = ("cached_attention", "diffusion_attention")
 
 def specialize(module: torch.fx.GraphModule, options: KernelOptions) -> torch.fx.GraphModule:
     """Write the engine's kernel options into the program's custom-op nodes (attention ``splits`` and
-    ``query_block``, the FP8 ``kernel``), in place; returns the module."""
+    ``query_block``, ``block_n``, the FP8 ``kernel``), in place; returns the module."""
     for node in module.graph.nodes:
         if node.op != "call_function" or not str(node.target).startswith("orthrus."):
             continue
@@ -112,6 +113,8 @@ def specialize(module: torch.fx.GraphModule, options: KernelOptions) -> torch.fx
             _set_argument(node, "splits", options.attention_splits)
             if options.attention_query_block:  # left out at its default: the graphs (and their compile-cache keys)
                 _set_argument(node, "query_block", options.attention_query_block)  # stay those of older builds
+            if options.attention_block_n != 64:  # likewise
+                _set_argument(node, "block_n", options.attention_block_n)
         elif op == "fp8_linear":
             _set_argument(node, "kernel", options.fp8_kernel)
     module.recompile()
@@ -137,7 +140,7 @@ def kernel_attributes(module: torch.fx.GraphModule) -> dict[str, set]:
             names = [a.name for a in node.target._schema.arguments]
             given = {**dict(zip(names, node.args)), **node.kwargs}
             out.setdefault(op, set()).update((k, v) for k, v in given.items()
-                                             if k in ("splits", "query_block", "kernel"))
+                                             if k in ("splits", "query_block", "block_n", "kernel"))
     return out
 
 

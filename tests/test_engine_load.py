@@ -190,9 +190,10 @@ def test_two_engines_with_different_kernel_options_run_their_own(models):
     from orthrus_runtime.program import kernel_attributes
     a = Engine.load(models.engine_path("tiny", max_seq_len=256))
     b = Engine.load(models.engine_path("tiny", max_seq_len=256))
-    b.with_options(b.options.replace(attention_splits=8, attention_query_block=32))
+    b.with_options(b.options.replace(attention_splits=8, attention_query_block=32, attention_block_n=32))
     assert kernel_attributes(a.programs["verify"])["cached_attention"] == {("splits", a.options.attention_splits)}
-    assert kernel_attributes(b.programs["draft"])["diffusion_attention"] == {("splits", 8), ("query_block", 32)}
+    assert kernel_attributes(b.programs["draft"])["diffusion_attention"] == {("splits", 8), ("query_block", 32),
+                                                                             ("block_n", 32)}
     assert a.options.attention_splits == 16
     assert a.generate("def f(", max_new_tokens=20).output_ids == b.generate("def f(", max_new_tokens=20).output_ids
 

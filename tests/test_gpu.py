@@ -55,10 +55,13 @@ def test_triton_attention_matches_reference(dtype, b, hq, hkv, d, n, causal, que
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("query_block", [0, 16, 32, 64])
-def test_triton_batched_attention_matches_reference_and_is_row_invariant(dtype, causal, query_block):
+@pytest.mark.parametrize("block_n", [64, 32])
+def test_triton_batched_attention_matches_reference_and_is_row_invariant(dtype, causal, query_block, block_n):
     """Rows of different lengths and slots (two consecutive chunks of one slot among them) against the reference;
     each row's output is bitwise the same as the row run alone (batch invariance of the kernel), at every query
-    block size."""
+    block size and both key tiles an engine may use."""
+    from dataclasses import replace
+
     from orthrus_plugins.attention_common import kernel as ta
     from orthrus_plugins.attention_common import reference
     g = torch.Generator(device="cuda").manual_seed(3 + causal)
@@ -75,7 +78,9 @@ def test_triton_batched_attention_matches_reference_and_is_row_invariant(dtype, 
     kc_ref, vc_ref = kc.clone(), vc.clone()
     expected = reference("test", q, k, v, kc_ref, vc_ref, lens.cpu(), 1, d ** -0.5, causal, slots.cpu())
     out = torch.full_like(q, float("nan"))
-    ta.attention(q, k, v, kc, vc, lens, 1, d ** -0.5, causal, slots=slots, out=out, query_block=query_block)
+    launch = replace(ta.DEFAULT_LAUNCH, block_n=block_n)
+    ta.attention(q, k, v, kc, vc, lens, 1, d ** -0.5, causal, slots=slots, out=out, query_block=query_block,
+                 launch=launch)
     assert torch.isfinite(out).all()
     err = (out.double() - expected.double()).abs().max().item()
     assert err <= tolerance(dtype) * (1 + expected.double().abs().max().item()), err
@@ -83,7 +88,7 @@ def test_triton_batched_attention_matches_reference_and_is_row_invariant(dtype, 
     for i in (0, 1, 2):  # rows on their own slots: alone, bitwise the same
         rows_i = slice(i * t, (i + 1) * t)
         alone = ta.attention(q[rows_i], k[rows_i], v[rows_i], kc.clone(), vc.clone(), lens[i:i + 1], 1, d ** -0.5,
-                             causal, slots=slots[i:i + 1], query_block=query_block)
+                             causal, slots=slots[i:i + 1], query_block=query_block, launch=launch)
         assert torch.equal(alone, out[rows_i]), i
 
 
@@ -174,12 +179,12 @@ def test_two_engines_with_different_kernel_options_in_one_process(tiny_gpu):
     a = Engine.load(tiny_gpu["bf16"])
     b = Engine.load(tiny_gpu["bf16"])
     other = 8 if a.options.attention_splits != 8 else 32
-    b.with_options(b.options.replace(attention_splits=other, backend="none"))
-    assert kernel_attributes(b.programs["verify"])["cached_attention"] == {("splits", other)}
+    b.with_options(b.options.replace(attention_splits=other, attention_block_n=32, backend="none"))
+    assert kernel_attributes(b.programs["verify"])["cached_attention"] == {("splits", other), ("block_n", 32)}
     ids = a.encode(heldout(1)[0]["text"])
     ra, rb = a.generate(ids, max_new_tokens=64), b.generate(ids, max_new_tokens=64)
     assert a.generate(ids, max_new_tokens=64).output_ids == ra.output_ids  # a still runs its own setting
-    print(f"splits {a.options.attention_splits} vs {other}: same tokens {ra.output_ids == rb.output_ids}")
+    print(f"splits {a.options.attention_splits} vs {other} (and 32-key tiles): same tokens {ra.output_ids == rb.output_ids}")
 
 
 def test_bf16_orthrus_equals_its_own_ar(tiny_gpu):

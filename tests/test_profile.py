@@ -108,8 +108,9 @@ def test_bench_profile_cli(models, capsys):
 
 
 def test_autotune_tries_every_attention_option_at_every_batch_size(models):
-    """The build-time autotuner on a real engine (CPU: host-clock timings): every splits × query block candidate is
-    timed at every context × batch size, the engine ends with the fastest, and its output is unchanged."""
+    """The build-time autotuner on a real engine (CPU: host-clock timings): every splits × query block candidate,
+    then the other key tile at the best of them, is timed at every context × batch size, the engine ends with the
+    fastest, and its output is unchanged."""
     from orthrus_export.autotune import autotune
     from orthrus_runtime import Engine
     engine = Engine.load(models.engine_path("gqa1_tied"))  # its own: autotune re-specialises it in place
@@ -119,13 +120,19 @@ def test_autotune_tries_every_attention_option_at_every_batch_size(models):
         engine, t = autotune(engine, ["none"], [40, 100], iters=2, splits=(8, 16), query_blocks=(0, 32),
                              batches=(1, 2))
         assert t["points"] == [[40, 1], [40, 2], [100, 1], [100, 2]]
-        assert [(c["attention_splits"], c["attention_query_block"]) for c in t["candidates"]] == \
-            [(8, 0), (8, 32), (16, 0), (16, 32)]
+        grid = t["candidates"][:4]  # splits x query blocks at 64-key tiles, then 32-key tiles at the best of them
+        assert [(c["attention_splits"], c["attention_query_block"], c["attention_block_n"]) for c in grid] == \
+            [(8, 0, 64), (8, 32, 64), (16, 0, 64), (16, 32, 64)]
+        best_grid = min(grid, key=lambda c: sum(c["cycle_ms"]))
+        assert len(t["candidates"]) == 5 and (t["candidates"][4]["attention_splits"],
+                                              t["candidates"][4]["attention_query_block"],
+                                              t["candidates"][4]["attention_block_n"]) == \
+            (best_grid["attention_splits"], best_grid["attention_query_block"], 32)
         assert all(len(c["cycle_ms"]) == 4 and min(c["cycle_ms"]) > 0 for c in t["candidates"])
         best = min(t["candidates"], key=lambda c: sum(c["cycle_ms"]))
-        assert (engine.options.attention_splits, engine.options.attention_query_block) == \
-            (best["attention_splits"], best["attention_query_block"]) == (t["attention_splits"],
-                                                                          t["attention_query_block"])
+        keys = ("attention_splits", "attention_query_block", "attention_block_n")
+        assert tuple(getattr(engine.options, k) for k in keys) == tuple(best[k] for k in keys) == \
+            tuple(t[k] for k in keys)
         assert engine.generate(prompt, 12).output_ids == before
     finally:
         engine.close()

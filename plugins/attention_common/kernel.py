@@ -24,7 +24,7 @@ Contracts are those of the ops (see their packages, which register :func:`attent
 implementations). Accumulation in float32; inputs fp32/bf16/fp16.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -224,6 +224,7 @@ def attention(q, k, v, k_cache, v_cache, cache_len, layer: int, scale: float, ca
 def register(op, causal: bool) -> None:
     """Make ``attention`` (cached mode when ``causal``) the CUDA implementation of the attention op ``op``."""
     @op.register_kernel("cuda")
-    def _(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=16, slots=None, query_block=0):
+    def _(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=16, slots=None, query_block=0, block_n=BLOCK_N):
+        launch = DEFAULT_LAUNCH if block_n == DEFAULT_LAUNCH.block_n else replace(DEFAULT_LAUNCH, block_n=block_n)
         return attention(q, k, v, k_cache, v_cache, cache_len, layer, scale, causal=causal, splits=splits,
-                         slots=slots, query_block=query_block)
+                         slots=slots, query_block=query_block, launch=launch)

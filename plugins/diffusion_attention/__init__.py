@@ -3,7 +3,7 @@
 Contract
 --------
 ``diffusion_attention(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=16, slots=None,
-query_block=0) -> out``
+query_block=0, block_n=64) -> out``
 
 - ``q``: ``[B, Hq, D]``; ``k``, ``v``: ``[B, Hkv, D]`` — the block's diffusion-view projections, already
   normed and rotated (RoPE at positions ``cache_len … cache_len+B-1``). ``Hq`` is a multiple of ``Hkv`` (GQA).
@@ -16,6 +16,8 @@ query_block=0) -> out``
 - ``query_block`` (int attribute, a kernel setting): query rows per program of the GPU kernel (0: all of a
   row's, or 16, 32, 64; an engine setting, never a function of the row count, so batching stays invariant);
   the reference ignores it.
+- ``block_n`` (int attribute, a kernel setting): keys per loop iteration of the GPU kernel (64 or 32: the order
+  of the online softmax, so an engine-wide setting like ``splits``); the reference ignores it.
 - ``slots`` (batched layout, :mod:`orthrus_plugins.attention_common`): int64 ``[b]``; then ``q``/``k``/``v`` hold b
   rows of T = B/b tokens, the caches are ``[L, S, Hkv, C, D]`` and ``cache_len`` is ``[b]``: row ``i`` attends to
   slot ``slots[i]``'s first ``cache_len[i]`` positions and to its own T block keys.
@@ -41,14 +43,15 @@ from orthrus_plugins.attention_common import reference
 def diffusion_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                         v_cache: torch.Tensor, cache_len: torch.Tensor, layer: int, scale: float,
                         splits: int = 16, slots: torch.Tensor | None = None,
-                        query_block: int = 0) -> torch.Tensor:
+                        query_block: int = 0, block_n: int = 64) -> torch.Tensor:
     """Reference implementation (any device)."""
     return reference("orthrus::diffusion_attention", q, k, v, k_cache, v_cache, cache_len, layer, scale, False,
                      slots)
 
 
 @diffusion_attention.register_fake
-def _(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=16, slots=None, query_block=0):
+def _(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=16, slots=None, query_block=0,
+      block_n=64):
     return q.new_empty(q.shape)  # contiguous, like every real kernel
 
 
