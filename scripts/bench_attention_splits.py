@@ -52,6 +52,30 @@ def timed(fn, reps, warm=3, inner=20):
     return statistics.median(ts)
 
 
+def setup(smoke: bool, keys: int):
+    """Device, dtype, shape ``(hq, hkv, d, tokens per row, keys)``, a seeded generator and the results' header: the
+    8B attention shape, or a tiny one under ``smoke`` (Triton's interpreter on the CPU)."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    hq, hkv, d, blk = (32, 8, 128, 32) if not smoke else (4, 2, 16, 4)
+    keys = keys if not smoke else 96
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    header = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "dtype": str(dtype),
+              "shape": {"hq": hq, "hkv": hkv, "d": d, "tokens_per_row": blk, "keys": keys}}
+    return dev, dtype, (hq, hkv, d, blk, keys), torch.Generator(device=dev).manual_seed(0), header
+
+
+def inputs(rows: int, dev, dtype, shape, g):
+    """``q``, ``k``, ``v`` for ``rows`` rows of a block each, caches of one layer with a slot more than rows, and
+    the rows' slots."""
+    hq, hkv, d, blk, keys = shape
+    kc = torch.randn(1, rows + 1, hkv, keys + blk, d, generator=g, device=dev, dtype=dtype)
+    vc = torch.randn_like(kc)
+    q = torch.randn(rows * blk, hq, d, generator=g, device=dev, dtype=dtype)
+    k = torch.randn(rows * blk, hkv, d, generator=g, device=dev, dtype=dtype)
+    v = torch.randn_like(k)
+    return q, k, v, kc, vc, torch.arange(rows, device=dev, dtype=torch.int64)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
@@ -61,28 +85,17 @@ def main():
     ap.add_argument("--query-blocks", default="0", help="comma-separated, of " + str(QUERY_BLOCK_CHOICES))
     ap.add_argument("--smoke", action="store_true", help="small shapes, for a check on the CPU")
     a = ap.parse_args()
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    hq, hkv, d, blk = (32, 8, 128, 32) if not a.smoke else (4, 2, 16, 4)
-    keys = a.keys if not a.smoke else 96
-    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    g = torch.Generator(device=dev).manual_seed(0)
+    dev, dtype, shape, g, header = setup(a.smoke, a.keys)
+    hq, hkv, d, blk, keys = shape
     # bandwidth: a large device-to-device copy (read + write)
     big = torch.empty(2 ** 28 if dev == "cuda" else 2 ** 16, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(big)
     copy_us = timed(lambda: dst.copy_(big), a.reps)
     bw = 2 * big.numel() / (copy_us * 1e-6) if copy_us == copy_us else float("nan")
-    results = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "dtype": str(dtype),
-               "shape": {"hq": hq, "hkv": hkv, "d": d, "tokens_per_row": blk, "keys": keys},
-               "copy_bandwidth_GBps": bw / 1e9, "rows": []}
+    results = {**header, "copy_bandwidth_GBps": bw / 1e9, "rows": []}
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
     for rows in [int(x) for x in a.rows.split(",")] if not a.smoke else [1, 3]:
-        slots_n = rows + 1
-        kc = torch.randn(1, slots_n, hkv, keys + blk, d, generator=g, device=dev, dtype=dtype)
-        vc = torch.randn_like(kc)
-        q = torch.randn(rows * blk, hq, d, generator=g, device=dev, dtype=dtype)
-        k = torch.randn(rows * blk, hkv, d, generator=g, device=dev, dtype=dtype)
-        v = torch.randn_like(k)
-        slots = torch.arange(rows, device=dev, dtype=torch.int64)
+        q, k, v, kc, vc, slots = inputs(rows, dev, dtype, shape, g)
         for causal in (True, False):
             n = keys - blk if causal else keys  # verify: the block's own keys are written into the cache first
             lens = torch.full((rows,), n, device=dev, dtype=torch.int64)

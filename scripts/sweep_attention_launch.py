@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_attention_splits import timed  # noqa: E402  (scripts/ is on sys.path when run as a script)
+from bench_attention_splits import inputs, setup, timed  # noqa: E402  (scripts/ is on sys.path when run as a script)
 
 from orthrus_plugins.attention_common.kernel import DEFAULT_LAUNCH, Launch, attention  # noqa: E402
 
@@ -33,26 +33,17 @@ def main():
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--merge-only", action="store_true", help="the default split launch, merge rows 4/8/16/32 only")
     a = ap.parse_args()
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    hq, hkv, d, blk = (32, 8, 128, 32) if not a.smoke else (4, 2, 16, 4)
-    keys = a.keys if not a.smoke else 96
-    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    g = torch.Generator(device=dev).manual_seed(0)
+    dev, dtype, shape, g, header = setup(a.smoke, a.keys)
+    _, _, d, blk, keys = shape
     split_configs = [Launch(block_n=bn, num_warps=w, num_stages=st) for bn, w, st in
                      itertools.product((32, 64, 128), (4, 8), (1, 2, 3))]
     if a.merge_only:
         split_configs = [DEFAULT_LAUNCH]
     if a.smoke:
         split_configs = split_configs[:3] + [Launch(block_n=128, num_warps=8, num_stages=2)]
-    results = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "dtype": str(dtype),
-               "shape": {"hq": hq, "hkv": hkv, "d": d, "tokens_per_row": blk, "keys": keys}, "rows": []}
+    results = {**header, "rows": []}
     for rows in map(int, a.rows.split(",")):
-        kc = torch.randn(1, rows + 1, hkv, keys + blk, d, generator=g, device=dev, dtype=dtype)
-        vc = torch.randn_like(kc)
-        q = torch.randn(rows * blk, hq, d, generator=g, device=dev, dtype=dtype)
-        k = torch.randn(rows * blk, hkv, d, generator=g, device=dev, dtype=dtype)
-        v = torch.randn_like(k)
-        slots = torch.arange(rows, device=dev, dtype=torch.int64)
+        q, k, v, kc, vc, slots = inputs(rows, dev, dtype, shape, g)
         for causal, splits in itertools.product((True, False), map(int, a.splits.split(","))):
             lens = torch.full((rows,), keys - blk if causal else keys, device=dev, dtype=torch.int64)
 
