@@ -14,9 +14,11 @@ result independent of what it is batched with.
 import time
 from collections.abc import Callable
 
+from orthrus_plugins.attention_common import DEFAULT_BLOCK_N
+
 SPLIT_CANDIDATES = (8, 16, 32)
 QUERY_BLOCK_CANDIDATES = (0,)  # 0: all of a row's query rows per program (measure before adding more)
-BLOCK_N_CANDIDATES = (64, 32)  # keys per loop iteration of the attention kernel; the first is the kernel's default
+BLOCK_N_CANDIDATES = (DEFAULT_BLOCK_N, 32)  # keys per loop iteration of the attention kernel, the default first
 
 
 def tuning_contexts(max_seq_len: int, block_size: int) -> list[int]:

@@ -13,6 +13,7 @@ import torch
 from torch._export.serde import serialize as serde
 
 import orthrus_plugins
+from orthrus_plugins.attention_common import DEFAULT_BLOCK_N
 from orthrus_runtime.config import ModelConfig
 from orthrus_runtime.errors import OrthrusError
 
@@ -24,7 +25,7 @@ class KernelOptions:
     backend: str = "none"                  # "none": the traced graphs as they are; "inductor": torch.compile of them
     attention_splits: int = orthrus_plugins.DEFAULT_ATTENTION_SPLITS
     attention_query_block: int = 0         # query rows per attention program (0: all of a row's; the kernel's doc)
-    attention_block_n: int = 64            # keys per loop iteration of the attention kernel (64 or 32)
+    attention_block_n: int = DEFAULT_BLOCK_N  # keys per loop iteration of the attention kernel (64 or 32)
     fp8_kernel: str = "auto"               # orthrus::fp8_linear's CUDA kernel (FP8 engines)
     compute_dtype: str = "float32"
 
@@ -113,7 +114,7 @@ def specialize(module: torch.fx.GraphModule, options: KernelOptions) -> torch.fx
             _set_argument(node, "splits", options.attention_splits)
             if options.attention_query_block:  # left out at its default: the graphs (and their compile-cache keys)
                 _set_argument(node, "query_block", options.attention_query_block)  # stay those of older builds
-            if options.attention_block_n != 64:  # likewise
+            if options.attention_block_n != DEFAULT_BLOCK_N:  # likewise
                 _set_argument(node, "block_n", options.attention_block_n)
         elif op == "fp8_linear":
             _set_argument(node, "kernel", options.fp8_kernel)

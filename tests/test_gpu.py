@@ -184,7 +184,8 @@ def test_two_engines_with_different_kernel_options_in_one_process(tiny_gpu):
     ids = a.encode(heldout(1)[0]["text"])
     ra, rb = a.generate(ids, max_new_tokens=64), b.generate(ids, max_new_tokens=64)
     assert a.generate(ids, max_new_tokens=64).output_ids == ra.output_ids  # a still runs its own setting
-    print(f"splits {a.options.attention_splits} vs {other} (and 32-key tiles): same tokens {ra.output_ids == rb.output_ids}")
+    print(f"splits {a.options.attention_splits} vs {other} (and 32-key tiles): same tokens "
+          f"{ra.output_ids == rb.output_ids}")
 
 
 def test_bf16_orthrus_equals_its_own_ar(tiny_gpu):

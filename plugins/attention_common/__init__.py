@@ -14,6 +14,8 @@ Both ops come in two layouts (see their contracts):
 
 import torch
 
+DEFAULT_BLOCK_N = 64  # the attention ops' default ``block_n`` (keys per kernel loop iteration); engines may set 32
+
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
            mask: torch.Tensor | None) -> torch.Tensor:

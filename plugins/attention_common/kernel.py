@@ -30,11 +30,10 @@ import torch
 import triton
 import triton.language as tl
 
-from orthrus_plugins.attention_common import batched_view
+from orthrus_plugins.attention_common import DEFAULT_BLOCK_N, batched_view
 
 SPLIT_CHOICES = (4, 8, 16, 32, 64)  # the ops' ``splits`` attribute (an engine option, tuned at build)
 QUERY_BLOCK_CHOICES = (0, 16, 32, 64)  # the ops' ``query_block`` attribute: query rows per program (0: all of them)
-BLOCK_N = 64
 
 
 @dataclass(frozen=True)
@@ -43,7 +42,7 @@ class Launch:
     summation order; a row's result never depends on the other rows for any of them). ``None``: the default
     (``num_warps`` 8 for a [M_BLOCK, D] accumulator of at least 128×64 elements, else 4; ``num_stages`` Triton's).
     ``scripts/sweep_attention_launch.py`` times the alternatives on a GPU."""
-    block_n: int = BLOCK_N      # keys per loop iteration of the split kernel
+    block_n: int = DEFAULT_BLOCK_N  # keys per loop iteration of the split kernel
     num_warps: int | None = None
     num_stages: int | None = None
     # query rows per merge program: one program a head serialised 36 us a layer on an H100; 16 rows gave 27.7 us
@@ -224,7 +223,8 @@ def attention(q, k, v, k_cache, v_cache, cache_len, layer: int, scale: float, ca
 def register(op, causal: bool) -> None:
     """Make ``attention`` (cached mode when ``causal``) the CUDA implementation of the attention op ``op``."""
     @op.register_kernel("cuda")
-    def _(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=16, slots=None, query_block=0, block_n=BLOCK_N):
+    def _(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=16, slots=None, query_block=0,
+          block_n=DEFAULT_BLOCK_N):
         launch = DEFAULT_LAUNCH if block_n == DEFAULT_LAUNCH.block_n else replace(DEFAULT_LAUNCH, block_n=block_n)
         return attention(q, k, v, k_cache, v_cache, cache_len, layer, scale, causal=causal, splits=splits,
                          slots=slots, query_block=query_block, launch=launch)
