@@ -63,7 +63,11 @@ class Terminated(BaseException):
     """SIGTERM, raised in the main thread so that cleanups (``atomic_directory``) run; exit code 143."""
 
 
+_TERMINATED = threading.Event()  # a SIGTERM arrived: native code it interrupts may turn Terminated into another error
+
+
 def _raise_terminated(signum, frame):
+    _TERMINATED.set()
     raise Terminated()
 
 
@@ -535,6 +539,7 @@ def cmd_info(a) -> int:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    _TERMINATED.clear()
     try:
         commands = {"build": cmd_build, "run": cmd_run, "check": cmd_check, "bench": cmd_bench, "info": cmd_info,
                     "verify": cmd_verify,
@@ -543,16 +548,20 @@ def main(argv=None) -> int:
         rc = commands[args.command](args)
         sys.stdout.flush()  # a reader that left (`| head -1`) shows here, not in the interpreter's flush at exit
         return rc
-    except OrthrusError as e:
-        print(f"orthrus-export: error: {e}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:
-        _discard_stdout()
-        return 141  # as if killed by SIGPIPE, without a traceback
-    except KeyboardInterrupt:
-        return 130
     except Terminated:
         return 143
+    except Exception as e:
+        if _TERMINATED.is_set():  # e.g. safetensors reports the Terminated raised inside it as a ValueError
+            return 143
+        if isinstance(e, OrthrusError):
+            print(f"orthrus-export: error: {e}", file=sys.stderr)
+            return 2
+        if isinstance(e, BrokenPipeError):
+            _discard_stdout()
+            return 141  # as if killed by SIGPIPE, without a traceback
+        raise
+    except KeyboardInterrupt:
+        return 130
 
 
 def _discard_stdout() -> None:
