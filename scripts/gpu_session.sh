@@ -46,7 +46,8 @@ train() {  # NAME ARGS...: --init-from tiny; if this machine's corpus is not tin
   local rc=$?
   if [ "$name" = drafter ] && grep -q "is not the one" "$R/train-$name.log"; then
     step "train $name: corpus differs from tiny's, a fresh run instead"
-    python3 scripts/train_tiny.py --out "$R/tiny-$name" --lm-seconds 330 --diff-seconds 390 \
+    python3 scripts/train_tiny.py --out "$R/tiny-$name" --lm-seconds "${FRESH_LM_S:-330}" \
+      --diff-seconds "${FRESH_DIFF_S:-390}" \
       > "$R/train-$name-fresh.log" 2>&1
     rc=$?
   fi
@@ -62,7 +63,7 @@ case "$phase" in
   kernels) sweep; kernel_tests ;;
   train) trainings ;;
   all) sweep; kernel_tests & trainings; wait ;;
-  part) ONE=1 trainings; echo finished > "$R/done-$phase"; exec bash "$0" collect ;;
+  part) ONE=1 FRESH_LM_S=${FRESH_LM_S:-150} FRESH_DIFF_S=${FRESH_DIFF_S:-200} trainings; echo finished > "$R/done-$phase"; exec bash "$0" collect ;;
   *) echo "usage: gpu_session.sh all|kernels|train|part|collect" >&2; exit 2 ;;
 esac
 echo finished > "$R/done-$phase"
