@@ -30,6 +30,6 @@ try:  # GPU kernels where Triton is installed; the reference kernels serve every
 except ImportError:
     GPU_KERNELS = None
 
-DEFAULT_ATTENTION_SPLITS = 16  # the attention ops' default ``splits``; engines record their own (tuned) value
+from orthrus_plugins.attention_common import DEFAULT_SPLITS as DEFAULT_ATTENTION_SPLITS  # noqa: E402, F401
 
 OPS = ("orthrus::diffusion_attention", "orthrus::cached_attention", "orthrus::accept", "orthrus::fp8_linear")

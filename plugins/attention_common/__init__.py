@@ -14,6 +14,7 @@ Both ops come in two layouts (see their contracts):
 
 import torch
 
+DEFAULT_SPLITS = 16  # the attention ops' default ``splits`` (key ranges); engines record their own (tuned) value
 DEFAULT_BLOCK_N = 64  # the attention ops' default ``block_n`` (keys per kernel loop iteration); engines may set 32
 
 

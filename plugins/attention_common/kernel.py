@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from orthrus_plugins.attention_common import DEFAULT_BLOCK_N, batched_view
+from orthrus_plugins.attention_common import DEFAULT_BLOCK_N, DEFAULT_SPLITS, batched_view
 
 SPLIT_CHOICES = (4, 8, 16, 32, 64)  # the ops' ``splits`` attribute (an engine option, tuned at build)
 QUERY_BLOCK_CHOICES = (0, 16, 32, 64)  # the ops' ``query_block`` attribute: query rows per program (0: all of them)
@@ -164,8 +164,8 @@ def _merge_kernel(ACC, MS, LS, O, so_b, so_h,
              mask=(rows < B * G)[:, None])
 
 
-def attention(q, k, v, k_cache, v_cache, cache_len, layer: int, scale: float, causal: bool, splits: int = 16,
-              slots=None, out=None, query_block: int = 0, launch: Launch = DEFAULT_LAUNCH):
+def attention(q, k, v, k_cache, v_cache, cache_len, layer: int, scale: float, causal: bool,
+              splits: int = DEFAULT_SPLITS, slots=None, out=None, query_block: int = 0, launch: Launch = DEFAULT_LAUNCH):
     """Launch both kernels, either layout (:mod:`orthrus_plugins.attention_common`). Cached mode (``causal``) first
     writes every row's K/V at its slot and ``cache_len`` (device indices, no host read). ``splits``: key-range splits
     (one of SPLIT_CHOICES). ``query_block``: query rows per program (one of QUERY_BLOCK_CHOICES; 0, or more than a
@@ -223,7 +223,7 @@ def attention(q, k, v, k_cache, v_cache, cache_len, layer: int, scale: float, ca
 def register(op, causal: bool) -> None:
     """Make ``attention`` (cached mode when ``causal``) the CUDA implementation of the attention op ``op``."""
     @op.register_kernel("cuda")
-    def _(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=16, slots=None, query_block=0,
+    def _(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=DEFAULT_SPLITS, slots=None, query_block=0,
           block_n=DEFAULT_BLOCK_N):
         launch = DEFAULT_LAUNCH if block_n == DEFAULT_LAUNCH.block_n else replace(DEFAULT_LAUNCH, block_n=block_n)
         return attention(q, k, v, k_cache, v_cache, cache_len, layer, scale, causal=causal, splits=splits,

@@ -36,13 +36,13 @@ Implementations: the reference (below, any device); on CUDA the split-K Triton k
 
 import torch
 
-from orthrus_plugins.attention_common import DEFAULT_BLOCK_N, reference
+from orthrus_plugins.attention_common import DEFAULT_BLOCK_N, DEFAULT_SPLITS, reference
 
 
 @torch.library.custom_op("orthrus::diffusion_attention", mutates_args=())
 def diffusion_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                         v_cache: torch.Tensor, cache_len: torch.Tensor, layer: int, scale: float,
-                        splits: int = 16, slots: torch.Tensor | None = None,
+                        splits: int = DEFAULT_SPLITS, slots: torch.Tensor | None = None,
                         query_block: int = 0, block_n: int = DEFAULT_BLOCK_N) -> torch.Tensor:
     """Reference implementation (any device)."""
     return reference("orthrus::diffusion_attention", q, k, v, k_cache, v_cache, cache_len, layer, scale, False,
@@ -50,7 +50,7 @@ def diffusion_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
 
 
 @diffusion_attention.register_fake
-def _(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=16, slots=None, query_block=0,
+def _(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=DEFAULT_SPLITS, slots=None, query_block=0,
       block_n=DEFAULT_BLOCK_N):
     return q.new_empty(q.shape)  # contiguous, like every real kernel
 
