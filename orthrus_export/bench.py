@@ -61,6 +61,35 @@ def pass_bytes(cfg: ModelConfig, weights: dict, view: str) -> int:
     return total
 
 
+def pass_flops(cfg: ModelConfig, weights: dict, view: str, tokens: int) -> int:
+    """FLOPs of one pass's linear layers over ``tokens`` tokens: 2 per weight element per token, over the matrices
+    ``pass_bytes`` counts (the view's attention set, the MLPs, the head; the embedding lookup is a gather, counted
+    only where it is also the head)."""
+    other = "diff" if view == "ar" else "ar"
+    elements = sum(t.numel() for name, t in weights.items()
+                   if t.dim() == 2 and f".{other}." not in name and not name.startswith("rope.")
+                   and (name != "embed" or cfg.tie_word_embeddings))
+    return 2 * tokens * elements
+
+
+def compute_dtype(weights: dict) -> torch.dtype | None:
+    """The dtype the engine's linear layers multiply in; None for FP8 weights (whose matmul rate
+    ``matmul_rate`` does not measure)."""
+    dtype = weights["layers.0.down"].dtype
+    return None if dtype.itemsize == 1 else dtype
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a large square matmul in ``dtype`` on ``device`` (8192 on a GPU, 1024 on the CPU): the compute
+    roofline of a GEMM floor, measured like ``copy_bandwidth`` in the same run as the timings it bounds."""
+    n = 8192 if device.type == "cuda" else 1024
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, generator=g).to(dtype)
+    b = torch.randn(n, n, device=device, generator=g).to(dtype)
+    times = time_it(lambda: torch.mm(a, b), 10, device=device)
+    return 2 * n ** 3 / (statistics.median(times) / 1e3)
+
+
 def kv_bytes(cfg: ModelConfig, ctx: int, elem: int) -> int:
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * ctx * elem
 

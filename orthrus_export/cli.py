@@ -374,9 +374,15 @@ def cmd_bench(a) -> int:
     bandwidth = copy_bandwidth(engine.device)
     log(f"{engine.path.name} on {engine.manifest['gpu']['device_name']}: copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     if a.profile:
+        from orthrus_export.bench import compute_dtype, matmul_rate
         from orthrus_export.profile import profile_engine
+        dtype = compute_dtype(engine.weights)
+        rate = matmul_rate(engine.device, dtype) if dtype is not None else None
+        if rate is not None:
+            log(f"matmul rate ({str(dtype).removeprefix('torch.')}): {rate / 1e12:.2f} TFLOP/s")
         result = {"profile": profile_engine(engine, contexts, batches or [1], ["verify", "draft", "cycle"], a.iters,
-                                            bandwidth, log=log)}
+                                            bandwidth, log=log, matmul_rate=rate),
+                  "matmul_TFLOPs": rate / 1e12 if rate is not None else None}
     elif batches:
         from orthrus_export.bench import bench_batches
         result = bench_batches(engine, contexts, batches, a.iters, acceptance, log=log, sampled=not a.no_sampled)

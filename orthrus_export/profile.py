@@ -8,7 +8,8 @@ and its ratio to it, and the time between kernels (replay less the kernels' sum)
   reduces, Inductor's matmul templates) and the fp8 linear's Triton kernels; on the CPU ``aten::mm``/``addmm``/
   ``bmm`` outside the attention ops, and everything inside ``orthrus::fp8_linear``. Floor: the weight bytes the
   step's passes read (``bench.pass_bytes``: the view's attention set, the MLPs, the norms, the head) over the copy
-  bandwidth.
+  bandwidth or, where a matmul rate is given and it is larger, the passes' FLOPs (``bench.pass_flops`` over every
+  row's tokens) over that rate: a batched pass of many tokens is bound by compute, not by its weight bytes.
 - ``attention`` — the attention ops: their Triton kernels (split, merge, cache write); on the CPU everything inside
   ``orthrus::cached_attention``/``orthrus::diffusion_attention``. Floor: the K/V bytes of every row's cache at
   the context (``bench.kv_bytes``), read once per pass.
@@ -18,10 +19,11 @@ and its ratio to it, and the time between kernels (replay less the kernels' sum)
 - ``between kernels`` — the step's time less the kernels' sum: on a GPU the gaps inside the replayed graph, on the
   CPU the host time between operators (dispatch, Python). Floor 0.
 
-The floors of gemm and attention add up to the step floor that ``orthrus-export bench`` reports (one definition).
+The floors of gemm and attention add up to the step floor that ``orthrus-export bench`` reports (one definition)
+where the weight bytes bind (always at batch 1 on a GPU).
 """
 
-from orthrus_export.bench import kv_bytes, pass_bytes
+from orthrus_export.bench import kv_bytes, pass_bytes, pass_flops
 
 KINDS = ("gemm", "attention", "other")
 VIEWS = {"verify": ("ar",), "decode": ("ar",), "draft": ("diff",), "cycle": ("diff", "ar")}  # passes of a step
@@ -52,13 +54,26 @@ def kind_of(entry: dict) -> str:
     return "other"
 
 
-def floors_ms(cfg, weights: dict, step: str, context: int, rows: int, elem: int, bandwidth: float) -> dict:
-    """Each kind's floor in milliseconds for ``step`` over ``rows`` sequences at cache length ``context`` (K/V
-    elements of ``elem`` bytes), at ``bandwidth`` bytes/s (the copy bandwidth: bytes read plus written)."""
+def gemm_floors_ms(cfg, weights: dict, step: str, rows: int, bandwidth: float,
+                   matmul_rate: float | None = None) -> dict:
+    """The two bounds of ``step``'s GEMMs over ``rows`` sequences, in milliseconds: ``bytes`` (weight bytes over
+    ``bandwidth`` bytes/s) and ``compute`` (FLOPs over ``matmul_rate`` FLOP/s; None without a rate)."""
     views = VIEWS[step]
-    gemm = sum(pass_bytes(cfg, weights, v) for v in views)
-    attention = len(views) * rows * kv_bytes(cfg, context, elem)
-    return {"gemm": gemm / bandwidth * 1e3, "attention": attention / bandwidth * 1e3, "other": 0.0}
+    tokens = rows * (1 if step == "decode" else cfg.block_size)
+    nbytes = sum(pass_bytes(cfg, weights, v) for v in views)
+    flops = sum(pass_flops(cfg, weights, v, tokens) for v in views)
+    return {"bytes": nbytes / bandwidth * 1e3, "compute": flops / matmul_rate * 1e3 if matmul_rate else None}
+
+
+def floors_ms(cfg, weights: dict, step: str, context: int, rows: int, elem: int, bandwidth: float,
+              matmul_rate: float | None = None) -> dict:
+    """Each kind's floor in milliseconds for ``step`` over ``rows`` sequences at cache length ``context`` (K/V
+    elements of ``elem`` bytes), at ``bandwidth`` bytes/s (the copy bandwidth: bytes read plus written) and, where
+    given, ``matmul_rate`` FLOP/s (the GEMM floor is the larger of its two bounds, ``gemm_floors_ms``)."""
+    gemm = gemm_floors_ms(cfg, weights, step, rows, bandwidth, matmul_rate)
+    attention = len(VIEWS[step]) * rows * kv_bytes(cfg, context, elem)
+    return {"gemm": max(gemm["bytes"], gemm["compute"] or 0.0), "attention": attention / bandwidth * 1e3,
+            "other": 0.0}
 
 
 def breakdown(entries: list[dict], floors: dict, replay_ms: float | None = None) -> dict:
@@ -89,17 +104,22 @@ def table(name: str, b: dict) -> list[str]:
     lines = [head]
     for kind, k in b["kinds"].items():
         ratio = f"{k['ratio_to_floor']:6.2f}x" if k["ratio_to_floor"] is not None else "   (0 floor)"
-        lines.append(f"  {kind:9s} {k['ms']:8.3f} ms {k['launches']:8.0f} launches  floor {k['floor_ms']:7.3f} ms "
-                     f"{ratio}")
+        line = f"  {kind:9s} {k['ms']:8.3f} ms {k['launches']:8.0f} launches  floor {k['floor_ms']:7.3f} ms {ratio}"
+        bounds = b.get("gemm_floors_ms") if kind == "gemm" else None
+        if bounds and bounds["compute"] is not None:
+            line += (f"  ({'compute' if bounds['compute'] > bounds['bytes'] else 'bytes'}-bound: weight bytes "
+                     f"{bounds['bytes']:.3f} ms, FLOPs {bounds['compute']:.3f} ms)")
+        lines.append(line)
     return lines
 
 
 def profile_engine(engine, contexts: list[int], batches: list[int], steps: list[str], iters: int, bandwidth: float,
-                   top: int = 12, log=print) -> dict:
+                   top: int = 12, log=print, matmul_rate: float | None = None) -> dict:
     """``breakdown`` of each step at each context and batch size: the step as decoding runs it
     (``Engine.time_step``: a CUDA-graph replay, or the eager body on the CPU) and its kernels or operators
-    (``Engine.profile_step``); ``top`` of them kept per step. Fills the engine's cache with random K/V (never time
-    zeros). Used by ``orthrus-export bench --profile`` and ``scripts/profile_gpu.py``."""
+    (``Engine.profile_step``); ``top`` of them kept per step, and the GEMMs' two bounds (``gemm_floors_ms``). Fills
+    the engine's cache with random K/V (never time zeros). Used by ``orthrus-export bench --profile`` and
+    ``scripts/profile_gpu.py``."""
     engine.k_cache.normal_()
     engine.v_cache.normal_()
     elem = engine.k_cache.element_size()
@@ -109,7 +129,9 @@ def profile_engine(engine, contexts: list[int], batches: list[int], steps: list[
             for b in batches:
                 replay = engine.time_step(step, ctx, iters, batch=b)
                 entries = engine.profile_step(step, ctx, min(iters, 5), batch=b)
-                r = breakdown(entries, floors_ms(engine.config, engine.weights, step, ctx, b, elem, bandwidth), replay)
+                r = breakdown(entries, floors_ms(engine.config, engine.weights, step, ctx, b, elem, bandwidth,
+                                                 matmul_rate), replay)
+                r["gemm_floors_ms"] = gemm_floors_ms(engine.config, engine.weights, step, b, bandwidth, matmul_rate)
                 r["top"] = entries[:top]
                 name = f"{step} ctx {ctx} batch {b}"
                 out[name] = r

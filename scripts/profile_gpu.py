@@ -11,7 +11,9 @@ calls of the same step body (``Engine.profile_step``, torch.profiler); the copy 
 run. ``--from`` re-reads a profile in the layout of the cycle profiler this script replaced (per batch size: the
 replay and the kernels by name, as ``benchmarks/h200-profile-cycle-8b-none.json``) and adds the kinds and floors,
 with the bandwidth measured on that device (``--bandwidth-from``: a benchmark JSON with
-``copy_bandwidth_GBps``, or ``--bandwidth`` in GB/s).
+``copy_bandwidth_GBps``, or ``--bandwidth`` in GB/s; ``--matmul-tflops`` adds the GEMMs' compute bound). A measured
+profile times a large bf16 matmul in the same run (``bench.matmul_rate``): the GEMM floor is the larger of the weight
+bytes over the copy bandwidth and the FLOPs over that rate.
 """
 
 import argparse
@@ -22,22 +24,24 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from orthrus_export.bench import build_random, copy_bandwidth, qwen3_config  # noqa: E402
-from orthrus_export.profile import breakdown, floors_ms, profile_engine, table  # noqa: E402
+from orthrus_export.bench import build_random, copy_bandwidth, matmul_rate, qwen3_config  # noqa: E402
+from orthrus_export.profile import breakdown, floors_ms, gemm_floors_ms, profile_engine, table  # noqa: E402
 from orthrus_export.weights import engine_shapes  # noqa: E402
 
 
 def measure(a) -> dict:
     batches = [int(b) for b in a.batches.split(",")]
-    bw = copy_bandwidth(torch.device("cuda"))
+    device = torch.device("cuda")
+    bw, rate = copy_bandwidth(device), matmul_rate(device, torch.bfloat16)
+    print(f"copy bandwidth {bw / 1e9:.0f} GB/s, bf16 matmul rate {rate / 1e12:.0f} TFLOP/s", flush=True)
     cfg, engine, export_s, load_s, _ = build_random(a.shape, torch.bfloat16, a.context,
                                                     compile=a.compile == "inductor", max_batch_size=max(batches))
-    print(f"qwen3-{a.shape}: traced {export_s:.1f} s, compiled+captured {load_s:.1f} s; copy bandwidth "
-          f"{bw / 1e9:.0f} GB/s", flush=True)
+    print(f"qwen3-{a.shape}: traced {export_s:.1f} s, compiled+captured {load_s:.1f} s", flush=True)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": a.shape,
               "context": a.context, "compile": a.compile, "copy_bandwidth_GBps": bw / 1e9,
+              "matmul_TFLOPs": rate / 1e12,
               "steps": profile_engine(engine, [a.context], batches, a.steps.split(","), a.iters, bw, a.top,
-                                      log=lambda m: print(m, flush=True))}
+                                      log=lambda m: print(m, flush=True), matmul_rate=rate)}
     Path(a.out).write_text(json.dumps(report, indent=1) + "\n")
     engine.close()
     return report
@@ -52,10 +56,13 @@ def reread(a) -> dict:
     # only the shapes and dtypes matter to the floors: the engine's bf16 tensors, unallocated
     weights = {n: torch.empty(shape, dtype=torch.bfloat16, device="meta") for n, shape in engine_shapes(cfg).items()}
     report = {k: old[k] for k in ("device", "torch", "shape", "context", "compile") if k in old}
+    rate = a.matmul_tflops * 1e12 if a.matmul_tflops else None
     report.update(source=a.src, copy_bandwidth_GBps=bw / 1e9, bandwidth_source=a.bandwidth_from or "--bandwidth",
-                  steps={})
+                  matmul_TFLOPs=a.matmul_tflops, steps={})
     for b, r in old["batches"].items():
-        out = breakdown(r["kernels"], floors_ms(cfg, weights, "cycle", old["context"], int(b), 2, bw), r["replay_ms"])
+        out = breakdown(r["kernels"], floors_ms(cfg, weights, "cycle", old["context"], int(b), 2, bw, rate),
+                        r["replay_ms"])
+        out["gemm_floors_ms"] = gemm_floors_ms(cfg, weights, "cycle", int(b), bw, rate)
         report["steps"][f"cycle batch {b}"] = out
         print("\n".join(table(f"cycle batch {b}", out)))
     Path(a.out).write_text(json.dumps(report, indent=1) + "\n")
@@ -74,6 +81,8 @@ def main() -> int:
     ap.add_argument("--from", dest="src", default=None, help="re-read an earlier profile instead of measuring")
     ap.add_argument("--bandwidth-from", default=None)
     ap.add_argument("--bandwidth", type=float, default=None, help="GB/s (with --from)")
+    ap.add_argument("--matmul-tflops", type=float, default=None,
+                    help="bf16 matmul rate of that device in TFLOP/s (with --from): adds the GEMMs' compute bound")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     if a.src:
