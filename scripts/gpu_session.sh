@@ -10,6 +10,10 @@
 #   DRAFTER_DIFF_S=420 bash scripts/gpu_session.sh part        # ~9 min: the drafter trained on, collected into $OUT
 # then, on this machine, the returned shards + results.tgz's tiny-drafter/ files make a folder DIR (in a folder
 # .git/info/exclude ignores, carried), and the next call runs INIT=DIR ... part.
+# The next session's calls, each one foreground call that collects its own results into $OUT (most useful first):
+#   bash scripts/gpu_session.sh profile     # ~8 min on an idle GPU: the compiled 8B cycle profiled by kind (#14)
+#   bash scripts/gpu_session.sh tests       # ~6 min: the GPU tests a shared GPU did not reach on 2026-12-06
+#   DRAFTER_DIFF_S=420 bash scripts/gpu_session.sh part    # ~9 min: the shipped tiny's drafter trained on (#15)
 # The previous session's run (two tiny shapes trained side by side, the GPU tests, the batched 8B benchmark) is in
 # git history (git log -- scripts/gpu_session.sh).
 set -u
@@ -59,11 +63,25 @@ trainings() {  # two ways of training on from the shipped checkpoint, side by si
   [ "${ONE:-}" = 1 ] || { train both --lm-seconds "${BOTH_LM_S:-270}" --diff-seconds "${BOTH_DIFF_S:-450}" & }
   wait
 }
+profile() {  # timings: alone on the GPU; Inductor compiles the 8B engine for batch 1 and 8 first (> 270 s)
+  step "compiled 8B cycle by kind, batch 1 and 8 (GEMM floor: bytes or FLOPs)"
+  timeout 500 python3 scripts/profile_gpu.py --shape 8b --context 4096 --batches 1,8 --steps cycle \
+    --compile inductor --out "$R/profile-8b-inductor.json" > "$R/profile-8b-inductor.log" 2>&1
+  step "profile rc $?"
+}
+gpu_tests() {  # every GPU test after the single-sequence kernel tests (those passed on 2026-12-06)
+  step "GPU tests: batched kernels at both key tiles, engines, autotuner, fp8, profiler"
+  timeout "${TESTS_S:-500}" python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider \
+    -W ignore::FutureWarning -k "not test_triton_attention_matches_reference" -rA > "$R/gpu-tests.log" 2>&1
+  step "GPU tests rc $?"
+}
 case "$phase" in
+  profile) profile; echo finished > "$R/done-$phase"; exec bash "$0" collect ;;
+  tests) gpu_tests; echo finished > "$R/done-$phase"; exec bash "$0" collect ;;
   kernels) sweep; kernel_tests ;;
   train) trainings ;;
   all) sweep; kernel_tests & trainings; wait ;;
   part) ONE=1 FRESH_LM_S=${FRESH_LM_S:-150} FRESH_DIFF_S=${FRESH_DIFF_S:-200} trainings; echo finished > "$R/done-$phase"; exec bash "$0" collect ;;
-  *) echo "usage: gpu_session.sh all|kernels|train|part|collect" >&2; exit 2 ;;
+  *) echo "usage: gpu_session.sh profile|tests|part|all|kernels|train|collect" >&2; exit 2 ;;
 esac
 echo finished > "$R/done-$phase"
