@@ -64,11 +64,12 @@ def pass_bytes(cfg: ModelConfig, weights: dict, view: str) -> int:
 def pass_flops(cfg: ModelConfig, weights: dict, view: str, tokens: int) -> int:
     """FLOPs of one pass's linear layers over ``tokens`` tokens: 2 per weight element per token, over the matrices
     ``pass_bytes`` counts (the view's attention set, the MLPs, the head; the embedding lookup is a gather, counted
-    only where it is also the head)."""
+    only where it is also the head: tied, and no quantized ``lm_head`` copy)."""
     other = "diff" if view == "ar" else "ar"
+    embed_is_head = cfg.tie_word_embeddings and "lm_head" not in weights
     elements = sum(t.numel() for name, t in weights.items()
                    if t.dim() == 2 and f".{other}." not in name and not name.startswith("rope.")
-                   and (name != "embed" or cfg.tie_word_embeddings))
+                   and (name != "embed" or embed_is_head))
     return 2 * tokens * elements
 
 
