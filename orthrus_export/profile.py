@@ -57,12 +57,15 @@ def kind_of(entry: dict) -> str:
 def gemm_floors_ms(cfg, weights: dict, step: str, rows: int, bandwidth: float,
                    matmul_rate: float | None = None) -> dict:
     """The two bounds of ``step``'s GEMMs over ``rows`` sequences, in milliseconds: ``bytes`` (weight bytes over
-    ``bandwidth`` bytes/s) and ``compute`` (FLOPs over ``matmul_rate`` FLOP/s; None without a rate)."""
+    ``bandwidth`` bytes/s) and ``compute`` (FLOPs over ``matmul_rate`` FLOP/s; None without a rate), the ``floor``
+    (the larger) and which one it is (``bound``)."""
     views = VIEWS[step]
     tokens = rows * (1 if step == "decode" else cfg.block_size)
-    nbytes = sum(pass_bytes(cfg, weights, v) for v in views)
+    nbytes = sum(pass_bytes(cfg, weights, v) for v in views) / bandwidth * 1e3
     flops = sum(pass_flops(cfg, weights, v, tokens) for v in views)
-    return {"bytes": nbytes / bandwidth * 1e3, "compute": flops / matmul_rate * 1e3 if matmul_rate else None}
+    compute = flops / matmul_rate * 1e3 if matmul_rate else None
+    bound = "compute" if compute is not None and compute > nbytes else "bytes"
+    return {"bytes": nbytes, "compute": compute, "floor": compute if bound == "compute" else nbytes, "bound": bound}
 
 
 def floors_ms(cfg, weights: dict, step: str, context: int, rows: int, elem: int, bandwidth: float,
@@ -72,8 +75,7 @@ def floors_ms(cfg, weights: dict, step: str, context: int, rows: int, elem: int,
     given, ``matmul_rate`` FLOP/s (the GEMM floor is the larger of its two bounds, ``gemm_floors_ms``)."""
     gemm = gemm_floors_ms(cfg, weights, step, rows, bandwidth, matmul_rate)
     attention = len(VIEWS[step]) * rows * kv_bytes(cfg, context, elem)
-    return {"gemm": max(gemm["bytes"], gemm["compute"] or 0.0), "attention": attention / bandwidth * 1e3,
-            "other": 0.0}
+    return {"gemm": gemm["floor"], "attention": attention / bandwidth * 1e3, "other": 0.0}
 
 
 def breakdown(entries: list[dict], floors: dict, replay_ms: float | None = None) -> dict:
@@ -107,8 +109,8 @@ def table(name: str, b: dict) -> list[str]:
         line = f"  {kind:9s} {k['ms']:8.3f} ms {k['launches']:8.0f} launches  floor {k['floor_ms']:7.3f} ms {ratio}"
         bounds = b.get("gemm_floors_ms") if kind == "gemm" else None
         if bounds and bounds["compute"] is not None:
-            line += (f"  ({'compute' if bounds['compute'] > bounds['bytes'] else 'bytes'}-bound: weight bytes "
-                     f"{bounds['bytes']:.3f} ms, FLOPs {bounds['compute']:.3f} ms)")
+            line += (f"  ({bounds['bound']}-bound: weight bytes {bounds['bytes']:.3f} ms, "
+                     f"FLOPs {bounds['compute']:.3f} ms)")
         lines.append(line)
     return lines
 

@@ -65,7 +65,7 @@ def test_gemm_floor_takes_the_compute_bound_when_it_binds(models):
         assert g["bytes"] == pytest.approx(nbytes / bw * 1e3)
         assert g["compute"] == pytest.approx(rows * g["bytes"] / 4)
         f_ = floors_ms(cfg, w, "verify", 100, rows, 4, bw, rate)
-        assert f_["gemm"] == g[bound] and f_["gemm"] >= max(g["bytes"], g["compute"])
+        assert g["bound"] == bound and f_["gemm"] == g["floor"] == g[bound] == max(g["bytes"], g["compute"])
         lines = table("verify", {**breakdown([], f_), "gemm_floors_ms": g})
         assert f"({bound}-bound" in lines[1]
     assert gemm_floors_ms(cfg, w, "decode", 8, bw, rate)["compute"] == pytest.approx(8 * per_token / rate * 1e3)
@@ -131,7 +131,7 @@ def test_bench_profile_cli(models, capsys):
         assert r["kinds"]["gemm"]["launches"] == passes * (4 * layers + 1), name
         assert r["replay_ms"] > 0 and r["floor_ms"] > 0 and r["top"]
         g = r["gemm_floors_ms"]
-        assert r["kinds"]["gemm"]["floor_ms"] == max(g["bytes"], g["compute"])
+        assert r["kinds"]["gemm"]["floor_ms"] == g["floor"] == max(g["bytes"], g["compute"])
         engine = models.engine("tiny")
         tokens = int(name.rsplit(" ", 1)[1]) * engine.config.block_size
         flops = sum(pass_flops(engine.config, engine.weights, v, tokens) for v in (("ar", "diff")[:passes]))
