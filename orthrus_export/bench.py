@@ -127,12 +127,17 @@ def bench_engine(engine, cfg, contexts, iters, bandwidth, acceptance_lengths, ti
     return {"weight_bytes": {"ar_pass": w_ar, "draft_pass": w_diff}, "contexts": rows}
 
 
-def bench_batches(engine, contexts, batches, iters, acceptance_lengths, log=print, sampled: bool = True) -> dict:
+def bench_batches(engine, contexts, batches, iters, acceptance_lengths, log=print, sampled: bool = True,
+                  bandwidth: float | None = None, matmul_rate: float | None = None) -> dict:
     """Cycle latency over ``b`` sequences (each at the context, in slots 0 … b-1) for each batch size: the CUDA-graph
     replay of the bucket decoding runs. Reports each size's ratio to batch 1 (the first size given when 1 is not
-    among them) and the aggregate tokens/s at each acceptance length (b × acceptance / cycle)."""
+    among them), the aggregate tokens/s at each acceptance length (b × acceptance / cycle) and, given the copy
+    ``bandwidth`` (and a ``matmul_rate``), the cycle's floor at that size (``profile.floors_ms``: weight bytes or
+    FLOPs, whichever binds, plus every row's K/V) and the cycle's ratio to it."""
+    from orthrus_export.profile import floors_ms  # profile builds on this module's byte and FLOP counts
     engine.k_cache.normal_()
     engine.v_cache.normal_()
+    elem = engine.k_cache.element_size()
     rows = []
     for ctx in contexts:
         base = None
@@ -144,12 +149,18 @@ def bench_batches(engine, contexts, batches, iters, acceptance_lengths, log=prin
             row = {"context": ctx, "batch": b, "bucket": engine.steps.bucket(b), "ms": t,
                    "ratio_to_first": {k: t[k] / base[k] for k in t},
                    "aggregate_tokens_per_s": {str(a): b * a * 1e3 / t["cycle"] for a in acceptance_lengths}}
+            floor = ""
+            if bandwidth:
+                row["floor_ms"] = sum(floors_ms(engine.config, engine.weights, "cycle", ctx, b, elem, bandwidth,
+                                                matmul_rate).values())
+                row["cycle_over_floor"] = t["cycle"] / row["floor_ms"]
+                floor = f", {row['cycle_over_floor']:.2f}x its {row['floor_ms']:.3f} ms floor"
             rows.append(row)
             extra = f"  sampled {t['sampled_cycle']:.3f} ms ({row['ratio_to_first']['sampled_cycle']:.2f}x)" \
                 if sampled else ""
             tps = ", ".join(f"{v:,.0f} tok/s at {k}" for k, v in row["aggregate_tokens_per_s"].items())
             log(f"  ctx {ctx:6d} batch {b:3d}: cycle {t['cycle']:.3f} ms ({row['ratio_to_first']['cycle']:.2f}x "
-                f"batch {batches[0]}){extra}  {tps}")
+                f"batch {batches[0]}{floor}){extra}  {tps}")
     return {"batches": rows}
 
 

@@ -373,24 +373,28 @@ def cmd_bench(a) -> int:
     engine = _load(a)
     bandwidth = copy_bandwidth(engine.device)
     log(f"{engine.path.name} on {engine.manifest['gpu']['device_name']}: copy bandwidth {bandwidth / 1e9:.1f} GB/s")
-    if a.profile:
+    rate = None
+    if a.profile or batches:  # floors over many tokens: the GEMMs' compute bound needs the matmul rate
         from orthrus_export.bench import compute_dtype, matmul_rate
-        from orthrus_export.profile import profile_engine
         dtype = compute_dtype(engine.weights)
         rate = matmul_rate(engine.device, dtype) if dtype is not None else None
         if rate is not None:
             log(f"matmul rate ({str(dtype).removeprefix('torch.')}): {rate / 1e12:.2f} TFLOP/s")
+    if a.profile:
+        from orthrus_export.profile import profile_engine
         result = {"profile": profile_engine(engine, contexts, batches or [1], ["verify", "draft", "cycle"], a.iters,
-                                            bandwidth, log=log, matmul_rate=rate),
-                  "matmul_TFLOPs": rate / 1e12 if rate is not None else None}
+                                            bandwidth, log=log, matmul_rate=rate)}
     elif batches:
         from orthrus_export.bench import bench_batches
-        result = bench_batches(engine, contexts, batches, a.iters, acceptance, log=log, sampled=not a.no_sampled)
+        result = bench_batches(engine, contexts, batches, a.iters, acceptance, log=log, sampled=not a.no_sampled,
+                               bandwidth=bandwidth, matmul_rate=rate)
     else:
         result = bench_engine(engine, engine.config, contexts, a.iters, bandwidth, acceptance, log=log,
                               sampled=not a.no_sampled)
     result.update(engine=str(engine.path), device=engine.manifest["gpu"]["device_name"],
                   copy_bandwidth_GBps=bandwidth / 1e9, iters=a.iters, load_stats=engine.load_stats)
+    if rate is not None:
+        result["matmul_TFLOPs"] = rate / 1e12
     if a.json:
         print(json.dumps(result, indent=2))
     return 0

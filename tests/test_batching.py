@@ -241,9 +241,19 @@ def test_cli_batch_arguments_are_checked(tiny, tmp_path):
     assert rc == 2 and "--batch takes comma-separated batch sizes" in err
     rc, out, err = cli("bench", "--engine", engine.path, "--batch", "1,2", "--contexts", "64", "--iters", "1",
                        "--no-sampled", "--json")
-    rows = json.loads(out)["batches"]
+    result = json.loads(out)
+    rows = result["batches"]
     assert rc == 0 and [r["batch"] for r in rows] == [1, 2] and rows[1]["ms"]["cycle"] > 0
     assert rows[0]["ratio_to_first"]["cycle"] == 1.0
+    # each size's cycle floor: the GEMMs' larger bound (bytes or FLOPs at the rate measured in the run) + K/V
+    from orthrus_export.profile import floors_ms
+    bw, rate = result["copy_bandwidth_GBps"] * 1e9, result["matmul_TFLOPs"] * 1e12
+    for r in rows:
+        want = sum(floors_ms(engine.config, engine.weights, "cycle", 64, r["batch"], engine.k_cache.element_size(),
+                             bw, rate).values())
+        assert r["floor_ms"] == pytest.approx(want, rel=1e-6)
+        assert r["cycle_over_floor"] == pytest.approx(r["ms"]["cycle"] / r["floor_ms"])
+    assert rows[1]["floor_ms"] > rows[0]["floor_ms"]
 
 
 def test_max_active_one_turns_batching_off(tiny):
