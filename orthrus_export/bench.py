@@ -73,6 +73,12 @@ def pass_flops(cfg: ModelConfig, weights: dict, view: str, tokens: int) -> int:
     return 2 * tokens * elements
 
 
+def attention_flops(cfg: ModelConfig, ctx: int, tokens: int) -> int:
+    """FLOPs of one pass's attention for ``tokens`` query tokens over ``ctx`` cached keys each: QKᵀ and PV, 2 each
+    per query head, key and head dimension, in every layer (the block's own keys not counted: a lower bound)."""
+    return 4 * cfg.num_layers * tokens * cfg.num_heads * cfg.head_dim * ctx
+
+
 def compute_dtype(weights: dict) -> torch.dtype | None:
     """The dtype the engine's linear layers multiply in; None for FP8 weights (whose matmul rate
     ``matmul_rate`` does not measure)."""

@@ -12,7 +12,8 @@ and its ratio to it, and the time between kernels (replay less the kernels' sum)
   row's tokens) over that rate: a batched pass of many tokens is bound by compute, not by its weight bytes.
 - ``attention`` — the attention ops: their Triton kernels (split, merge, cache write); on the CPU everything inside
   ``orthrus::cached_attention``/``orthrus::diffusion_attention``. Floor: the K/V bytes of every row's cache at
-  the context (``bench.kv_bytes``), read once per pass.
+  the context (``bench.kv_bytes``), read once per pass, or, where a matmul rate is given and it is larger, the
+  attention's FLOPs over it (``bench.attention_flops``: QKᵀ and PV over the cached keys).
 - ``other`` — norms, RoPE, residual adds, activations, casts and copies, argmax, sampling and acceptance
   (elementwise and reduction kernels, Inductor's fused ``triton_*`` kernels). Floor 0: their bytes are the
   activations, which can be consumed inside the GEMMs' prologues and epilogues; all of their time is overhead.
@@ -23,7 +24,7 @@ The floors of gemm and attention add up to the step floor that ``orthrus-export 
 where the weight bytes bind (always at batch 1 on a GPU).
 """
 
-from orthrus_export.bench import kv_bytes, pass_bytes, pass_flops
+from orthrus_export.bench import attention_flops, kv_bytes, pass_bytes, pass_flops
 
 KINDS = ("gemm", "attention", "other")
 VIEWS = {"verify": ("ar",), "decode": ("ar",), "draft": ("diff",), "cycle": ("diff", "ar")}  # passes of a step
@@ -54,28 +55,42 @@ def kind_of(entry: dict) -> str:
     return "other"
 
 
-def gemm_floors_ms(cfg, weights: dict, step: str, rows: int, bandwidth: float,
-                   matmul_rate: float | None = None) -> dict:
-    """The two bounds of ``step``'s GEMMs over ``rows`` sequences, in milliseconds: ``bytes`` (weight bytes over
-    ``bandwidth`` bytes/s) and ``compute`` (FLOPs over ``matmul_rate`` FLOP/s; None without a rate), the ``floor``
-    (the larger) and which one it is (``bound``)."""
+def bound(bytes_ms: float, compute_ms: float | None) -> dict:
+    """A kind's floor from its two bounds (milliseconds; ``compute_ms`` None without a matmul rate): the larger, and
+    which one it is."""
+    which = "compute" if compute_ms is not None and compute_ms > bytes_ms else "bytes"
+    return {"bytes": bytes_ms, "compute": compute_ms, "floor": compute_ms if which == "compute" else bytes_ms,
+            "bound": which}
+
+
+def bounds_ms(cfg, weights: dict, step: str, context: int, rows: int, elem: int, bandwidth: float,
+              matmul_rate: float | None = None) -> dict:
+    """The GEMMs' and the attention's ``bound`` for ``step`` over ``rows`` sequences at cache length ``context`` (K/V
+    elements of ``elem`` bytes): bytes over ``bandwidth`` bytes/s (the copy bandwidth: bytes read plus written),
+    FLOPs over ``matmul_rate`` FLOP/s where given (``bench.pass_flops``, ``bench.attention_flops``; every row's
+    tokens)."""
     views = VIEWS[step]
     tokens = rows * (1 if step == "decode" else cfg.block_size)
-    nbytes = sum(pass_bytes(cfg, weights, v) for v in views) / bandwidth * 1e3
-    flops = sum(pass_flops(cfg, weights, v, tokens) for v in views)
-    compute = flops / matmul_rate * 1e3 if matmul_rate else None
-    bound = "compute" if compute is not None and compute > nbytes else "bytes"
-    return {"bytes": nbytes, "compute": compute, "floor": compute if bound == "compute" else nbytes, "bound": bound}
+
+    def ms(amount, rate):
+        return amount / rate * 1e3 if rate else None
+
+    gemm = bound(ms(sum(pass_bytes(cfg, weights, v) for v in views), bandwidth),
+                 ms(sum(pass_flops(cfg, weights, v, tokens) for v in views), matmul_rate))
+    attention = bound(ms(len(views) * rows * kv_bytes(cfg, context, elem), bandwidth),
+                      ms(len(views) * attention_flops(cfg, context, tokens), matmul_rate))
+    return {"gemm": gemm, "attention": attention}
 
 
 def floors_ms(cfg, weights: dict, step: str, context: int, rows: int, elem: int, bandwidth: float,
               matmul_rate: float | None = None) -> dict:
-    """Each kind's floor in milliseconds for ``step`` over ``rows`` sequences at cache length ``context`` (K/V
-    elements of ``elem`` bytes), at ``bandwidth`` bytes/s (the copy bandwidth: bytes read plus written) and, where
-    given, ``matmul_rate`` FLOP/s (the GEMM floor is the larger of its two bounds, ``gemm_floors_ms``)."""
-    gemm = gemm_floors_ms(cfg, weights, step, rows, bandwidth, matmul_rate)
-    attention = len(VIEWS[step]) * rows * kv_bytes(cfg, context, elem)
-    return {"gemm": gemm["floor"], "attention": attention / bandwidth * 1e3, "other": 0.0}
+    """Each kind's floor in milliseconds (``bounds_ms``'s floors; "other" 0)."""
+    return floors_of(bounds_ms(cfg, weights, step, context, rows, elem, bandwidth, matmul_rate))
+
+
+def floors_of(bounds: dict) -> dict:
+    """Each kind's floor from ``bounds_ms``'s bounds ("other" 0: see the module's doc)."""
+    return {"gemm": bounds["gemm"]["floor"], "attention": bounds["attention"]["floor"], "other": 0.0}
 
 
 def breakdown(entries: list[dict], floors: dict, replay_ms: float | None = None) -> dict:
@@ -107,9 +122,9 @@ def table(name: str, b: dict) -> list[str]:
     for kind, k in b["kinds"].items():
         ratio = f"{k['ratio_to_floor']:6.2f}x" if k["ratio_to_floor"] is not None else "   (0 floor)"
         line = f"  {kind:9s} {k['ms']:8.3f} ms {k['launches']:8.0f} launches  floor {k['floor_ms']:7.3f} ms {ratio}"
-        bounds = b.get("gemm_floors_ms") if kind == "gemm" else None
+        bounds = b.get("bounds_ms", {}).get(kind)
         if bounds and bounds["compute"] is not None:
-            line += (f"  ({bounds['bound']}-bound: weight bytes {bounds['bytes']:.3f} ms, "
+            line += (f"  ({bounds['bound']}-bound: bytes {bounds['bytes']:.3f} ms, "
                      f"FLOPs {bounds['compute']:.3f} ms)")
         lines.append(line)
     return lines
@@ -119,7 +134,7 @@ def profile_engine(engine, contexts: list[int], batches: list[int], steps: list[
                    top: int = 12, log=print, matmul_rate: float | None = None) -> dict:
     """``breakdown`` of each step at each context and batch size: the step as decoding runs it
     (``Engine.time_step``: a CUDA-graph replay, or the eager body on the CPU) and its kernels or operators
-    (``Engine.profile_step``); ``top`` of them kept per step, and the GEMMs' two bounds (``gemm_floors_ms``). Fills
+    (``Engine.profile_step``); ``top`` of them kept per step, and the kinds' two bounds (``bounds_ms``). Fills
     the engine's cache with random K/V (never time zeros). Used by ``orthrus-export bench --profile`` and
     ``scripts/profile_gpu.py``."""
     engine.k_cache.normal_()
@@ -131,9 +146,9 @@ def profile_engine(engine, contexts: list[int], batches: list[int], steps: list[
             for b in batches:
                 replay = engine.time_step(step, ctx, iters, batch=b)
                 entries = engine.profile_step(step, ctx, min(iters, 5), batch=b)
-                r = breakdown(entries, floors_ms(engine.config, engine.weights, step, ctx, b, elem, bandwidth,
-                                                 matmul_rate), replay)
-                r["gemm_floors_ms"] = gemm_floors_ms(engine.config, engine.weights, step, b, bandwidth, matmul_rate)
+                bounds = bounds_ms(engine.config, engine.weights, step, ctx, b, elem, bandwidth, matmul_rate)
+                r = breakdown(entries, floors_of(bounds), replay)
+                r["bounds_ms"] = bounds
                 r["top"] = entries[:top]
                 name = f"{step} ctx {ctx} batch {b}"
                 out[name] = r

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from orthrus_export.bench import build_random, copy_bandwidth, matmul_rate, qwen3_config  # noqa: E402
-from orthrus_export.profile import breakdown, floors_ms, gemm_floors_ms, profile_engine, table  # noqa: E402
+from orthrus_export.profile import bounds_ms, breakdown, floors_of, profile_engine, table  # noqa: E402
 from orthrus_export.weights import engine_shapes  # noqa: E402
 
 
@@ -60,9 +60,9 @@ def reread(a) -> dict:
     report.update(source=a.src, copy_bandwidth_GBps=bw / 1e9, bandwidth_source=a.bandwidth_from or "--bandwidth",
                   matmul_TFLOPs=a.matmul_tflops, steps={})
     for b, r in old["batches"].items():
-        out = breakdown(r["kernels"], floors_ms(cfg, weights, "cycle", old["context"], int(b), 2, bw, rate),
-                        r["replay_ms"])
-        out["gemm_floors_ms"] = gemm_floors_ms(cfg, weights, "cycle", int(b), bw, rate)
+        bounds = bounds_ms(cfg, weights, "cycle", old["context"], int(b), 2, bw, rate)
+        out = breakdown(r["kernels"], floors_of(bounds), r["replay_ms"])
+        out["bounds_ms"] = bounds
         report["steps"][f"cycle batch {b}"] = out
         print("\n".join(table(f"cycle batch {b}", out)))
     Path(a.out).write_text(json.dumps(report, indent=1) + "\n")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from orthrus_export.bench import kv_bytes, pass_bytes, pass_flops
-from orthrus_export.profile import breakdown, floors_ms, gemm_floors_ms, kind_of, table
+from orthrus_export.bench import attention_flops, kv_bytes, pass_bytes, pass_flops
+from orthrus_export.profile import bounds_ms, breakdown, floors_ms, kind_of, table
 from orthrus_runtime.errors import OrthrusError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,30 +47,40 @@ def test_floors_add_up_to_the_bench_floor(models):
             assert f["gemm"] + f["attention"] == pytest.approx(want, rel=1e-12)
 
 
-def test_gemm_floor_takes_the_compute_bound_when_it_binds(models):
-    """A pass's FLOPs are 2 per weight element per token over its linear layers (QKV, O, gate/up, down per layer,
-    the tied head), the same for both views; with a matmul rate the GEMM floor is the larger bound: weight bytes for
-    one row, FLOPs once the rows' tokens make the pass compute-bound (8 rows here)."""
+def test_floors_take_the_compute_bound_when_it_binds(models):
+    """A pass's GEMM FLOPs are 2 per weight element per token over its linear layers (QKV, O, gate/up, down per
+    layer, the tied head), the same for both views; its attention FLOPs 4 per query head, cached key and head
+    dimension per layer. With a matmul rate each kind's floor is the larger bound: bytes for one row, FLOPs once the
+    rows' tokens make the pass compute-bound (8 rows here)."""
     engine = models.engine("tiny")
-    cfg, w, bw = engine.config, engine.weights, 1e12
+    cfg, w, bw, ctx, elem = engine.config, engine.weights, 1e12, 100, 4
     h, f = cfg.hidden_size, cfg.intermediate_size
     layer = h * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * h + 2 * f * h + f * h
     per_token = 2 * (cfg.num_layers * layer + cfg.vocab_size * h)
     assert cfg.tie_word_embeddings and "lm_head" not in w
     assert pass_flops(cfg, w, "ar", 32) == pass_flops(cfg, w, "diff", 32) == 32 * per_token
+    assert attention_flops(cfg, ctx, 32) == 4 * cfg.num_layers * 32 * cfg.num_heads * cfg.head_dim * ctx
     nbytes = pass_bytes(cfg, w, "ar")
-    rate = 4 * 32 * per_token / (nbytes / bw)  # one row's FLOPs take a quarter of its weight bytes' time
-    for rows, bound in ((1, "bytes"), (8, "compute")):
-        g = gemm_floors_ms(cfg, w, "verify", rows, bw, rate)
+    rate = 4 * 32 * per_token / (nbytes / bw)  # one row's GEMM FLOPs take a quarter of its weight bytes' time
+    for rows, which in ((1, "bytes"), (8, "compute")):
+        b = bounds_ms(cfg, w, "verify", ctx, rows, elem, bw, rate)
+        g = b["gemm"]
         assert g["bytes"] == pytest.approx(nbytes / bw * 1e3)
         assert g["compute"] == pytest.approx(rows * g["bytes"] / 4)
-        f_ = floors_ms(cfg, w, "verify", 100, rows, 4, bw, rate)
-        assert g["bound"] == bound and f_["gemm"] == g["floor"] == g[bound] == max(g["bytes"], g["compute"])
-        lines = table("verify", {**breakdown([], f_), "gemm_floors_ms": g})
-        assert f"({bound}-bound" in lines[1]
-    assert gemm_floors_ms(cfg, w, "decode", 8, bw, rate)["compute"] == pytest.approx(8 * per_token / rate * 1e3)
-    assert gemm_floors_ms(cfg, w, "cycle", 2, bw, None)["compute"] is None  # no rate: bytes only
-    assert floors_ms(cfg, w, "cycle", 100, 8, 4, bw)["gemm"] == gemm_floors_ms(cfg, w, "cycle", 8, bw)["bytes"]
+        assert g["bound"] == which and g["floor"] == g[which] == max(g["bytes"], g["compute"])
+        a = b["attention"]
+        assert a["bytes"] == pytest.approx(rows * kv_bytes(cfg, ctx, elem) / bw * 1e3)
+        assert a["compute"] == pytest.approx(attention_flops(cfg, ctx, rows * 32) / rate * 1e3)
+        assert a["floor"] == max(a["bytes"], a["compute"])
+        f_ = floors_ms(cfg, w, "verify", ctx, rows, elem, bw, rate)
+        assert f_ == {"gemm": g["floor"], "attention": a["floor"], "other": 0.0}
+        lines = table("verify", {**breakdown([], f_), "bounds_ms": b})
+        assert f"({which}-bound" in lines[1] and f"({a['bound']}-bound" in lines[2]
+    assert bounds_ms(cfg, w, "decode", ctx, 8, elem, bw, rate)["gemm"]["compute"] == pytest.approx(
+        8 * per_token / rate * 1e3)
+    assert bounds_ms(cfg, w, "cycle", ctx, 2, elem, bw)["gemm"]["compute"] is None  # no rate: bytes only
+    assert floors_ms(cfg, w, "cycle", ctx, 8, elem, bw)["gemm"] == bounds_ms(cfg, w, "cycle", ctx, 8, elem,
+                                                                             bw)["gemm"]["bytes"]
 
 
 def test_profile_step_on_the_cpu_engine(models):
@@ -130,12 +140,15 @@ def test_bench_profile_cli(models, capsys):
         passes = 2 if name.startswith("cycle") else 1
         assert r["kinds"]["gemm"]["launches"] == passes * (4 * layers + 1), name
         assert r["replay_ms"] > 0 and r["floor_ms"] > 0 and r["top"]
-        g = r["gemm_floors_ms"]
+        g, att = r["bounds_ms"]["gemm"], r["bounds_ms"]["attention"]
         assert r["kinds"]["gemm"]["floor_ms"] == g["floor"] == max(g["bytes"], g["compute"])
+        assert r["kinds"]["attention"]["floor_ms"] == att["floor"] == max(att["bytes"], att["compute"])
         engine = models.engine("tiny")
         tokens = int(name.rsplit(" ", 1)[1]) * engine.config.block_size
         flops = sum(pass_flops(engine.config, engine.weights, v, tokens) for v in (("ar", "diff")[:passes]))
         assert g["compute"] == pytest.approx(flops / rate * 1e3, rel=1e-6)
+        assert att["compute"] == pytest.approx(passes * attention_flops(engine.config, 300, tokens) / rate * 1e3,
+                                               rel=1e-6)
     assert prof["verify ctx 300 batch 2"]["kinds"]["attention"]["floor_ms"] == pytest.approx(
         2 * prof["verify ctx 300 batch 1"]["kinds"]["attention"]["floor_ms"])
     assert main(["bench", "--engine", str(path), "--contexts", "64", "--batch", "9", "--profile"]) == 2
