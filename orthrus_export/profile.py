@@ -1,4 +1,4 @@
-"""Where a decoding step's time goes, by kind, each kind against its own byte floor.
+"""Where a decoding step's time goes, by kind, each kind against its own floor (bytes or FLOPs).
 
 Input: the per-kernel (GPU) or per-operator (CPU) times of one step, ``Engine.profile_step``'s list, and the
 step's CUDA-graph replay time (``Engine.time_step``). Output: time per kind, launches per kind, each kind's floor
