@@ -1,5 +1,6 @@
 """Where each decoding step's time goes, by kind (GEMM, attention, other, time between kernels), each kind against
-its own floor, bytes or FLOPs (``orthrus_export.profile`` defines the kinds and floors), at a Qwen3 shape with random weights.
+its own floor, bytes or FLOPs (``orthrus_export.profile`` defines the kinds and floors), at a Qwen3 shape with
+random weights.
 
     python scripts/profile_gpu.py --shape 8b --context 4096 --batches 1,8 --steps verify,draft,cycle \
         --compile inductor --out benchmarks/h100-profile-8b.json
