@@ -14,6 +14,9 @@
 #   bash scripts/gpu_session.sh profile     # ~8 min on an idle GPU: the compiled 8B cycle profiled by kind (#14)
 #   bash scripts/gpu_session.sh tests       # ~6 min: the 28 GPU tests a shared GPU did not reach on 2026-12-06
 #   DRAFTER_DIFF_S=420 bash scripts/gpu_session.sh part    # ~9 min: the shipped tiny's drafter trained on (#15)
+# A training longer than one call (one learning-rate schedule over it), on a machine kept warm by calls in a row:
+#   DRAFTER_DIFF_S=900 bash scripts/gpu_session.sh long    # starts it (setsid), runs the GPU tests meanwhile
+#   bash scripts/gpu_session.sh await                      # the next call, at once: waits for it, then collects
 # The previous session's run (two tiny shapes trained side by side, the GPU tests, the batched 8B benchmark) is in
 # git history (git log -- scripts/gpu_session.sh).
 set -u
@@ -30,7 +33,8 @@ fi
 mkdir -p "$R"
 export PYTHONUNBUFFERED=1
 step() { echo "$(date +%T) $1" >> "$R/progress"; }
-python3 -m pip install -q --no-deps --no-build-isolation -e . > "$R/install.log" 2>&1
+python3 -c "import orthrus_export, orthrus_runtime" 2>/dev/null ||
+  python3 -m pip install -q --no-deps --no-build-isolation -e . > "$R/install.log" 2>&1
 python3 -c "import orthrus_runtime" || { echo "install failed" > "$R/done-$phase"; exit 1; }
 sweep() {  # timings first, on an idle GPU
   step "attention launch configurations (tile, warps, stages, merge rows), batch 1 and 8"
@@ -82,7 +86,14 @@ case "$phase" in
   kernels) sweep; kernel_tests ;;
   train) trainings ;;
   all) sweep; kernel_tests & trainings; wait ;;
+  long)  # one long drafter training in a new process session (it outlives this call), the GPU tests meanwhile
+    ( setsid nohup bash "$0" part-bg > "$R/part-bg.out" 2>&1 & )
+    gpu_tests; exec bash "$0" collect ;;
+  part-bg) ONE=1 FRESH_LM_S=${FRESH_LM_S:-150} FRESH_DIFF_S=${FRESH_DIFF_S:-200} trainings ;;
+  await)  # the next call, at once: waits for `long`'s training (at most AWAIT_S seconds), then collects
+    for _ in $(seq "${AWAIT_S:-560}"); do [ -e "$R/done-part-bg" ] && break; sleep 1; done
+    exec bash "$0" collect ;;
   part) ONE=1 FRESH_LM_S=${FRESH_LM_S:-150} FRESH_DIFF_S=${FRESH_DIFF_S:-200} trainings; echo finished > "$R/done-$phase"; exec bash "$0" collect ;;
-  *) echo "usage: gpu_session.sh profile|tests|part|all|kernels|train|collect" >&2; exit 2 ;;
+  *) echo "usage: gpu_session.sh profile|tests|long|await|part|all|kernels|train|collect" >&2; exit 2 ;;
 esac
 echo finished > "$R/done-$phase"
