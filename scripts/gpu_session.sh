@@ -17,6 +17,7 @@
 # A training longer than one call (one learning-rate schedule over it), on a machine kept warm by calls in a row:
 #   DRAFTER_DIFF_S=900 bash scripts/gpu_session.sh long    # starts it (setsid), runs the GPU tests meanwhile
 #   bash scripts/gpu_session.sh await                      # the next call, at once: waits for it, then collects
+# (CHAIN_PASSES=N: the drafter distilled towards the base's greedy chain in each block, train_tiny.py --chain-passes)
 # The previous session's run (two tiny shapes trained side by side, the GPU tests, the batched 8B benchmark) is in
 # git history (git log -- scripts/gpu_session.sh).
 set -u
@@ -63,7 +64,7 @@ train() {  # NAME ARGS...: --init-from tiny; if this machine's corpus is not tin
 }
 trainings() {  # two ways of training on from the shipped checkpoint, side by side: drafter only / base, then drafter
   step "tiny trained on from the shipped checkpoint: drafter only / base then drafter, side by side"
-  train drafter --lm-seconds 0 --diff-seconds "${DRAFTER_DIFF_S:-720}" &
+  train drafter --lm-seconds 0 --diff-seconds "${DRAFTER_DIFF_S:-720}" --chain-passes "${CHAIN_PASSES:-0}" &
   [ "${ONE:-}" = 1 ] || { train both --lm-seconds "${BOTH_LM_S:-270}" --diff-seconds "${BOTH_DIFF_S:-450}" & }
   wait
 }

@@ -305,19 +305,49 @@ class Tiny(torch.nn.Module):
             anchor = anchors.repeat_interleave(BLOCK)
             z = torch.full((b, pos.numel()), mask_id, dtype=ids.dtype, device=ids.device)
             z[:, ::BLOCK] = ids[:, anchors]
-        cos, sin = self.rope_tables(int(pos.max()) + 1, ids.device)
+        return self._block_pass(z, kvs, pos, anchor, "_diff", causal=False)
+
+    def _block_pass(self, z, kvs, pos, anchor, suffix, causal):
+        """Tokens ``z`` [b, n] at positions ``pos`` [n], each in the block of its ``anchor`` [n]: every query attends
+        to the AR K/V (``kvs``) before its anchor plus its own block's keys (bidirectionally, or up to itself when
+        ``causal``), with the attention set named by ``suffix`` ("_diff": the draft; "": the base model)."""
+        b, n = z.shape
+        t = kvs[0][0].shape[2]
+        cos, sin = self.rope_tables(int(pos.max()) + 1, z.device)
         cos, sin = cos[pos], sin[pos]
-        allowed_ar = torch.arange(t, device=ids.device)[None, :] < anchor[:, None]  # AR keys before the anchor
-        allowed_diff = anchor[None, :] == anchor[:, None]                            # own block, bidirectional
-        mask = torch.cat([allowed_ar, allowed_diff], dim=1)
+        allowed_ar = torch.arange(t, device=z.device)[None, :] < anchor[:, None]  # AR keys before the anchor
+        allowed_own = anchor[None, :] == anchor[:, None]                           # own block
+        if causal:
+            allowed_own &= pos[None, :] <= pos[:, None]
+        mask = torch.cat([allowed_ar, allowed_own], dim=1)
         x = F.embedding(z, self.embed)
         for m, (k_ar, v_ar) in zip(self.layers, kvs):
-            q, k, v = self.qkv(m, rms(x, m.ln1), "_diff", cos, sin)
+            q, k, v = self.qkv(m, rms(x, m.ln1), suffix, cos, sin)
             a = F.scaled_dot_product_attention(q, torch.cat([k_ar, k], 2), torch.cat([v_ar, v], 2),
                                                attn_mask=mask, enable_gqa=True)
-            x = x + F.linear(a.transpose(1, 2).reshape(b, pos.numel(), -1), m.o_diff)
+            x = x + F.linear(a.transpose(1, 2).reshape(b, n, -1), getattr(m, "o" + suffix))
             x = self.mlp(m, x)
         return self.head(x)
+
+    @torch.no_grad()
+    def chain_targets(self, ids, teacher, kvs, passes):
+        """The base model's logits at every block position of ``ids`` (the training layout: anchors 0, BLOCK, …) given
+        the block's *greedy chain* instead of the text: row j of a block gets p(· | text up to the anchor, g_1 … g_j),
+        g the base model's greedy continuation from the anchor — what a draft at row j must match to be accepted
+        (the runtime verifies drafts against the greedy chain, and the text after the anchor is not it). Jacobi
+        iteration from the teacher-forced logits ``teacher`` (``forward_ar(ids)``; ``kvs`` its K/V): each pass runs
+        the base on [x_anchor, g_1, …] of every block at once (causal within the block, the text's K/V before it)
+        and refreshes g from its argmax; after ``passes`` passes rows 0 … ``passes`` are exact, later rows
+        approximate (0 passes: ``teacher`` itself, the text-conditioned targets)."""
+        b, t = ids.shape
+        pos = torch.arange(t, device=ids.device)
+        anchor = pos - pos % BLOCK
+        inner = (pos % BLOCK != 0)[None]
+        logits = teacher
+        for _ in range(passes):
+            guess = torch.cat([ids[:, :1], logits[:, :-1].argmax(-1)], 1)  # g at position i: argmax of row i-1
+            logits = self._block_pass(torch.where(inner, guess, ids), kvs, pos, anchor, "", causal=True)
+        return logits
 
     @classmethod
     def from_checkpoint(cls, folder):
@@ -526,6 +556,10 @@ def main():
     ap.add_argument("--kl-decay", type=float, default=5.0,
                     help="weight block position j's KL by exp(-j / this) (0: every position alike); later positions "
                          "only count when every earlier draft was accepted")
+    ap.add_argument("--chain-passes", type=int, default=0,
+                    help="distil towards the base model's greedy chain within each block (Model.chain_targets: this "
+                         "many Jacobi passes of the base per step; rows 0..N exact) instead of the text-conditioned "
+                         "AR distribution (0)")
     ap.add_argument("--init-from", default=None,
                     help="a checkpoint folder this script wrote (or 'tiny', the shipped one): go on training it")
     ap.add_argument("--diff-init", choices=("ar", "checkpoint"), default=None,
@@ -671,6 +705,7 @@ def main():
         x = batch[:, :a.seq]
         with torch.no_grad():
             teacher, kvs = model.forward_ar(x, keep_kv=True)
+            teacher = model.chain_targets(x, teacher, kvs, a.chain_passes)
         student = model.forward_diffusion(x, kvs, mask_id)
         j = torch.arange(x.shape[1], device=x.device) % BLOCK  # block position
         keep = j != BLOCK - 1  # the last row drafts nothing

@@ -43,16 +43,44 @@ def test_greedy_orthrus_equals_ar_on_heldout_code_with_real_acceptance(models):
     assert tokens / cycles > 2.0  # real drafts: far above the ~1.0 of random weights
 
 
+def _train_tiny():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("train_tiny", TINY_DIR.parents[2] / "scripts" / "train_tiny.py")
+    train_tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_tiny)
+    return train_tiny
+
+
+def test_training_scripts_chain_targets_are_the_greedy_chains_logits(models):
+    """``--chain-passes N`` distils towards ``Tiny.chain_targets``: after N Jacobi passes, rows 0..N of every block
+    must be the base model's logits after the greedy chain from the block's anchor (computed here the slow way, one
+    greedy decode per anchor), and 0 passes the text-conditioned (teacher-forced) logits."""
+    import torch
+    train_tiny = _train_tiny()
+    model = train_tiny.Tiny.from_checkpoint(TINY_DIR).eval()
+    engine = models.engine("tiny")
+    x = torch.tensor([engine.encode(p["text"])[:96] for p in HELDOUT[:2]])
+    passes, block = 2, train_tiny.BLOCK
+    with torch.no_grad():
+        teacher, kvs = model.forward_ar(x, keep_kv=True)
+        assert torch.equal(model.chain_targets(x, teacher, kvs, 0), teacher)
+        chain = model.chain_targets(x, teacher, kvs, passes)
+        changed = 0
+        for anchor in range(0, x.shape[1], block):
+            g = model.greedy(x[:, :anchor + 1], anchor + 1 + passes)  # the text to the anchor, then greedy
+            slow, _ = model.forward_ar(g)
+            for r in range(passes + 1):
+                torch.testing.assert_close(chain[:, anchor + r], slow[:, anchor + r], atol=2e-4, rtol=1e-4)
+            changed += int((g[:, anchor + 1:anchor + 1 + passes] != x[:, anchor + 1:anchor + 1 + passes]).sum())
+    assert changed > 0  # the greedy chain left the text somewhere: the targets differ from the teacher-forced ones
+
+
 def test_training_scripts_simulated_acceptance_counts_the_runtimes_cycles(models):
     """scripts/train_tiny.py picks recipes and shapes by ``simulated_acceptance`` (every anchor's draft from one
     batched pass, the cycles walked on the host) instead of running the runtime: on the shipped weights it must
     count the runtime's cycles, prompt by prompt, and its training-side forward must load the checkpoint exactly."""
-    import importlib.util
-
     import torch
-    spec = importlib.util.spec_from_file_location("train_tiny", TINY_DIR.parents[2] / "scripts" / "train_tiny.py")
-    train_tiny = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_tiny)
+    train_tiny = _train_tiny()
     model = train_tiny.Tiny.from_checkpoint(TINY_DIR).eval()
     mask_id = json.loads((TINY_DIR / "config.json").read_text())["mask_token_id"]
     engine = models.engine("tiny")
