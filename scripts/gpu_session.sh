@@ -17,6 +17,7 @@
 # A training longer than one call (one learning-rate schedule over it), on a machine kept warm by calls in a row:
 #   DRAFTER_DIFF_S=900 bash scripts/gpu_session.sh long    # starts it (setsid), runs the GPU tests meanwhile
 #   bash scripts/gpu_session.sh await                      # the next call, at once: waits for it, then collects
+# (TESTS=0: no GPU tests beside the training; the first call waits for it as `await` does)
 # (CHAIN_PASSES=N: the drafter distilled towards the base's greedy chain in each block, train_tiny.py --chain-passes)
 # The previous session's run (two tiny shapes trained side by side, the GPU tests, the batched 8B benchmark) is in
 # git history (git log -- scripts/gpu_session.sh).
@@ -89,7 +90,8 @@ case "$phase" in
   all) sweep; kernel_tests & trainings; wait ;;
   long)  # one long drafter training in a new process session (it outlives this call), the GPU tests meanwhile
     ( setsid nohup bash "$0" part-bg > "$R/part-bg.out" 2>&1 & )
-    gpu_tests; exec bash "$0" collect ;;
+    if [ "${TESTS:-1}" = 1 ]; then gpu_tests; exec bash "$0" collect; fi
+    exec bash "$0" await ;;  # TESTS=0: the GPU left to the training, this call waits for it as `await` does
   part-bg) ONE=1 FRESH_LM_S=${FRESH_LM_S:-150} FRESH_DIFF_S=${FRESH_DIFF_S:-200} trainings ;;
   await)  # the next call, at once: waits for `long`'s training (at most AWAIT_S seconds), then collects
     for _ in $(seq "${AWAIT_S:-560}"); do [ -e "$R/done-part-bg" ] && break; sleep 1; done

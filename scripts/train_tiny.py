@@ -14,7 +14,9 @@ One GPU, fixed seeds, a wall-clock budget per stage (the step counts reached are
    KL(AR || diffusion) distillation, on blocks of 32: block position i sees the AR keys/values of positions before
    the block's anchor and the block's own diffusion keys/values bidirectionally; its input is
    ``[x_anchor, M, …, M]`` and its target the AR distribution at the same position (single-step denoising; block
-   position j's KL weighted by exp(-j / ``--kl-decay``)), on
+   position j's KL weighted by exp(-j / ``--kl-decay``)); with ``--chain-passes N`` the target is instead the AR
+   distribution along the base's own greedy chain from the anchor (N Jacobi passes of the base within the block:
+   rows 0..N exact, what a greedy verify would accept), not along the text; on
    the training text (``--diff-data real``, the default), on the base model's own greedy continuations of it
    (``generated``), or both (``both``: the one with the better validation block acceptance is written to --out,
    the other to ``recipe-NAME/``); weights with the best validation block acceptance (``block_acceptance``: tokens
