@@ -70,17 +70,22 @@ def history(log: dict) -> list[dict]:
 
 def command(part: dict) -> str:
     a = part["args"]
+    chain = f" --chain-passes {a['chain_passes']}" if a.get("chain_passes") else ""
     if part.get("init_from"):
         return (f"--init-from tiny --lm-seconds {a['lm_seconds']:.0f} --diff-seconds {a['diff_seconds']:.0f} "
-                f"--kl-decay {a['kl_decay']:g}")
+                f"--kl-decay {a['kl_decay']:g}{chain}")
     return (f"--layers {a['layers']} --lm-seconds {a['lm_seconds']:.0f} --diff-seconds {a['diff_seconds']:.0f} "
-            f"--diff-data {a['diff_data']} --kl-decay {a['kl_decay']:g}")
+            f"--diff-data {a['diff_data']} --kl-decay {a['kl_decay']:g}{chain}")
 
 
 def later_part(n: int, p: dict) -> str:
     """Item ``n`` of the card's training list: a run that trained on from the checkpoint before it."""
     rec = p["recipes"][p["chosen_recipe"]]
-    return (f"\n{n}. Trained on from the checkpoint above (`{command(p)}`): base {p['lm']['steps']} steps in "
+    chain = p["args"].get("chain_passes")
+    target = (f" KL targets along the base's own greedy chain in each block ({chain} Jacobi passes of the base from the "
+              f"teacher-forced logits: block positions 0..{chain} exact, i.e. what a greedy verify accepts) instead of "
+              "along the text;" if chain else "")
+    return (f"\n{n}. Trained on from the checkpoint above (`{command(p)}`):{target} base {p['lm']['steps']} steps in "
             f"{p['lm']['seconds']:.0f} s (kept step {p['lm']['best_step']}; step 0 is the starting weights), "
             f"validation cross-entropy {p['val_lm_loss']:.3f}, held-out packages {p['heldout_lm_loss']:.3f}; diffusion "
             f"set from {'the checkpoint' if p.get('diff_init') == 'checkpoint' else 'the AR set'}: "
