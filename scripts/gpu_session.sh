@@ -11,7 +11,10 @@
 # then, on this machine, the returned shards + results.tgz's tiny-drafter/ files make a folder DIR (in a folder
 # .git/info/exclude ignores, carried), and the next call runs INIT=DIR ... part.
 # The next session's calls, each one foreground call that collects its own results into $OUT (most useful first):
-#   bash scripts/gpu_session.sh profile     # ~8 min on an idle GPU: the compiled 8B cycle profiled by kind (#14)
+#   bash scripts/gpu_session.sh profile     # in the background (setsid): the compiled 8B cycle profiled by kind
+#                                           # on an idle GPU (#14), then the GPU tests; this call waits for the
+#                                           # profile (at most AWAIT_S), then collects
+#   AWAIT=tests bash scripts/gpu_session.sh await   # the next call, at once: waits for the tests, then collects
 #   bash scripts/gpu_session.sh tests       # ~6 min: the 28 GPU tests a shared GPU did not reach on 2026-12-06
 #   DRAFTER_DIFF_S=420 bash scripts/gpu_session.sh part    # ~9 min: the shipped tiny's drafter trained on (#15)
 # A training longer than one call (one learning-rate schedule over it), on a machine kept warm by calls in a row:
@@ -71,8 +74,8 @@ trainings() {  # two ways of training on from the shipped checkpoint, side by si
 }
 profile() {  # timings: alone on the GPU; Inductor compiles the 8B engine for batch 1 and 8 first (> 270 s)
   step "compiled 8B cycle by kind, batch 1 and 8 (GEMM floor: bytes or FLOPs)"
-  timeout 500 python3 scripts/profile_gpu.py --shape 8b --context 4096 --batches 1,8 --steps cycle \
-    --compile inductor --out "$R/profile-8b-inductor.json" > "$R/profile-8b-inductor.log" 2>&1
+  timeout "${PROFILE_S:-900}" python3 scripts/profile_gpu.py --shape 8b --context 4096 --batches 1,8 \
+    --steps cycle --compile inductor --top 30 --out "$R/profile-8b-inductor.json" > "$R/profile-8b-inductor.log" 2>&1
   step "profile rc $?"
 }
 gpu_tests() {  # the 28 engine-level GPU tests (the 192 kernel tests before them passed on 2026-12-06)
@@ -83,7 +86,10 @@ gpu_tests() {  # the 28 engine-level GPU tests (the 192 kernel tests before them
   step "GPU tests rc $?"
 }
 case "$phase" in
-  profile) profile; echo finished > "$R/done-$phase"; exec bash "$0" collect ;;
+  profile)  # the profile, then the GPU tests, in a new process session (they outlive this call)
+    ( setsid nohup bash "$0" profile-bg > "$R/profile-bg.out" 2>&1 & )
+    AWAIT=profile exec bash "$0" await ;;
+  profile-bg) profile; echo finished > "$R/done-profile"; gpu_tests; echo finished > "$R/done-tests" ;;
   tests) gpu_tests; echo finished > "$R/done-$phase"; exec bash "$0" collect ;;
   kernels) sweep; kernel_tests ;;
   train) trainings ;;
@@ -93,8 +99,8 @@ case "$phase" in
     if [ "${TESTS:-1}" = 1 ]; then gpu_tests; exec bash "$0" collect; fi
     exec bash "$0" await ;;  # TESTS=0: the GPU left to the training, this call waits for it as `await` does
   part-bg) ONE=1 FRESH_LM_S=${FRESH_LM_S:-150} FRESH_DIFF_S=${FRESH_DIFF_S:-200} trainings ;;
-  await)  # the next call, at once: waits for `long`'s training (at most AWAIT_S seconds), then collects
-    for _ in $(seq "${AWAIT_S:-560}"); do [ -e "$R/done-part-bg" ] && break; sleep 1; done
+  await)  # the next call, at once: waits for `long`'s training (AWAIT=profile|tests: for those) (at most AWAIT_S seconds), then collects
+    for _ in $(seq "${AWAIT_S:-560}"); do [ -e "$R/done-${AWAIT:-part-bg}" ] && break; sleep 1; done
     exec bash "$0" collect ;;
   part) ONE=1 FRESH_LM_S=${FRESH_LM_S:-150} FRESH_DIFF_S=${FRESH_DIFF_S:-200} trainings; echo finished > "$R/done-$phase"; exec bash "$0" collect ;;
   *) echo "usage: gpu_session.sh profile|tests|long|await|part|all|kernels|train|collect" >&2; exit 2 ;;
