@@ -11,7 +11,7 @@
 # then, on this machine, the returned shards + results.tgz's tiny-drafter/ files make a folder DIR (in a folder
 # .git/info/exclude ignores, carried), and the next call runs INIT=DIR ... part.
 # The next session's calls, each one foreground call that collects its own results into $OUT (most useful first):
-#   bash scripts/gpu_session.sh profile     # in the background (setsid): the compiled 8B cycle profiled by kind
+#   bash scripts/gpu_session.sh profile     # in the background (setsid): the compiled 8B cycle (bf16, fp8) by kind
 #                                           # on an idle GPU (#14), then the GPU tests; this call waits for the
 #                                           # profile (at most AWAIT_S), then collects
 #   AWAIT=tests bash scripts/gpu_session.sh await   # the next call, at once: waits for the tests, then collects
@@ -77,6 +77,11 @@ profile() {  # timings: alone on the GPU; Inductor compiles the 8B engine for ba
   timeout "${PROFILE_S:-900}" python3 scripts/profile_gpu.py --shape 8b --context 4096 --batches 1,8 \
     --steps cycle --compile inductor --top 30 --out "$R/profile-8b-inductor.json" > "$R/profile-8b-inductor.log" 2>&1
   step "profile rc $?"
+  step "compiled 8B FP8 cycle by kind, batch 1"
+  timeout "${PROFILE_S:-900}" python3 scripts/profile_gpu.py --shape 8b --context 4096 --batches 1 --steps cycle \
+    --compile inductor --precision fp8 --top 30 --out "$R/profile-8b-fp8-inductor.json" \
+    > "$R/profile-8b-fp8-inductor.log" 2>&1
+  step "fp8 profile rc $?"
 }
 gpu_tests() {  # the 28 engine-level GPU tests (the 192 kernel tests before them passed on 2026-12-06)
   step "GPU tests: batched passes, exactness, graphs, per-engine kernel options, autotuner, fp8, profiler"
