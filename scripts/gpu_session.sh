@@ -11,10 +11,10 @@
 # then, on this machine, the returned shards + results.tgz's tiny-drafter/ files make a folder DIR (in a folder
 # .git/info/exclude ignores, carried), and the next call runs INIT=DIR ... part.
 # The next session's calls, each one foreground call that collects its own results into $OUT (most useful first):
-#   bash scripts/gpu_session.sh profile     # in the background (setsid): the compiled 8B cycle (bf16, fp8) by kind
-#                                           # on an idle GPU (#14), then the GPU tests; this call waits for the
-#                                           # profile (at most AWAIT_S), then collects
-#   AWAIT=tests bash scripts/gpu_session.sh await   # the next call, at once: waits for the tests, then collects
+#   bash scripts/gpu_session.sh profile     # in the background (setsid): the linear layers' tilings swept, then the
+#                                           # compiled 8B cycle (bf16, fp8) by kind, on an idle GPU (#14) (TESTS=1:
+#                                           # the GPU tests after); this call waits (at most AWAIT_S), then collects
+#   AWAIT=profile bash scripts/gpu_session.sh await # the next call, at once: waits for the rest, then collects
 #   bash scripts/gpu_session.sh tests       # ~6 min: the 28 GPU tests a shared GPU did not reach on 2026-12-06
 #   DRAFTER_DIFF_S=420 bash scripts/gpu_session.sh part    # ~9 min: the shipped tiny's drafter trained on (#15)
 # A training longer than one call (one learning-rate schedule over it), on a machine kept warm by calls in a row:
@@ -72,6 +72,12 @@ trainings() {  # two ways of training on from the shipped checkpoint, side by si
   [ "${ONE:-}" = 1 ] || { train both --lm-seconds "${BOTH_LM_S:-270}" --diff-seconds "${BOTH_DIFF_S:-450}" & }
   wait
 }
+linear_sweep() {  # timings: the fp8 (and bf16) GEMM's tilings against cuBLAS at the 8B projections (#14)
+  step "linear layers: Triton GEMM tilings vs cuBLAS / _scaled_mm, 8B shapes, M = 32, 256, 1"
+  timeout "${SWEEP_S:-300}" python3 scripts/sweep_linear.py --shapes "${SWEEP_SHAPES:-8b}" --out "$R/linear-sweep.json" \
+    > "$R/linear-sweep.log" 2>&1
+  step "linear sweep rc $?"
+}
 profile() {  # timings: alone on the GPU; Inductor compiles the 8B engine for batch 1 and 8 first (> 270 s)
   step "compiled 8B cycle by kind, batch 1 and 8 (GEMM floor: bytes or FLOPs)"
   timeout "${PROFILE_S:-900}" python3 scripts/profile_gpu.py --shape 8b --context 4096 --batches 1,8 \
@@ -94,7 +100,8 @@ case "$phase" in
   profile)  # the profile, then the GPU tests, in a new process session (they outlive this call)
     ( setsid nohup bash "$0" profile-bg > "$R/profile-bg.out" 2>&1 & )
     AWAIT=profile exec bash "$0" await ;;
-  profile-bg) profile; echo finished > "$R/done-profile"; gpu_tests; echo finished > "$R/done-tests" ;;
+  profile-bg) linear_sweep; profile; echo finished > "$R/done-profile"
+    [ "${TESTS:-0}" = 1 ] && { gpu_tests; echo finished > "$R/done-tests"; } ;;
   tests) gpu_tests; echo finished > "$R/done-$phase"; exec bash "$0" collect ;;
   kernels) sweep; kernel_tests ;;
   train) trainings ;;

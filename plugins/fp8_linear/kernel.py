@@ -1,11 +1,20 @@
-"""Triton GPU kernel for ``orthrus::fp8_linear`` at decoding sizes (M <= 32 rows).
+"""Triton GPU kernels for ``orthrus::fp8_linear`` at decoding sizes (M = 32 rows a sequence, any number of rows).
 
-Two launches: a per-row quantization kernel (absmax -> scale -> e4m3, the reference's arithmetic), then a GEMM whose
-programs each own ``BLOCK_N`` output channels for all rows, padded to 32: ``tl.dot`` of e4m3 tiles with float32
-accumulation over K in ``BLOCK_K`` steps, then the row and channel scales. The tile configuration depends on N and
-K only, never on M, so a row's result is the same bit for bit whether it comes in a 32-row verify block or a 1-row
-decode step (batch invariance: the property that keeps an FP8 engine's Orthrus output equal to its own AR output).
+Two launches, three with a split K: a per-row quantization kernel (absmax -> scale -> e4m3, the reference's
+arithmetic), then a GEMM over tiles of ``M_TILE`` (32) rows: each program owns ``block_n`` output channels of one
+row tile and one slice of K, ``tl.dot`` of e4m3 tiles with float32 accumulation over the slice in ``block_k`` steps,
+then the row and channel scales; with ``split_k`` > 1 the slices' float32 partial sums are added in a fixed order by
+a third kernel. ``swap`` puts the weight tile on the MMA's M side (``[block_n, block_k] x [block_k, 32]``), so a
+64- or 128-channel weight tile can use Hopper's warpgroup MMA where a 32-row activation tile cannot.
+
+Batch invariance: every row tile runs the same instruction sequence, and the configuration (:class:`Config`) is a
+function of N, K and the GPU only (:func:`config`), never of M — so a row's result is the same bit for bit whether it
+comes in a 32-row verify block, a 1-row decode step or a 256-row batched pass (the property that keeps an FP8 engine's
+Orthrus output equal to its own AR output). The same GEMM without scales runs bf16/fp16 operands (``linear``), for
+benchmarks against cuBLAS (``scripts/sweep_linear.py``).
 """
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -13,11 +22,29 @@ import triton.language as tl
 
 from orthrus_plugins.fp8_linear import E4M3_MAX, MIN_SCALE
 
-M_PAD = 32
+M_TILE = 32
+
+
+@dataclass(frozen=True)
+class Config:
+    """How the GEMM is tiled (every choice computes the same function, each with its own summation order)."""
+    block_n: int = 64
+    block_k: int = 128
+    split_k: int = 1
+    swap: bool = False      # weight tile as the MMA's M operand
+    num_warps: int = 4
+    num_stages: int = 4
+
+    def __post_init__(self):
+        for v in (self.block_n, self.block_k, self.num_warps):
+            if v & (v - 1) or v <= 0:
+                raise ValueError(f"fp8_linear config sizes must be powers of two, got {self}")
+        if self.split_k < 1 or self.num_stages < 1 or self.block_k < 32 or self.block_n < 16:
+            raise ValueError(f"fp8_linear config out of range: {self}")
 
 
 @triton.jit
-def _quant_kernel(X, XQ, XS, K, stride_x, stride_q, QMAX: tl.constexpr, SMIN: tl.constexpr,
+def _quant_kernel(X, XQ, XS, stride_x, stride_q, K: tl.constexpr, QMAX: tl.constexpr, SMIN: tl.constexpr,
                   BLOCK: tl.constexpr):
     row = tl.program_id(0)
     amax = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -35,79 +62,129 @@ def _quant_kernel(X, XQ, XS, K, stride_x, stride_q, QMAX: tl.constexpr, SMIN: tl
 
 
 @triton.jit
-def _gemm_kernel(XQ, XS, W, WS, O, P, M, N, K, K_PER_SPLIT, stride_q, stride_w, stride_o,
-                 M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    pid = tl.program_id(0)
+def _gemm_kernel(XQ, XS, W, WS, O, P, M, N, K, M_ALL, stride_q, stride_w, stride_o, K_PER_SPLIT: tl.constexpr,
+                 M_TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                 SWAP: tl.constexpr, SCALED: tl.constexpr, EVEN: tl.constexpr):
+    pid_n = tl.program_id(0)
     split = tl.program_id(1)
-    offs_m = tl.arange(0, M_PAD)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_m = tl.program_id(2)
+    offs_m = pid_m * M_TILE + tl.arange(0, M_TILE)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k_start = split * K_PER_SPLIT
-    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
-    acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(XQ + offs_m[:, None] * stride_q + offs_k[None, :],
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_end), other=0.0)
-        b = tl.load(W + offs_n[None, :] * stride_w + offs_k[:, None],
-                    mask=(offs_n[None, :] < N) & (offs_k[:, None] < k_end), other=0.0)
-        acc = tl.dot(a, b, acc)
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    offs_kk = tl.arange(0, BLOCK_K)
+    a_ptr = XQ + offs_m[:, None] * stride_q + k_start + offs_kk[None, :]
+    w_ptr = W + offs_n[:, None] * stride_w + k_start + offs_kk[None, :]
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, M_TILE), dtype=tl.float32)
+    else:
+        acc = tl.zeros((M_TILE, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+        if EVEN:  # N % BLOCK_N == 0 and K a whole number of slices, each a whole number of BLOCK_K steps
+            a = tl.load(a_ptr + k0, mask=offs_m[:, None] < M, other=0.0)
+            w = tl.load(w_ptr + k0)
+        else:
+            kok = (k_start + k0 + offs_kk) < K
+            a = tl.load(a_ptr + k0, mask=(offs_m[:, None] < M) & kok[None, :], other=0.0)
+            w = tl.load(w_ptr + k0, mask=(offs_n[:, None] < N) & kok[None, :], other=0.0)
+        if SWAP:
+            acc = tl.dot(w, tl.trans(a), acc)
+        else:
+            acc = tl.dot(a, tl.trans(w), acc)
+    if SWAP:  # acc[n, m]
+        om = offs_m[None, :]
+        on = offs_n[:, None]
+    else:
+        om = offs_m[:, None]
+        on = offs_n[None, :]
+    mask = (om < M) & (on < N)
     if SPLIT_K == 1:
-        xs = tl.load(XS + offs_m, mask=offs_m < M, other=0.0)
-        ws = tl.load(WS + offs_n, mask=offs_n < N, other=0.0)
-        out = acc * xs[:, None] * ws[None, :]
-        tl.store(O + offs_m[:, None] * stride_o + offs_n[None, :], out.to(O.dtype.element_ty), mask=mask)
-    else:  # float32 partial sums of this key slice; _reduce_kernel adds the slices in a fixed order
-        tl.store(P + (split * M_PAD + offs_m[:, None]) * N + offs_n[None, :], acc, mask=mask)
+        out = acc
+        if SCALED:
+            out = out * tl.load(XS + om, mask=om < M, other=0.0) * tl.load(WS + on, mask=on < N, other=0.0)
+        tl.store(O + om * stride_o + on, out.to(O.dtype.element_ty), mask=mask)
+    else:  # float32 partial sums of this K slice; _reduce_kernel adds the slices in a fixed order
+        tl.store(P + (split * M_ALL + om) * N + on, acc, mask=mask)
 
 
 @triton.jit
-def _reduce_kernel(P, XS, WS, O, M, N, stride_o, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                   SPLIT_K: tl.constexpr):
+def _reduce_kernel(P, XS, WS, O, M, N, M_ALL, stride_o, M_TILE: tl.constexpr, BLOCK_N: tl.constexpr,
+                   SPLIT_K: tl.constexpr, SCALED: tl.constexpr):
     pid = tl.program_id(0)
-    offs_m = tl.arange(0, M_PAD)
+    offs_m = tl.program_id(1) * M_TILE + tl.arange(0, M_TILE)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((M_TILE, BLOCK_N), dtype=tl.float32)
     for sp in range(SPLIT_K):
-        acc += tl.load(P + (sp * M_PAD + offs_m[:, None]) * N + offs_n[None, :], mask=mask, other=0.0)
-    xs = tl.load(XS + offs_m, mask=offs_m < M, other=0.0)
-    ws = tl.load(WS + offs_n, mask=offs_n < N, other=0.0)
-    tl.store(O + offs_m[:, None] * stride_o + offs_n[None, :], (acc * xs[:, None] * ws[None, :]).to(O.dtype.element_ty),
-             mask=mask)
+        acc += tl.load(P + (sp * M_ALL + offs_m[:, None]) * N + offs_n[None, :], mask=mask, other=0.0)
+    if SCALED:
+        acc = acc * tl.load(XS + offs_m, mask=offs_m < M, other=0.0)[:, None]
+        acc = acc * tl.load(WS + offs_n, mask=offs_n < N, other=0.0)[None, :]
+    tl.store(O + offs_m[:, None] * stride_o + offs_n[None, :], acc.to(O.dtype.element_ty), mask=mask)
 
 
-def config(n: int, k: int, sms: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, SPLIT_K) for an [N, K] weight: about two programs per SM, splitting K when N alone gives
-    too few. A function of N, K and the GPU only — never of M — which is what keeps rows batch-invariant."""
+def config(n: int, k: int, sms: int) -> Config:
+    """The GEMM's tiling for an [N, K] weight: about two programs per SM, splitting K when N alone gives too few.
+    A function of N, K and the GPU only — never of M — which is what keeps rows batch-invariant."""
     block_n, block_k = 64, 128
     blocks = triton.cdiv(n, block_n)
     split = max(1, min(triton.cdiv(2 * sms, blocks), triton.cdiv(k, 4 * block_k)))
-    return block_n, block_k, split
+    return Config(block_n, block_k, split)
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
-    m, k = x.shape
+def _gemm(xq, xs, weight, ws, out_dtype, cfg: Config):
+    """``xq [M, K] @ weight[N, K].T`` (times ``xs[m] · ws[n]`` when given) with the tiling ``cfg``."""
+    m, k = xq.shape
     n = weight.shape[0]
-    if m > M_PAD:
-        from orthrus_plugins.fp8_linear import scaled_mm
-        return scaled_mm(x, weight, weight_scale)
-    x = x.contiguous()
+    m_tiles = triton.cdiv(m, M_TILE)
+    out = torch.empty(m, n, device=xq.device, dtype=out_dtype)
+    if m == 0:
+        return out
+    k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
+    split = triton.cdiv(k, k_per_split)  # a slice count that leaves none empty
+    even = n % cfg.block_n == 0 and k % k_per_split == 0
+    partial = torch.empty(split, m_tiles * M_TILE, n, device=xq.device, dtype=torch.float32) if split > 1 else out
+    scaled = xs is not None
+    xs = xs if scaled else out
+    ws = ws if scaled else out
+    _gemm_kernel[(triton.cdiv(n, cfg.block_n), split, m_tiles)](
+        xq, xs, weight, ws, out, partial, m, n, k, m_tiles * M_TILE, xq.stride(0), weight.stride(0), out.stride(0),
+        K_PER_SPLIT=k_per_split, M_TILE=M_TILE, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split, SWAP=cfg.swap,
+        SCALED=scaled, EVEN=even, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if split > 1:
+        _reduce_kernel[(triton.cdiv(n, 64), m_tiles)](partial, xs, ws, out, m, n, m_tiles * M_TILE, out.stride(0),
+                                                     M_TILE=M_TILE, BLOCK_N=64, SPLIT_K=split, SCALED=scaled,
+                                                     num_warps=4)
+    return out
+
+
+def _sms(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row e4m3 quantization on the device (one launch): ``(xq [M, K], scale [M] float32)``."""
+    m, k = x.shape
     xq = torch.empty(m, k, device=x.device, dtype=torch.float8_e4m3fn)
     xs = torch.empty(m, device=x.device, dtype=torch.float32)
-    _quant_kernel[(m,)](x, xq, xs, k, x.stride(0), xq.stride(0), QMAX=E4M3_MAX, SMIN=MIN_SCALE, BLOCK=1024,
-                        num_warps=4)
-    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
-    block_n, block_k, split = config(n, k, sms)
-    k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
-    partial = torch.empty(split, M_PAD, n, device=x.device, dtype=torch.float32) if split > 1 else out
-    ws = weight_scale.float()
-    grid = (triton.cdiv(n, block_n), split)
-    _gemm_kernel[grid](xq, xs, weight, ws, out, partial, m, n, k, k_per_split, xq.stride(0), weight.stride(0),
-                       out.stride(0), M_PAD=M_PAD, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=4,
-                       num_stages=4)
-    if split > 1:
-        _reduce_kernel[(triton.cdiv(n, block_n),)](partial, xs, ws, out, m, n, out.stride(0), M_PAD=M_PAD,
-                                                   BLOCK_N=block_n, SPLIT_K=split, num_warps=4)
-    return out
+    if m:
+        _quant_kernel[(m,)](x, xq, xs, x.stride(0), xq.stride(0), K=k, QMAX=E4M3_MAX, SMIN=MIN_SCALE, BLOCK=1024,
+                            num_warps=4)
+    return xq, xs
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               cfg: Config | None = None) -> torch.Tensor:
+    """The op's Triton implementation (``cfg``: a tiling to try; default :func:`config`)."""
+    x = x.contiguous()
+    n, k = weight.shape
+    cfg = cfg or config(n, k, _sms(x.device))
+    xq, xs = quantize(x)
+    return _gemm(xq, xs, weight, weight_scale.float(), x.dtype, cfg)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, cfg: Config | None = None) -> torch.Tensor:
+    """``x @ weight.T`` for bf16/fp16/fp32 operands with the same GEMM (no scales): a batch-invariant alternative to
+    cuBLAS, measured against it by ``scripts/sweep_linear.py``."""
+    x = x.contiguous()
+    n, k = weight.shape
+    return _gemm(x, None, weight, None, x.dtype, cfg or config(n, k, _sms(x.device)))
