@@ -1,0 +1,67 @@
+"""``orthrus::fp8_linear``'s Triton GEMM on the CPU, under Triton's interpreter (no GPU needed): every tiling kind
+(the weight tile on either MMA side, split K or not, shapes that divide the tiles and shapes that do not, rows beyond
+one 32-row tile) against a float64 product, outputs poisoned first, each row bitwise equal to its run alone.
+fp32 and fp16 operands through ``linear``; e4m3 operands through the GEMM with torch's own quantization (the
+interpreter's e4m3 conversion rounds some values differently from torch's, so the quantization kernel is checked on
+the GPU, ``tests/test_gpu.py``). Exit 1 on the first failure.
+
+    pip install --target /tmp/tritonpkg triton   # not a dependency: the CPU wheels of torch need no Triton
+    PYTHONPATH=/tmp/tritonpkg TRITON_INTERPRET=1 python scripts/check_linear_interpreter.py   # ~2 min on 2 cores
+"""
+
+import sys
+
+import torch
+
+from orthrus_plugins.fp8_linear import _reference, kernel as fk, quantize_rows, quantize_weight
+
+CONFIGS = [fk.Config(64, 64, 1), fk.Config(64, 64, 3, swap=True), fk.Config(16, 32, 2), fk.Config(32, 64, 4)]
+SHAPES = [(1, 96, 256), (40, 130, 320), (64, 128, 512)]  # (M, N, K): one row; ragged N, K; two row tiles
+TOLERANCE = {torch.float32: 1e-6, torch.float16: 2e-3, "e4m3": 1e-6}
+
+
+def poisoned_gemm(xq, xs, w, ws, dtype, cfg):
+    """``kernel._gemm`` into an output that starts as NaN (every element must be written)."""
+    real_empty = torch.empty
+
+    def nan_empty(*a, **kw):
+        t = real_empty(*a, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+    torch.empty = nan_empty
+    try:
+        return fk._gemm(xq, xs, w, ws, dtype, cfg)
+    finally:
+        torch.empty = real_empty
+
+
+def main() -> int:
+    g = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for (m, n, k), cfg in [(s, c) for s in SHAPES for c in CONFIGS]:
+        for kind in (torch.float32, torch.float16, "e4m3"):
+            if kind == "e4m3":
+                x = torch.randn(m, k, generator=g).half()
+                w, ws = quantize_weight(torch.randn(n, k, generator=g) * 0.05)
+                xq, xs = quantize_rows(x)
+                xs = xs.reshape(-1)
+                ref, dtype = _reference(x.float(), w, ws).double(), torch.float32
+            else:
+                xq = torch.randn(m, k, generator=g).to(kind)
+                w, ws, xs, dtype = torch.randn(n, k, generator=g).to(kind), None, None, kind
+                ref = xq.double() @ w.double().t()
+            out = poisoned_gemm(xq, xs, w, ws, dtype, cfg)
+            err = float((out.double() - ref).norm() / ref.norm())
+            alone = torch.cat([fk._gemm(xq[i:i + 1], None if xs is None else xs[i:i + 1], w, ws, dtype, cfg)
+                               for i in range(m)])
+            ok = not torch.isnan(out).any() and err < TOLERANCE[kind] and torch.equal(alone, out)
+            worst = max(worst, err) if kind == torch.float32 else worst
+            print(f"M {m:3d} N {n:3d} K {k:3d} {str(kind):14s} {cfg}: rel err {err:.1e}, rows alone equal "
+                  f"{torch.equal(alone, out)} {'ok' if ok else 'FAILED'}", flush=True)
+            if not ok:
+                return 1
+    print(f"all passed (fp32 worst relative error {worst:.1e})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
