@@ -1,11 +1,13 @@
 """The attention Triton kernel against the reference on the CPU, under Triton's interpreter (no GPU needed), at every
 query block and two split counts, and two launch configurations besides the default: batched rows of different
 lengths and slots (two consecutive chunks of one slot among them), fp32 and fp16 (the interpreter mishandles bf16:
-the kernel before query blocks fails there too), causal and diffusion mode; outputs poisoned first, cache contents
-checked, each row bitwise equal to its run alone.
+the kernel before query blocks fails there too), causal and diffusion mode, v a strided view and lengths and slots
+strided columns (read in place); outputs poisoned first, cache contents checked, each row bitwise equal to its run
+alone.
 Exit 1 on the first failure.
 
-    pip install --target /tmp/tritonpkg triton   # not a dependency: the CPU wheels of torch need no Triton
+    pip install --target /tmp/tritonpkg triton "numpy<2.3"  # not dependencies (the CPU wheels of torch need no
+    # Triton); NumPy 2.3 on refuses the interpreter's size-1 loop bounds
     PYTHONPATH=/tmp/tritonpkg TRITON_INTERPRET=1 python scripts/check_attention_interpreter.py   # ~100 s on 2 cores
 """
 
@@ -26,7 +28,10 @@ def check(causal: bool, dtype: torch.dtype) -> float:
         return torch.randn(*shape).to(dtype)
     lens, slots = torch.tensor([0, 133, 77, 100, 100 + t]), torch.tensor([4, 0, 3, 1, 1])
     rows = len(lens)
-    q, k, v = r(rows * t, hq, d), r(rows * t, hkv, d), r(rows * t, hkv, d)
+    q, k = r(rows * t, hq, d), r(rows * t, hkv, d)
+    v = r(rows * t, 3 * hkv, d)[:, hkv:2 * hkv]  # a strided view, as the slice of a QKV product the engines pass
+    # lengths and slots as strided int64 columns of a row buffer, as the runtime passes them
+    lens, slots = torch.stack([lens, slots], 1)[:, 0], torch.stack([slots, lens], 1)[:, 0]
     kc, vc = r(layers, slots_n, hkv, cap, d), r(layers, slots_n, hkv, cap, d)
     kc_ref, vc_ref = kc.clone(), vc.clone()
     expected = reference("check", q, k, v, kc_ref, vc_ref, lens, 1, d ** -0.5, causal, slots)

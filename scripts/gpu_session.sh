@@ -47,6 +47,12 @@ sweep() {  # timings first, on an idle GPU
     > "$R/attention-launch.log" 2>&1
   step "launch sweep rc $?"
 }
+kernel_tests_k() {  # the GPU tests that -k "$TESTS_K" selects
+  step "GPU tests -k $TESTS_K"
+  timeout "${TESTS_S:-400}" python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -W ignore::FutureWarning \
+    -k "$TESTS_K" -rA > "$R/gpu-tests-k.log" 2>&1
+  step "GPU tests -k rc $?"
+}
 kernel_tests() {  # no timings: may share the GPU
   step "the autotuner's and the profiler's GPU tests"
   timeout 300 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -W ignore::FutureWarning \
@@ -74,8 +80,8 @@ trainings() {  # two ways of training on from the shipped checkpoint, side by si
 }
 linear_sweep() {  # timings: the fp8 (and bf16) GEMM's tilings against cuBLAS at the 8B projections (#14)
   step "linear layers: Triton GEMM tilings vs cuBLAS / _scaled_mm, 8B shapes, M = 32, 256, 1"
-  timeout "${SWEEP_S:-300}" python3 scripts/sweep_linear.py --shapes "${SWEEP_SHAPES:-8b}" --out "$R/linear-sweep.json" \
-    > "$R/linear-sweep.log" 2>&1
+  timeout "${SWEEP_S:-300}" python3 scripts/sweep_linear.py --shapes "${SWEEP_SHAPES:-8b}" \
+    --kinds "${SWEEP_KINDS:-fp8,bf16}" --out "$R/linear-sweep.json" > "$R/linear-sweep.log" 2>&1
   step "linear sweep rc $?"
 }
 profile() {  # timings: alone on the GPU; Inductor compiles the 8B engine for batch 1 and 8 first (> 270 s)
@@ -84,8 +90,8 @@ profile() {  # timings: alone on the GPU; Inductor compiles the 8B engine for ba
     --steps cycle --compile inductor --top 30 --out "$R/profile-8b-inductor.json" > "$R/profile-8b-inductor.log" 2>&1
   step "profile rc $?"
   step "compiled 8B FP8 cycle by kind, batch 1"
-  timeout "${PROFILE_S:-900}" python3 scripts/profile_gpu.py --shape 8b --context 4096 --batches 1 --steps cycle \
-    --compile inductor --precision fp8 --top 30 --out "$R/profile-8b-fp8-inductor.json" \
+  timeout "${PROFILE_S:-900}" python3 scripts/profile_gpu.py --shape 8b --context 4096 --batches "${FP8_BATCHES:-1}" \
+    --steps cycle --compile inductor --precision fp8 --top 30 --out "$R/profile-8b-fp8-inductor.json" \
     > "$R/profile-8b-fp8-inductor.log" 2>&1
   step "fp8 profile rc $?"
 }
@@ -101,7 +107,8 @@ case "$phase" in
     ( setsid nohup bash "$0" profile-bg > "$R/profile-bg.out" 2>&1 & )
     AWAIT=profile exec bash "$0" await ;;
   profile-bg) linear_sweep; profile; echo finished > "$R/done-profile"
-    [ "${TESTS:-0}" = 1 ] && { gpu_tests; echo finished > "$R/done-tests"; } ;;
+    [ "${TESTS:-0}" = 1 ] && { gpu_tests; echo finished > "$R/done-tests"; }
+    [ -n "${TESTS_K:-}" ] && { kernel_tests_k; echo finished > "$R/done-tests"; } ;;
   tests) gpu_tests; echo finished > "$R/done-$phase"; exec bash "$0" collect ;;
   kernels) sweep; kernel_tests ;;
   train) trainings ;;

@@ -45,16 +45,28 @@ def splits_for(n: int, k: int, block_n: int, block_k: int, sms: int) -> list[int
     return sorted(out)
 
 
-def candidates(n: int, k: int, sms: int, fp8: bool) -> list[fk.Config]:
-    """The current tiling first, then block sizes × splits at 4 warps and 4 stages (phase 1; ``refine`` adds
-    warps and stages around the best)."""
-    out = [fk.config(n, k, sms)]
+def previous_tiling(n: int, k: int, sms: int) -> fk.Config:
+    """The tiling ``config`` gave before this sweep: 64 channels on the activation side, 128-wide K steps, K split
+    for about two programs per SM (then a reduce launch)."""
+    blocks = -(-n // 64)
+    return fk.Config(64, 128, max(1, min(-(-2 * sms // blocks), -(-k // 512))), swap=False)
+
+
+def candidates(n: int, k: int, sms: int, fp8: bool) -> list[tuple[str, fk.Config]]:
+    """(label, tiling): the previous and the current default first (fp8), then block sizes × splits at 4 warps and
+    4 stages (phase 1; ``refine`` adds warps and stages around the best)."""
+    out = [("previous tiling", previous_tiling(n, k, sms)), ("default tiling", fk.config(n, k, sms))] if fp8 else []
     sizes = [(True, 64, 128), (True, 128, 128), (True, 64, 256), (True, 128, 256), (False, 32, 128),
              (False, 64, 128), (False, 32, 256)] if fp8 else [(True, 64, 64), (True, 128, 64), (False, 64, 64)]
     for swap, bn, bk in sizes:
         for split in splits_for(n, k, bn, bk, sms):
-            out.append(fk.Config(bn, bk, split, swap))
-    return list(dict.fromkeys(out))
+            out.append(("triton", fk.Config(bn, bk, split, swap)))
+    seen, unique = set(), []
+    for label, cfg in out:
+        if cfg not in seen:
+            seen.add(cfg)
+            unique.append((label, cfg))
+    return unique
 
 
 def refine(cfg: fk.Config) -> list[fk.Config]:
@@ -148,10 +160,10 @@ def sweep_shape(name, k, n, ms, sms, bw, a, log) -> list[dict]:
             r = record(kind, variant, m, us, cfg, err, floor_bytes=(1 if fp8 else 2) * n * k)
             r["batch_invariant"] = invariant
 
-    for fp8 in (True, False):
+    for fp8 in [kind == "fp8" for kind in a.kinds.split(",")]:
         kind = "fp8" if fp8 else "bf16"
-        for ci, cfg in enumerate(candidates(n, k, sms, fp8)):
-            try_config(cfg, fp8, "current tiling" if ci == 0 else "triton")
+        for label, cfg in candidates(n, k, sms, fp8):
+            try_config(cfg, fp8, label)
         timed = [r for r in rows if r["kind"] == kind and r.get("m") == 32 and r.get("variant") == "triton"]
         for r in sorted(timed, key=lambda r: r["us"])[:2]:
             for cfg in refine(fk.Config(**r["config"])):
@@ -175,6 +187,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="8b,1.7b")
     ap.add_argument("--ms", default="32,256,1")
+    ap.add_argument("--kinds", default="fp8,bf16", help="Triton GEMMs swept: fp8, bf16 or both")
     ap.add_argument("--reps", type=int, default=24, help="calls per captured graph")
     ap.add_argument("--iters", type=int, default=15, help="graph replays (median)")
     ap.add_argument("--out", required=True)
