@@ -16,9 +16,9 @@ Contract
   the same values for the same token), which keeps an FP8 engine's Orthrus output equal to its own AR output.
 
 Reference implementation (any device): the product-sum exactly, in float64 (see ``_reference``). CUDA kernels
-(GPUs with FP8): a Triton kernel for M <= 32 (``kernel.py``) that pads every call to 32 rows, so each row runs the
-same instruction sequence whatever M is (fp32 accumulation, batch-invariant); ``torch._scaled_mm`` with row-wise
-scales. The build times both and records the choice in the engine's manifest. No ONNX translation: the ONNX export
+(GPUs with FP8): a Triton kernel (``kernel.py``) over tiles of 32 rows, any M, so each row runs the same instruction
+sequence whatever M is (fp32 accumulation, a tiling chosen from N and K only: batch-invariant, also in batched
+passes); ``torch._scaled_mm`` with row-wise scales. The build times both and records the choice in the engine's manifest. No ONNX translation: the ONNX export
 refuses FP8 engines.
 """
 
