@@ -36,10 +36,12 @@ def measure(a) -> dict:
     bw, rate = copy_bandwidth(device), matmul_rate(device, torch.bfloat16)
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s, bf16 matmul rate {rate / 1e12:.0f} TFLOP/s", flush=True)
     cfg, engine, export_s, load_s, _ = build_random(a.shape, torch.bfloat16, a.context, precision=a.precision,
-                                                    compile=a.compile == "inductor", max_batch_size=max(batches))
+                                                    compile=a.compile == "inductor", max_batch_size=max(batches),
+                                                    fp8_kernel=a.fp8_kernel)
     print(f"qwen3-{a.shape}: traced {export_s:.1f} s, compiled+captured {load_s:.1f} s", flush=True)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": a.shape,
-              "precision": a.precision, "context": a.context, "compile": a.compile, "copy_bandwidth_GBps": bw / 1e9,
+              "precision": a.precision, "fp8_kernel": engine.options.fp8_kernel if a.precision == "fp8" else None,
+              "context": a.context, "compile": a.compile, "copy_bandwidth_GBps": bw / 1e9,
               "matmul_TFLOPs": rate / 1e12,
               "steps": profile_engine(engine, [a.context], batches, a.steps.split(","), a.iters, bw, a.top,
                                       log=lambda m: print(m, flush=True), matmul_rate=rate)}
@@ -78,6 +80,9 @@ def main() -> int:
     ap.add_argument("--steps", default="verify,draft,cycle")
     ap.add_argument("--precision", choices=["bf16", "fp8"], default="bf16",
                     help="fp8: e4m3 linear layers as an FP8 build makes them (the GEMM floor is then bytes only)")
+    ap.add_argument("--fp8-kernel", default=None,
+                    help="with --precision fp8: the fp8_linear CUDA kernel (triton, triton-splitk, torch._scaled_mm); "
+                         "default: what the build's timing picks")
     ap.add_argument("--compile", choices=["none", "inductor"], default="none")
     ap.add_argument("--iters", type=int, default=30, help="graph replays timed per step (median)")
     ap.add_argument("--top", type=int, default=12, help="kernels kept per step in the JSON")

@@ -45,17 +45,10 @@ def splits_for(n: int, k: int, block_n: int, block_k: int, sms: int) -> list[int
     return sorted(out)
 
 
-def previous_tiling(n: int, k: int, sms: int) -> fk.Config:
-    """The tiling ``config`` gave before this sweep: 64 channels on the activation side, 128-wide K steps, K split
-    for about two programs per SM (then a reduce launch)."""
-    blocks = -(-n // 64)
-    return fk.Config(64, 128, max(1, min(-(-2 * sms // blocks), -(-k // 512))), swap=False)
-
-
 def candidates(n: int, k: int, sms: int, fp8: bool) -> list[tuple[str, fk.Config]]:
     """(label, tiling): the previous and the current default first (fp8), then block sizes × splits at 4 warps and
     4 stages (phase 1; ``refine`` adds warps and stages around the best)."""
-    out = [("previous tiling", previous_tiling(n, k, sms)), ("default tiling", fk.config(n, k, sms))] if fp8 else []
+    out = [("previous tiling", fk.splitk_config(n, k, sms)), ("default tiling", fk.config(n, k, sms))] if fp8 else []
     sizes = [(True, 64, 128), (True, 128, 128), (True, 64, 256), (True, 128, 256), (False, 32, 128),
              (False, 64, 128), (False, 32, 256)] if fp8 else [(True, 64, 64), (True, 128, 64), (False, 64, 64)]
     for swap, bn, bk in sizes:

@@ -295,10 +295,11 @@ def test_fp8_linear_cuda_kernels_match_reference(m, n, k, monkeypatch):
         assert out.dtype == torch.bfloat16 and out.shape == (m, n) and torch.isfinite(out).all()
         r = compare(out.float(), expected.float(), torch.bfloat16)
         assert r["ok"], (name, r)
-    if "triton" in op.CUDA_KERNELS:  # batch invariance: each row alone equals its row inside the block
-        full = op.CUDA_KERNELS["triton"](x, q, s)
-        rows = torch.cat([op.CUDA_KERNELS["triton"](x[i:i + 1], q, s) for i in range(m)])
-        assert torch.equal(rows, full)
+    for name in ("triton", "triton-splitk"):  # batch invariance: each row alone equals its row inside the block
+        if name in op.CUDA_KERNELS:
+            full = op.CUDA_KERNELS[name](x, q, s)
+            rows = torch.cat([op.CUDA_KERNELS[name](x[i:i + 1], q, s) for i in range(m)])
+            assert torch.equal(rows, full), name
 
 
 def test_fp8_gpu_engine_orthrus_equals_its_own_ar(tmp_path):

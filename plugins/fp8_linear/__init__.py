@@ -18,8 +18,9 @@ Contract
 Reference implementation (any device): the product-sum exactly, in float64 (see ``_reference``). CUDA kernels
 (GPUs with FP8): a Triton kernel (``kernel.py``) over tiles of 32 rows, any M, so each row runs the same instruction
 sequence whatever M is (fp32 accumulation, a tiling chosen from N and K only: batch-invariant, also in batched
-passes); ``torch._scaled_mm`` with row-wise scales. The build times both and records the choice in the engine's manifest. No ONNX translation: the ONNX export
-refuses FP8 engines.
+passes), in two tilings (``triton``: the swept one; ``triton-splitk``: the one before, split K and a reduce launch);
+``torch._scaled_mm`` with row-wise scales. The build times them and records the choice in the engine's manifest. No
+ONNX translation: the ONNX export refuses FP8 engines.
 """
 
 import torch
@@ -85,8 +86,11 @@ def _reference(x, weight, weight_scale):
 
 CUDA_KERNELS = {"torch._scaled_mm": scaled_mm, "reference": _reference}
 try:
+    from functools import partial
+
     from orthrus_plugins.fp8_linear import kernel as _triton_kernel
     CUDA_KERNELS["triton"] = _triton_kernel.fp8_linear
+    CUDA_KERNELS["triton-splitk"] = partial(_triton_kernel.fp8_linear, tiling=_triton_kernel.splitk_config)
 except ImportError:  # no Triton: torch._scaled_mm or the reference
     pass
 DEFAULT_CUDA_KERNEL = "triton" if "triton" in CUDA_KERNELS else "torch._scaled_mm"

@@ -140,6 +140,14 @@ def config(n: int, k: int, sms: int) -> Config:
     return Config(64, block_k, split, swap=True, num_warps=4, num_stages=6 if block_k == 256 else 4)
 
 
+def splitk_config(n: int, k: int, sms: int) -> Config:
+    """The tiling :func:`config` gave before the sweep (kernel ``triton-splitk``): 64 channels on the activation side,
+    128-wide K steps, K split for about two programs per SM, then a reduce launch. Kept as a kernel the build times
+    (another GPU may prefer it) and as the baseline of end-to-end comparisons in one run."""
+    blocks = triton.cdiv(n, 64)
+    return Config(64, 128, max(1, min(triton.cdiv(2 * sms, blocks), triton.cdiv(k, 512))), swap=False)
+
+
 def _gemm(xq, xs, weight, ws, out_dtype, cfg: Config):
     """``xq [M, K] @ weight[N, K].T`` (times ``xs[m] · ws[n]`` when given) with the tiling ``cfg``."""
     m, k = xq.shape
@@ -182,11 +190,11 @@ def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-               cfg: Config | None = None) -> torch.Tensor:
-    """The op's Triton implementation (``cfg``: a tiling to try; default :func:`config`)."""
+               cfg: Config | None = None, tiling=config) -> torch.Tensor:
+    """The op's Triton implementation (``cfg``: a tiling to try; else ``tiling(N, K, SMs)``, :func:`config`)."""
     x = x.contiguous()
     n, k = weight.shape
-    cfg = cfg or config(n, k, _sms(x.device))
+    cfg = cfg or tiling(n, k, _sms(x.device))
     xq, xs = quantize(x)
     return _gemm(xq, xs, weight, weight_scale.float(), x.dtype, cfg)
 
