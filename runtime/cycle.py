@@ -307,6 +307,30 @@ class Steps:
         return sorted(table.values(), key=lambda r: -r["ms"])
 
 
+def graph_time(fn_of, copies: int, reps: int, iters: int) -> float:
+    """Milliseconds per call of kernels too short to time one launch at a time (CUDA only): ``fn_of(i)`` for input
+    set ``i % copies`` (several sets, so that each call reads its inputs from device memory rather than L2), ``reps``
+    calls captured into one CUDA graph, the median over ``iters`` replays timed with CUDA events."""
+    for i in range(copies):
+        fn_of(i)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for r in range(reps):
+            fn_of(r % copies)
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        g.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / reps)
+    return statistics.median(times)
+
+
 def time_it(fn, iters: int, warmup: int = 5, device: torch.device = torch.device("cuda"),
             setup=None) -> list[float]:
     """Milliseconds per call of ``fn`` after ``warmup`` calls: CUDA events around each call on a GPU, the host clock

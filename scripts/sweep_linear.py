@@ -15,7 +15,6 @@ computed alone (batch invariance). A tiling that fails either is reported and no
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from orthrus_export.bench import copy_bandwidth  # noqa: E402
 from orthrus_plugins import fp8_linear as op  # noqa: E402
 from orthrus_plugins.fp8_linear import kernel as fk  # noqa: E402
+from orthrus_runtime.cycle import graph_time as graph_ms  # noqa: E402
 
 SHAPES = {  # name -> (K, N) of the projections a pass reads
     "8b": {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 24576), "down": (12288, 4096)},
@@ -67,25 +67,8 @@ def refine(cfg: fk.Config) -> list[fk.Config]:
 
 
 def graph_time(fn_of, copies: int, reps: int, iters: int) -> float:
-    """Microseconds per call: ``fn_of(i)`` for the i-th weight copy, ``reps`` calls per graph, median of replays."""
-    for i in range(copies):
-        fn_of(i)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for r in range(reps):
-            fn_of(r % copies)
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) * 1e3 / reps)
-    return statistics.median(times)
+    """Microseconds a call (``orthrus_runtime.cycle.graph_time``: CUDA-graph replays over ``copies`` input sets)."""
+    return graph_ms(fn_of, copies, reps, iters) * 1e3
 
 
 def rel(out, ref) -> float:
