@@ -34,15 +34,9 @@ L2_MULTIPLE = 150e6  # bytes of weights cycled through per graph: three times an
 
 
 def splits_for(n: int, k: int, block_n: int, block_k: int, sms: int) -> list[int]:
-    """1, and the smallest divisors of K's step count giving at least one and two programs per SM."""
+    """1, and the fewest K slices giving at least one and two programs per SM."""
     steps, tiles = k // block_k, -(-n // block_n)
-    out = {1}
-    for target in (sms, 2 * sms):
-        for d in range(1, steps + 1):
-            if steps % d == 0 and tiles * d >= target:
-                out.add(d)
-                break
-    return sorted(out)
+    return sorted({1, fk.split_for(tiles, steps, sms), fk.split_for(tiles, steps, 2 * sms)})
 
 
 def candidates(n: int, k: int, sms: int, fp8: bool) -> list[tuple[str, fk.Config]]:

@@ -122,6 +122,12 @@ def _reduce_kernel(P, XS, WS, O, M, N, M_ALL, stride_o, M_TILE: tl.constexpr, BL
     tl.store(O + offs_m[:, None] * stride_o + offs_n[None, :], acc.to(O.dtype.element_ty), mask=mask)
 
 
+def split_for(tiles: int, steps: int, programs: int) -> int:
+    """The fewest K slices, a divisor of the ``steps`` K steps (so every slice is whole), that give ``tiles`` output
+    tiles at least ``programs`` programs; ``steps`` when none does."""
+    return next((d for d in range(1, steps + 1) if steps % d == 0 and tiles * d >= programs), steps)
+
+
 def config(n: int, k: int, sms: int) -> Config:
     """The GEMM's tiling for an [N, K] weight: 64-channel weight tiles on the MMA's M side, 256-wide K steps six
     deep, K split only when N gives fewer than 48 tiles (then into the fewest slices that give 64 programs). A
@@ -136,7 +142,7 @@ def config(n: int, k: int, sms: int) -> Config:
     tiles, steps = triton.cdiv(n, 64), triton.cdiv(k, block_k)
     split = 1
     if tiles < 48:
-        split = next((d for d in range(1, steps + 1) if steps % d == 0 and tiles * d >= 64), steps)
+        split = split_for(tiles, steps, 64)
     return Config(64, block_k, split, swap=True, num_warps=4, num_stages=6 if block_k == 256 else 4)
 
 
