@@ -6,7 +6,7 @@ and its ratio to it, and the time between kernels (replay less the kernels' sum)
 
 - ``gemm`` — the linear layers: cuBLAS kernels (``nvjet``, ``*gemm*``, ``*gemv*``, ``cutlass``, ``xmma``, split-K
   reduces, Inductor's matmul templates) and the fp8 linear's Triton kernels; on the CPU ``aten::mm``/``addmm``/
-  ``bmm`` outside the attention ops, and everything inside ``orthrus::fp8_linear``. Floor: the weight bytes the
+  ``bmm`` outside the attention ops, and everything inside ``orthrus::fp8_linear``/``fp8_matmul``. Floor: the weight bytes the
   step's passes read (``bench.pass_bytes``: the view's attention set, the MLPs, the norms, the head) over the copy
   bandwidth or, where a matmul rate is given and it is larger, the passes' FLOPs (``bench.pass_flops`` over every
   row's tokens) over that rate: a batched pass of many tokens is bound by compute, not by its weight bytes.
@@ -43,7 +43,7 @@ def kind_of(entry: dict) -> str:
     op = within or name
     if op.startswith("orthrus::") and op.endswith("_attention"):
         return "attention"
-    if op == "orthrus::fp8_linear":
+    if op in ("orthrus::fp8_linear", "orthrus::fp8_matmul"):
         return "gemm"
     if name.startswith("aten::"):
         return "gemm" if name in CPU_GEMM_OPS else "other"

@@ -6,6 +6,7 @@ Importing this package registers every op with ``torch.library``:
 - ``orthrus::cached_attention``    (:mod:`orthrus_plugins.cached_attention`)
 - ``orthrus::accept``              (:mod:`orthrus_plugins.accept`)
 - ``orthrus::fp8_linear``          (:mod:`orthrus_plugins.fp8_linear`)
+- ``orthrus::fp8_matmul``          (the same module: fp8_linear's GEMM on quantized rows, in compiled programs)
 
 One folder per op: ``__init__.py`` holds the contract (its docstring), the plain reference implementation (the CPU
 kernel) and a fake implementation so that ``torch.export`` keeps the op as a single node; beside it, where the op
@@ -32,4 +33,5 @@ except ImportError:
 
 from orthrus_plugins.attention_common import DEFAULT_SPLITS as DEFAULT_ATTENTION_SPLITS  # noqa: E402, F401
 
-OPS = ("orthrus::diffusion_attention", "orthrus::cached_attention", "orthrus::accept", "orthrus::fp8_linear")
+OPS = ("orthrus::diffusion_attention", "orthrus::cached_attention", "orthrus::accept", "orthrus::fp8_linear",
+       "orthrus::fp8_matmul")

@@ -13,6 +13,7 @@ import torch
 from torch._export.serde import serialize as serde
 
 import orthrus_plugins
+from orthrus_plugins import fp8_linear
 from orthrus_plugins.attention_common import DEFAULT_BLOCK_N
 from orthrus_runtime.config import ModelConfig
 from orthrus_runtime.errors import OrthrusError
@@ -26,7 +27,7 @@ class KernelOptions:
     attention_splits: int = orthrus_plugins.DEFAULT_ATTENTION_SPLITS
     attention_query_block: int = 0         # query rows per attention program (0: all of a row's; the kernel's doc)
     attention_block_n: int = DEFAULT_BLOCK_N  # keys per loop iteration of the attention kernel (64 or 32)
-    fp8_kernel: str = "auto"               # orthrus::fp8_linear's CUDA kernel (FP8 engines)
+    fp8_kernel: str = "auto"               # orthrus::fp8_linear's (and fp8_matmul's) CUDA kernel (FP8 engines)
     compute_dtype: str = "float32"
 
     def to_dict(self) -> dict:
@@ -122,6 +123,20 @@ def specialize(module: torch.fx.GraphModule, options: KernelOptions) -> torch.fx
     return module
 
 
+def split_fp8_linear(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """For Inductor: each ``orthrus::fp8_linear`` node becomes a call of ``fp8_linear.split_linear`` (the same
+    function: the per-row quantization in torch ops, then ``orthrus::fp8_matmul`` with the node's kernel), which
+    Inductor traces into its graph, fusing each quantization into the kernel producing its input (the RMSNorms,
+    SiLU·up) instead of launching one more kernel per projection. In place; returns the module."""
+    found = False
+    for node in module.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.orthrus.fp8_linear.default:
+            node.target, found = fp8_linear.split_linear, True
+    if found:
+        module.recompile()
+    return module
+
+
 def _set_argument(node: torch.fx.Node, name: str, value) -> None:
     """Set the op argument ``name`` of ``node`` whether the graph passes it by position or by keyword."""
     names = [a.name for a in node.target._schema.arguments]
@@ -155,7 +170,7 @@ def runnable(ep: torch.export.ExportedProgram, options: KernelOptions):
     Batch 1 keeps its static graph; a build with 7 buckets costs two compiles per program, not seven."""
     module = specialize(ep.module(), options)
     if options.backend == "inductor":
-        return torch.compile(module, fullgraph=True, dynamic=None)
+        return torch.compile(split_fp8_linear(module), fullgraph=True, dynamic=None)
     if options.backend != "none":
         raise OrthrusError(f"unknown pass backend {options.backend!r} in the engine's options: rebuild the engine")
     return module

@@ -92,7 +92,7 @@ def sweep_shape(name, k, n, ms, sms, bw, a, log) -> list[dict]:
         x = x_all[:m].contiguous()
         us = graph_time(lambda i: torch.nn.functional.linear(x, w16[i % copies16]), copies16, a.reps, a.iters)
         record("bf16", "cublas", m, us, floor_bytes=2 * n * k)
-        us = graph_time(lambda i: op.scaled_mm(x, *q8[i]), copies8, a.reps, a.iters)
+        us = graph_time(lambda i: op.cuda_linear(x, *q8[i], kernel="torch._scaled_mm"), copies8, a.reps, a.iters)
         record("fp8", "torch._scaled_mm", m, us, floor_bytes=n * k)
         us = graph_time(lambda i: fk.quantize(x), 1, a.reps, a.iters)
         record("fp8", "quantize only", m, us, floor_bytes=n * k)

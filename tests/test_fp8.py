@@ -104,3 +104,49 @@ def test_fp8_refused_on_a_profile_without_fp8(capsys, tmp_path):
     err = capsys.readouterr().err
     assert "a100 has no FP8 support" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_split_linear_is_fp8_linear_in_two_parts(dtype):
+    """``split_linear`` (the quantization in torch ops, then ``orthrus::fp8_matmul``) is the op, bit for bit; the
+    matmul op refuses rows that are not quantized."""
+    from orthrus_plugins.fp8_linear import split_linear
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 96, generator=g).to(dtype)
+    q, s = quantize_weight(torch.randn(40, 96, generator=g) * 0.05)
+    out = split_linear(x, q, s)
+    assert out.dtype == dtype and torch.equal(out, torch.ops.orthrus.fp8_linear(x, q, s))
+    xq, xs = quantize_rows(x)
+    with pytest.raises(ValueError, match=r"scale \[M, 1\]"):
+        torch.ops.orthrus.fp8_matmul(xq, xs.reshape(-1), q, s, dtype)
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        torch.ops.orthrus.fp8_matmul(x, xs, q, s, dtype)
+
+
+def test_compiled_programs_run_fp8_linear_split_and_equal(monkeypatch):
+    """``runnable`` with the Inductor backend rewrites every ``fp8_linear`` node into ``split_linear`` (no
+    ``fp8_linear`` left for Inductor to call as one opaque kernel; the kernel attribute carried over to
+    ``fp8_matmul``), and the compiled program gives the uncompiled program's output, bit for bit (CPU Inductor,
+    told to keep eager's bf16 roundings: by default it skips the rounding of a fused kernel's intermediate values,
+    here the normed row before its quantization — a different function of the engine's inputs, the same in each of
+    its programs)."""
+    from orthrus_runtime.program import KernelOptions, runnable, split_fp8_linear
+
+    class Layer(torch.nn.Module):
+        def forward(self, x, w, s, nw):
+            h = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(x.dtype) * nw
+            return torch.ops.orthrus.fp8_linear(h, w, s)
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(32, 64, generator=g).bfloat16()
+    nw = (1 + 0.1 * torch.randn(64, generator=g)).bfloat16()
+    q, s = quantize_weight(torch.randn(48, 64, generator=g) * 0.05)
+    ep = torch.export.export(Layer(), (x, q, s, nw))
+    eager = ep.module()(x, q, s, nw)
+    split = split_fp8_linear(ep.module())
+    targets = [str(n.target) for n in split.graph.nodes if n.op == "call_function"]
+    assert not any("fp8_linear.default" in t for t in targets) and any("split_linear" in t for t in targets)
+    assert torch.equal(split(x, q, s, nw), eager)
+    compiled = runnable(ep, KernelOptions(backend="inductor", fp8_kernel="reference"))
+    with torch._inductor.config.patch(emulate_precision_casts=True):  # compiled at its first call
+        assert torch.equal(compiled(x, q, s, nw), eager)

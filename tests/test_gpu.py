@@ -290,25 +290,33 @@ def test_fp8_linear_cuda_kernels_match_reference(m, n, k, monkeypatch):
     x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
     q, s = op.quantize_weight(torch.randn(n, k, device="cuda", generator=g) * 0.05)
     expected = op._reference(x, q, s)  # exact float64 product-sum
-    for name, kernel in op.CUDA_KERNELS.items():
-        out = kernel(x, q, s)
+    xq, xs = op.quantize_rows(x)
+    dq, ds = op.quantize_device(x)  # fp8_linear's quantization on the GPU: quantize_rows's values
+    assert torch.equal(dq.float(), xq.float()) and torch.equal(ds, xs)
+    for name in op.MATMUL_KERNELS:
+        out = op.cuda_linear(x, q, s, name)
         assert out.dtype == torch.bfloat16 and out.shape == (m, n) and torch.isfinite(out).all()
         r = compare(out.float(), expected.float(), torch.bfloat16)
         assert r["ok"], (name, r)
+        # fp8_matmul (compiled programs: the rows quantized by Inductor) is the same kernel on the same rows
+        assert torch.equal(torch.ops.orthrus.fp8_matmul(xq, xs, q, s, torch.bfloat16, name), out), name
     for name in ("triton", "triton-splitk"):  # batch invariance: each row alone equals its row inside the block
-        if name in op.CUDA_KERNELS:
-            full = op.CUDA_KERNELS[name](x, q, s)
-            rows = torch.cat([op.CUDA_KERNELS[name](x[i:i + 1], q, s) for i in range(m)])
+        if name in op.MATMUL_KERNELS:
+            full = op.cuda_linear(x, q, s, name)
+            rows = torch.cat([op.cuda_linear(x[i:i + 1], q, s, name) for i in range(m)])
             assert torch.equal(rows, full), name
 
 
-def test_fp8_gpu_engine_orthrus_equals_its_own_ar(tmp_path):
+@pytest.mark.parametrize("compile", ["none", "inductor"])  # inductor: quantization fused, fp8_matmul (split_linear)
+def test_fp8_gpu_engine_orthrus_equals_its_own_ar(tmp_path, compile):
     from orthrus_export.builder import build
+    from orthrus_plugins import fp8_linear as op
     from orthrus_runtime import Engine
-    path = build("tiny", gpu="auto", precision="fp8", out=tmp_path / "fp8", max_seq_len=512, progress=False)
+    path = build("tiny", gpu="auto", precision="fp8", out=tmp_path / "fp8", max_seq_len=512, progress=False,
+                 compile=compile)
     m = json.loads((path / "manifest.json").read_text())
     print("fp8 kernel choice:", json.dumps(m["fp8"]["kernel"]))
-    assert m["fp8"]["kernel"]["name"] in ("triton", "torch._scaled_mm")
+    assert m["fp8"]["kernel"]["name"] in set(op.MATMUL_KERNELS) - {"reference"}
     engine = Engine.load(path)
     prompts = heldout(20)
     same = cycles = tokens = 0

@@ -15,7 +15,15 @@ Contract
   independent: row m's result does not depend on the other rows or on M (a verify block and a decode step compute
   the same values for the same token), which keeps an FP8 engine's Orthrus output equal to its own AR output.
 
-Reference implementation (any device): the product-sum exactly, in float64 (see ``_reference``). CUDA kernels
+``orthrus::fp8_matmul(xq, x_scale, weight, weight_scale, out_dtype, kernel="auto") -> out`` is its second half:
+the GEMM of already quantized rows (``xq`` ``[M, K]`` ``float8_e4m3fn``, ``x_scale`` float32 ``[M, 1]``, as
+:func:`quantize_rows` gives them), ``out`` ``[M, N]`` in ``out_dtype``. ``fp8_linear(x, w, s, kernel)`` is the same
+function as :func:`split_linear` — ``quantize_rows`` in plain torch ops, then ``fp8_matmul`` — and an engine's
+compiled programs run it in that form (``orthrus_runtime.program.runnable`` rewrites the nodes before Inductor), so
+that Inductor fuses each quantization into the kernel that produces ``x`` (the RMSNorms, SiLU·up): three of every
+four quantization launches of an 8B pass go.
+
+Reference implementation (any device): the product-sum exactly, in float64 (see ``_matmul_reference``). CUDA kernels
 (GPUs with FP8): a Triton kernel (``kernel.py``) over tiles of 32 rows, any M, so each row runs the same instruction
 sequence whatever M is (fp32 accumulation, a tiling chosen from N and K only: batch-invariant, also in batched
 passes), in two tilings (``triton``: the swept one; ``triton-splitk``: the one before, split K and a reduce launch);
@@ -63,48 +71,88 @@ def _(x, weight, weight_scale, kernel="auto"):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-def scaled_mm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
-    """The CUDA kernel: e4m3 x e4m3 tensor-core GEMM with row-wise scales (float32 accumulation)."""
-    k, n = x.shape[1], weight.shape[0]
-    if k % 16 or n % 16 or x.dtype == torch.float32:
-        return _reference(x, weight, weight_scale)
+def split_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                 kernel: str = "auto") -> torch.Tensor:
+    """``fp8_linear`` in two parts: the quantization in torch ops (which a compiler fuses into x's producer), then
+    ``orthrus::fp8_matmul``. The same function as the op, on every device."""
     xq, xs = quantize_rows(x)
-    return torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale.float().reshape(1, n),
-                            out_dtype=x.dtype)
+    return torch.ops.orthrus.fp8_matmul(xq, xs, weight, weight_scale, x.dtype, kernel)
 
 
-def _reference(x, weight, weight_scale):
+@torch.library.custom_op("orthrus::fp8_matmul", mutates_args=())
+def fp8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               out_dtype: torch.dtype, kernel: str = "auto") -> torch.Tensor:
+    """Reference implementation (any device)."""
+    if xq.dim() != 2 or xq.dtype != torch.float8_e4m3fn or x_scale.shape != (xq.shape[0], 1):
+        raise ValueError(f"orthrus::fp8_matmul: xq [M, K] float8_e4m3fn with a float32 scale [M, 1] expected, got "
+                         f"{tuple(xq.shape)} {xq.dtype} and {tuple(x_scale.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != xq.shape[1] or weight.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"orthrus::fp8_matmul: weight float8_e4m3fn [N, {xq.shape[1]}] expected, got "
+                         f"{tuple(weight.shape)} {weight.dtype}")
+    return _matmul_reference(xq, x_scale, weight, weight_scale, out_dtype)
+
+
+@fp8_matmul.register_fake
+def _(xq, x_scale, weight, weight_scale, out_dtype, kernel="auto"):
+    return xq.new_empty(xq.shape[0], weight.shape[0], dtype=out_dtype)
+
+
+def _scaled_mm(xq, xs, weight, weight_scale, out_dtype):
+    """The cuBLAS kernel: e4m3 x e4m3 tensor-core GEMM with row-wise scales (float32 accumulation)."""
+    k, n = xq.shape[1], weight.shape[0]
+    if k % 16 or n % 16 or out_dtype == torch.float32:
+        return _matmul_reference(xq, xs, weight, weight_scale, out_dtype)
+    return torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale.float().reshape(1, n), out_dtype=out_dtype)
+
+
+def _matmul_reference(xq, xs, weight, weight_scale, out_dtype):
     """Exact: e4m3 values are multiples of 2^-9 below 2^9, so every product is a multiple of 2^-18 below 2^18 and
     any sum of up to 2^14 of them is exact in float64 — whatever the summation order. Rows are therefore
     independent bit for bit (a verify block and a decode step agree exactly)."""
-    if x.shape[1] > 1 << 14:
-        raise ValueError("orthrus::fp8_linear: the exact reference supports K <= 16384")
-    xq, xs = quantize_rows(x)
+    if xq.shape[1] > 1 << 14:
+        raise ValueError("orthrus::fp8_matmul: the exact reference supports K <= 16384")
     acc = torch.matmul(xq.double(), weight.double().t())
-    return (acc * xs.double() * weight_scale.double()[None, :]).to(x.dtype)
+    return (acc * xs.double() * weight_scale.double()[None, :]).to(out_dtype)
 
 
-CUDA_KERNELS = {"torch._scaled_mm": scaled_mm, "reference": _reference}
+def _reference(x, weight, weight_scale):
+    """``fp8_linear``'s reference: :func:`quantize_rows`, then the exact product-sum."""
+    return _matmul_reference(*quantize_rows(x), weight, weight_scale, x.dtype)
+
+
+# the CUDA implementations of fp8_matmul, on quantized rows: (xq, xs [M, 1], weight, weight_scale, out_dtype)
+MATMUL_KERNELS = {"torch._scaled_mm": _scaled_mm, "reference": _matmul_reference}
+quantize_device = quantize_rows  # fp8_linear's quantization on a GPU: one Triton launch where Triton is installed
 try:
     from functools import partial
 
     from orthrus_plugins.fp8_linear import kernel as _triton_kernel
-    CUDA_KERNELS["triton"] = _triton_kernel.fp8_linear
-    CUDA_KERNELS["triton-splitk"] = partial(_triton_kernel.fp8_linear, tiling=_triton_kernel.splitk_config)
+    MATMUL_KERNELS["triton"] = _triton_kernel.fp8_matmul
+    MATMUL_KERNELS["triton-splitk"] = partial(_triton_kernel.fp8_matmul, tiling=_triton_kernel.splitk_config)
+    quantize_device = _triton_kernel.quantize
 except ImportError:  # no Triton: torch._scaled_mm or the reference
     pass
-DEFAULT_CUDA_KERNEL = "triton" if "triton" in CUDA_KERNELS else "torch._scaled_mm"
+DEFAULT_CUDA_KERNEL = "triton" if "triton" in MATMUL_KERNELS else "torch._scaled_mm"
 
 
-def cuda_kernel(name: str):
-    """The CUDA implementation called ``name`` (``"auto"``: ``DEFAULT_CUDA_KERNEL``)."""
+def matmul_kernel(name: str):
+    """The CUDA implementation of ``fp8_matmul`` called ``name`` (``"auto"``: ``DEFAULT_CUDA_KERNEL``)."""
     name = DEFAULT_CUDA_KERNEL if name == "auto" else name
-    if name not in CUDA_KERNELS:
-        raise ValueError(f"unknown fp8_linear kernel {name!r}: choose {', '.join(CUDA_KERNELS)} or auto")
-    return CUDA_KERNELS[name]
+    if name not in MATMUL_KERNELS:
+        raise ValueError(f"unknown fp8_linear kernel {name!r}: choose {', '.join(MATMUL_KERNELS)} or auto")
+    return MATMUL_KERNELS[name]
+
+
+def cuda_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, kernel: str = "auto"):
+    """``fp8_linear``'s CUDA implementation: the rows quantized on the device, then the matmul kernel ``kernel``."""
+    return matmul_kernel(kernel)(*quantize_device(x.contiguous()), weight, weight_scale, x.dtype)
 
 
 def register_cuda() -> None:
     @fp8_linear.register_kernel("cuda")
     def _(x, weight, weight_scale, kernel="auto"):
-        return cuda_kernel(kernel)(x, weight, weight_scale)
+        return cuda_linear(x, weight, weight_scale, kernel)
+
+    @fp8_matmul.register_kernel("cuda")
+    def _(xq, x_scale, weight, weight_scale, out_dtype, kernel="auto"):
+        return matmul_kernel(kernel)(xq, x_scale, weight, weight_scale, out_dtype)

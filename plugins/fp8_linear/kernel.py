@@ -1,7 +1,9 @@
-"""Triton GPU kernels for ``orthrus::fp8_linear`` at decoding sizes (M = 32 rows a sequence, any number of rows).
+"""Triton GPU kernels for ``orthrus::fp8_linear`` and ``orthrus::fp8_matmul`` at decoding sizes (M = 32 rows a
+sequence, any number of rows).
 
 Two launches, three with a split K: a per-row quantization kernel (absmax -> scale -> e4m3, the reference's
-arithmetic), then a GEMM over tiles of ``M_TILE`` (32) rows: each program owns ``block_n`` output channels of one
+arithmetic; ``fp8_linear`` only — in compiled programs Inductor fuses the quantization into x's producer and calls
+``fp8_matmul``), then a GEMM over tiles of ``M_TILE`` (32) rows: each program owns ``block_n`` output channels of one
 row tile and one slice of K, ``tl.dot`` of e4m3 tiles with float32 accumulation over the slice in ``block_k`` steps,
 then the row and channel scales; with ``split_k`` > 1 the slices' float32 partial sums are added in a fixed order by
 a third kernel. ``swap`` puts the weight tile on the MMA's M side (``[block_n, block_k] x [block_k, 32]``), so a
@@ -52,7 +54,7 @@ def _quant_kernel(X, XQ, XS, stride_x, stride_q, K: tl.constexpr, QMAX: tl.const
         offs = k0 + tl.arange(0, BLOCK)
         x = tl.load(X + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.maximum(tl.max(amax, axis=0) / QMAX, SMIN)
+    scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), QMAX), SMIN)  # IEEE division, as torch's
     for k0 in range(0, K, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
         x = tl.load(X + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
@@ -185,24 +187,30 @@ def _sms(device) -> int:
 
 
 def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row e4m3 quantization on the device (one launch): ``(xq [M, K], scale [M] float32)``."""
+    """Per-row e4m3 quantization on the device (one launch): ``(xq [M, K], scale [M, 1] float32)``, the values of
+    ``quantize_rows``."""
     m, k = x.shape
     xq = torch.empty(m, k, device=x.device, dtype=torch.float8_e4m3fn)
-    xs = torch.empty(m, device=x.device, dtype=torch.float32)
+    xs = torch.empty(m, 1, device=x.device, dtype=torch.float32)
     if m:
         _quant_kernel[(m,)](x, xq, xs, x.stride(0), xq.stride(0), K=k, QMAX=E4M3_MAX, SMIN=MIN_SCALE, BLOCK=1024,
                             num_warps=4)
     return xq, xs
 
 
+def fp8_matmul(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out_dtype,
+               cfg: Config | None = None, tiling=config) -> torch.Tensor:
+    """``orthrus::fp8_matmul``'s Triton implementation (``cfg``: a tiling to try; else ``tiling(N, K, SMs)``,
+    :func:`config`)."""
+    n, k = weight.shape
+    cfg = cfg or tiling(n, k, _sms(xq.device))
+    return _gemm(xq.contiguous(), xs.contiguous(), weight, weight_scale.float(), out_dtype, cfg)
+
+
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                cfg: Config | None = None, tiling=config) -> torch.Tensor:
-    """The op's Triton implementation (``cfg``: a tiling to try; else ``tiling(N, K, SMs)``, :func:`config`)."""
-    x = x.contiguous()
-    n, k = weight.shape
-    cfg = cfg or tiling(n, k, _sms(x.device))
-    xq, xs = quantize(x)
-    return _gemm(xq, xs, weight, weight_scale.float(), x.dtype, cfg)
+    """Quantization and GEMM, as ``orthrus::fp8_linear`` runs them (for benchmarks of a tiling ``cfg``)."""
+    return fp8_matmul(*quantize(x.contiguous()), weight, weight_scale, x.dtype, cfg, tiling)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, cfg: Config) -> torch.Tensor:
