@@ -28,6 +28,7 @@ class KernelOptions:
     attention_query_block: int = 0         # query rows per attention program (0: all of a row's; the kernel's doc)
     attention_block_n: int = DEFAULT_BLOCK_N  # keys per loop iteration of the attention kernel (64 or 32)
     fp8_kernel: str = "auto"               # orthrus::fp8_linear's (and fp8_matmul's) CUDA kernel (FP8 engines)
+    fp8_quant: str = "fused"               # compiled FP8 programs: "fused" (split_fp8_linear) or "kernel" (the op's)
     compute_dtype: str = "float32"
 
     def to_dict(self) -> dict:
@@ -169,8 +170,12 @@ def runnable(ep: torch.export.ExportedProgram, options: KernelOptions):
     torch's automatic dynamic shapes recompile it once with a symbolic row count, which every larger bucket reuses.
     Batch 1 keeps its static graph; a build with 7 buckets costs two compiles per program, not seven."""
     module = specialize(ep.module(), options)
+    if options.fp8_quant not in ("fused", "kernel"):
+        raise OrthrusError(f"unknown fp8_quant {options.fp8_quant!r} in the engine's options: rebuild the engine")
     if options.backend == "inductor":
-        return torch.compile(split_fp8_linear(module), fullgraph=True, dynamic=None)
+        if options.fp8_quant == "fused":
+            module = split_fp8_linear(module)
+        return torch.compile(module, fullgraph=True, dynamic=None)
     if options.backend != "none":
         raise OrthrusError(f"unknown pass backend {options.backend!r} in the engine's options: rebuild the engine")
     return module

@@ -37,10 +37,11 @@ def measure(a) -> dict:
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s, bf16 matmul rate {rate / 1e12:.0f} TFLOP/s", flush=True)
     cfg, engine, export_s, load_s, _ = build_random(a.shape, torch.bfloat16, a.context, precision=a.precision,
                                                     compile=a.compile == "inductor", max_batch_size=max(batches),
-                                                    fp8_kernel=a.fp8_kernel)
+                                                    fp8_kernel=a.fp8_kernel, fp8_quant=a.fp8_quant)
     print(f"qwen3-{a.shape}: traced {export_s:.1f} s, compiled+captured {load_s:.1f} s", flush=True)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": a.shape,
               "precision": a.precision, "fp8_kernel": engine.options.fp8_kernel if a.precision == "fp8" else None,
+              "fp8_quant": engine.options.fp8_quant if a.precision == "fp8" else None,
               "context": a.context, "compile": a.compile, "copy_bandwidth_GBps": bw / 1e9,
               "matmul_TFLOPs": rate / 1e12,
               "steps": profile_engine(engine, [a.context], batches, a.steps.split(","), a.iters, bw, a.top,
@@ -83,6 +84,9 @@ def main() -> int:
     ap.add_argument("--fp8-kernel", default=None,
                     help="with --precision fp8: the fp8_linear CUDA kernel (triton, triton-splitk, torch._scaled_mm); "
                          "default: what the build's timing picks")
+    ap.add_argument("--fp8-quant", choices=["fused", "kernel"], default="fused",
+                    help="compiled FP8 programs: quantization fused by Inductor (the runtime's default) or the op's "
+                         "own launch (the comparison)")
     ap.add_argument("--compile", choices=["none", "inductor"], default="none")
     ap.add_argument("--iters", type=int, default=30, help="graph replays timed per step (median)")
     ap.add_argument("--top", type=int, default=12, help="kernels kept per step in the JSON")

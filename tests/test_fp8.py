@@ -130,6 +130,7 @@ def test_compiled_programs_run_fp8_linear_split_and_equal(monkeypatch):
     told to keep eager's bf16 roundings: by default it skips the rounding of a fused kernel's intermediate values,
     here the normed row before its quantization — a different function of the engine's inputs, the same in each of
     its programs)."""
+    from orthrus_runtime.errors import OrthrusError
     from orthrus_runtime.program import KernelOptions, runnable, split_fp8_linear
 
     class Layer(torch.nn.Module):
@@ -150,3 +151,5 @@ def test_compiled_programs_run_fp8_linear_split_and_equal(monkeypatch):
     compiled = runnable(ep, KernelOptions(backend="inductor", fp8_kernel="reference"))
     with torch._inductor.config.patch(emulate_precision_casts=True):  # compiled at its first call
         assert torch.equal(compiled(x, q, s, nw), eager)
+    with pytest.raises(OrthrusError, match="unknown fp8_quant 'fast'.*rebuild"):
+        runnable(ep, KernelOptions(backend="inductor", fp8_quant="fast"))
