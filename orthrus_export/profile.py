@@ -6,7 +6,8 @@ and its ratio to it, and the time between kernels (replay less the kernels' sum)
 
 - ``gemm`` — the linear layers: cuBLAS kernels (``nvjet``, ``*gemm*``, ``*gemv*``, ``cutlass``, ``xmma``, split-K
   reduces, Inductor's matmul templates) and the fp8 linear's Triton kernels; on the CPU ``aten::mm``/``addmm``/
-  ``bmm`` outside the attention ops, and everything inside ``orthrus::fp8_linear``/``fp8_matmul``. Floor: the weight bytes the
+  ``bmm`` outside the attention ops, and everything inside ``orthrus::fp8_linear``/``fp8_matmul`` (a compiled
+  program's quantization, fused by Inductor into the kernel before, is "other"). Floor: the weight bytes the
   step's passes read (``bench.pass_bytes``: the view's attention set, the MLPs, the norms, the head) over the copy
   bandwidth or, where a matmul rate is given and it is larger, the passes' FLOPs (``bench.pass_flops`` over every
   row's tokens) over that rate: a batched pass of many tokens is bound by compute, not by its weight bytes.

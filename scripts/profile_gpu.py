@@ -41,7 +41,7 @@ def measure(a) -> dict:
     print(f"qwen3-{a.shape}: traced {export_s:.1f} s, compiled+captured {load_s:.1f} s", flush=True)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": a.shape,
               "precision": a.precision, "fp8_kernel": engine.options.fp8_kernel if a.precision == "fp8" else None,
-              "fp8_quant": engine.options.fp8_quant if a.precision == "fp8" else None,
+              "fp8_quant": engine.options.fp8_quant if a.precision == "fp8" and a.compile == "inductor" else None,
               "context": a.context, "compile": a.compile, "copy_bandwidth_GBps": bw / 1e9,
               "matmul_TFLOPs": rate / 1e12,
               "steps": profile_engine(engine, [a.context], batches, a.steps.split(","), a.iters, bw, a.top,

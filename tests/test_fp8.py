@@ -153,3 +153,6 @@ def test_compiled_programs_run_fp8_linear_split_and_equal(monkeypatch):
         assert torch.equal(compiled(x, q, s, nw), eager)
     with pytest.raises(OrthrusError, match="unknown fp8_quant 'fast'.*rebuild"):
         runnable(ep, KernelOptions(backend="inductor", fp8_quant="fast"))
+    # a new build records fused; a manifest from before the option runs as it was built and self-checked
+    assert KernelOptions.from_dict(KernelOptions(backend="inductor").to_dict()).fp8_quant == "fused"
+    assert KernelOptions.from_dict({"backend": "inductor", "fp8_kernel": "triton"}).fp8_quant == "kernel"
