@@ -131,7 +131,8 @@ def test_compiled_programs_run_fp8_linear_split_and_equal(monkeypatch):
     here the normed row before its quantization — a different function of the engine's inputs, the same in each of
     its programs)."""
     from orthrus_runtime.errors import OrthrusError
-    from orthrus_runtime.program import KernelOptions, runnable, split_fp8_linear
+    from orthrus_runtime.program import (KernelOptions, deserialize_program, runnable, serialize_program,
+                                         split_fp8_linear)
 
     class Layer(torch.nn.Module):
         def forward(self, x, w, s, nw):
@@ -142,7 +143,8 @@ def test_compiled_programs_run_fp8_linear_split_and_equal(monkeypatch):
     x = torch.randn(32, 64, generator=g).bfloat16()
     nw = (1 + 0.1 * torch.randn(64, generator=g)).bfloat16()
     q, s = quantize_weight(torch.randn(48, 64, generator=g) * 0.05)
-    ep = torch.export.export(Layer(), (x, q, s, nw))
+    # through the engine format's serialisation, as a loaded engine's programs come
+    ep = deserialize_program(serialize_program(torch.export.export(Layer(), (x, q, s, nw))), "test program")
     eager = ep.module()(x, q, s, nw)
     split = split_fp8_linear(ep.module())
     targets = [str(n.target) for n in split.graph.nodes if n.op == "call_function"]
