@@ -122,23 +122,30 @@ def specialize(module: torch.fx.GraphModule, options: KernelOptions) -> torch.fx
             if options.attention_block_n != DEFAULT_BLOCK_N:  # likewise
                 _set_argument(node, "block_n", options.attention_block_n)
         elif op == "fp8_linear":
-            _set_argument(node, "kernel", options.fp8_kernel)
+            if options.fp8_kernel == "auto" and options.backend == "inductor" and options.fp8_quant == "kernel":
+                # Inductor's custom-op fallback takes the op as its own `kernel` argument and fails on this one at
+                # its default (fp8_quant "fused" calls fp8_matmul, whose argument is named impl, and is unaffected)
+                raise OrthrusError("a compiled FP8 engine with fp8_quant 'kernel' needs a named fp8_kernel, not "
+                                   "'auto': rebuild the engine")
+            if options.fp8_kernel != "auto":  # left out at its default
+                _set_argument(node, "kernel", options.fp8_kernel)
     module.recompile()
     return module
 
 
-def split_fp8_linear(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+def split_fp8_linear(module: torch.fx.GraphModule) -> int:
     """For Inductor: each ``orthrus::fp8_linear`` node becomes a call of ``fp8_linear.split_linear`` (the same
     function: the per-row quantization in torch ops, then ``orthrus::fp8_matmul`` with the node's kernel), which
     Inductor traces into its graph, fusing each quantization into the kernel producing its input (the RMSNorms,
-    SiLU·up) instead of launching one more kernel per projection. In place; returns the module."""
-    found = False
+    SiLU·up) instead of launching one more kernel per projection. In place; returns the number of nodes
+    rewritten."""
+    found = 0
     for node in module.graph.nodes:
         if node.op == "call_function" and str(node.target) == "orthrus.fp8_linear.default":
-            node.target, found = fp8_linear.split_linear, True
+            node.target, found = fp8_linear.split_linear, found + 1
     if found:
         module.recompile()
-    return module
+    return found
 
 
 def _set_argument(node: torch.fx.Node, name: str, value) -> None:
@@ -176,8 +183,11 @@ def runnable(ep: torch.export.ExportedProgram, options: KernelOptions):
     if options.fp8_quant not in ("fused", "kernel"):
         raise OrthrusError(f"unknown fp8_quant {options.fp8_quant!r} in the engine's options: rebuild the engine")
     if options.backend == "inductor":
-        if options.fp8_quant == "fused":
-            module = split_fp8_linear(module)
+        if options.fp8_quant == "fused" and split_fp8_linear(module):
+            # eager's bf16 roundings kept inside fused kernels: without them the quantized rows depend on what
+            # Inductor fuses, which differs between a program's shapes (a compiled CPU FP8 tiny: verify vs decode
+            # logits 0.45 apart, Orthrus != own AR on 1 of 6 prompts; with them: 0.0 and 6/6)
+            return torch.compile(module, fullgraph=True, dynamic=None, options={"emulate_precision_casts": True})
         return torch.compile(module, fullgraph=True, dynamic=None)
     if options.backend != "none":
         raise OrthrusError(f"unknown pass backend {options.backend!r} in the engine's options: rebuild the engine")

@@ -126,10 +126,10 @@ def test_split_linear_is_fp8_linear_in_two_parts(dtype):
 def test_compiled_programs_run_fp8_linear_split_and_equal(monkeypatch):
     """``runnable`` with the Inductor backend rewrites every ``fp8_linear`` node into ``split_linear`` (no
     ``fp8_linear`` left for Inductor to call as one opaque kernel; the kernel attribute carried over to
-    ``fp8_matmul``), and the compiled program gives the uncompiled program's output, bit for bit (CPU Inductor,
-    told to keep eager's bf16 roundings: by default it skips the rounding of a fused kernel's intermediate values,
-    here the normed row before its quantization — a different function of the engine's inputs, the same in each of
-    its programs)."""
+    ``fp8_matmul``), and the compiled program gives the uncompiled program's output, bit for bit (CPU Inductor:
+    ``runnable`` compiles such programs with eager's bf16 roundings kept, which Inductor by default skips inside a
+    fused kernel — here the normed row before its quantization, differently in a program's different shapes).
+    The FP8 kernel left at "auto": the attribute Inductor's custom-op fallback once failed on."""
     from orthrus_runtime.errors import OrthrusError
     from orthrus_runtime.program import (KernelOptions, deserialize_program, runnable, serialize_program,
                                          split_fp8_linear)
@@ -146,13 +146,15 @@ def test_compiled_programs_run_fp8_linear_split_and_equal(monkeypatch):
     # through the engine format's serialisation, as a loaded engine's programs come
     ep = deserialize_program(serialize_program(torch.export.export(Layer(), (x, q, s, nw))), "test program")
     eager = ep.module()(x, q, s, nw)
-    split = split_fp8_linear(ep.module())
+    split = ep.module()
+    assert split_fp8_linear(split) == 1
     targets = [str(n.target) for n in split.graph.nodes if n.op == "call_function"]
     assert not any("fp8_linear.default" in t for t in targets) and any("split_linear" in t for t in targets)
     assert torch.equal(split(x, q, s, nw), eager)
-    compiled = runnable(ep, KernelOptions(backend="inductor", fp8_kernel="reference"))
-    with torch._inductor.config.patch(emulate_precision_casts=True):  # compiled at its first call
-        assert torch.equal(compiled(x, q, s, nw), eager)
+    compiled = runnable(ep, KernelOptions(backend="inductor"))
+    assert torch.equal(compiled(x, q, s, nw), eager)
+    with pytest.raises(OrthrusError, match="needs a named fp8_kernel"):
+        runnable(ep, KernelOptions(backend="inductor", fp8_quant="kernel"))
     with pytest.raises(OrthrusError, match="unknown fp8_quant 'fast'.*rebuild"):
         runnable(ep, KernelOptions(backend="inductor", fp8_quant="fast"))
     # a new build records fused; a manifest from before the option runs as it was built and self-checked

@@ -15,9 +15,12 @@ Contract
   independent: row m's result does not depend on the other rows or on M (a verify block and a decode step compute
   the same values for the same token), which keeps an FP8 engine's Orthrus output equal to its own AR output.
 
-``orthrus::fp8_matmul(xq, x_scale, weight, weight_scale, out_dtype, kernel="auto") -> out`` is its second half:
+``orthrus::fp8_matmul(xq, x_scale, weight, weight_scale, out_dtype, impl="auto") -> out`` is its second half:
 the GEMM of already quantized rows (``xq`` ``[M, K]`` ``float8_e4m3fn``, ``x_scale`` float32 ``[M, 1]``, as
-:func:`quantize_rows` gives them), ``out`` ``[M, N]`` in ``out_dtype``. ``fp8_linear(x, w, s, kernel)`` is the same
+:func:`quantize_rows` gives them), ``out`` ``[M, N]`` in ``out_dtype``; ``impl`` is ``kernel`` under another name
+(Inductor's fallback for a custom op passes the op to ``FallbackKernel.create`` as ``kernel``, and an argument of
+that name left at its default collides with it: the rewritten ``fp8_linear`` nodes of an "auto" engine failed to
+compile). ``fp8_linear(x, w, s, kernel)`` is the same
 function as :func:`split_linear` — ``quantize_rows`` in plain torch ops, then ``fp8_matmul`` — and an engine's
 compiled programs run it in that form (``orthrus_runtime.program.runnable`` rewrites the nodes before Inductor), so
 that Inductor fuses each quantization into the kernel that produces ``x`` (the RMSNorms, SiLU·up): three of every
@@ -76,12 +79,12 @@ def split_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     """``fp8_linear`` in two parts: the quantization in torch ops (which a compiler fuses into x's producer), then
     ``orthrus::fp8_matmul``. The same function as the op, on every device."""
     xq, xs = quantize_rows(x)
-    return torch.ops.orthrus.fp8_matmul(xq, xs, weight, weight_scale, x.dtype, kernel)
+    return torch.ops.orthrus.fp8_matmul(xq, xs, weight, weight_scale, x.dtype, impl=kernel)
 
 
 @torch.library.custom_op("orthrus::fp8_matmul", mutates_args=())
 def fp8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-               out_dtype: torch.dtype, kernel: str = "auto") -> torch.Tensor:
+               out_dtype: torch.dtype, impl: str = "auto") -> torch.Tensor:
     """Reference implementation (any device)."""
     if xq.dim() != 2 or xq.dtype != torch.float8_e4m3fn or x_scale.shape != (xq.shape[0], 1):
         raise ValueError(f"orthrus::fp8_matmul: xq [M, K] float8_e4m3fn with a float32 scale [M, 1] expected, got "
@@ -93,7 +96,7 @@ def fp8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, we
 
 
 @fp8_matmul.register_fake
-def _(xq, x_scale, weight, weight_scale, out_dtype, kernel="auto"):
+def _(xq, x_scale, weight, weight_scale, out_dtype, impl="auto"):
     return xq.new_empty(xq.shape[0], weight.shape[0], dtype=out_dtype)
 
 
@@ -154,5 +157,5 @@ def register_cuda() -> None:
         return cuda_linear(x, weight, weight_scale, kernel)
 
     @fp8_matmul.register_kernel("cuda")
-    def _(xq, x_scale, weight, weight_scale, out_dtype, kernel="auto"):
-        return matmul_kernel(kernel)(xq, x_scale, weight, weight_scale, out_dtype)
+    def _(xq, x_scale, weight, weight_scale, out_dtype, impl="auto"):
+        return matmul_kernel(impl)(xq, x_scale, weight, weight_scale, out_dtype)
