@@ -20,11 +20,11 @@ the GEMM of already quantized rows (``xq`` ``[M, K]`` ``float8_e4m3fn``, ``x_sca
 :func:`quantize_rows` gives them), ``out`` ``[M, N]`` in ``out_dtype``; ``impl`` is ``kernel`` under another name
 (Inductor's fallback for a custom op passes the op to ``FallbackKernel.create`` as ``kernel``, and an argument of
 that name left at its default collides with it: the rewritten ``fp8_linear`` nodes of an "auto" engine failed to
-compile). ``fp8_linear(x, w, s, kernel)`` is the same
-function as :func:`split_linear` — ``quantize_rows`` in plain torch ops, then ``fp8_matmul`` — and an engine's
-compiled programs run it in that form (``orthrus_runtime.program.runnable`` rewrites the nodes before Inductor), so
-that Inductor fuses each quantization into the kernel that produces ``x`` (the RMSNorms, SiLU·up): three of every
-four quantization launches of an 8B pass go.
+compile). ``fp8_linear(x, w, s, kernel)`` is the same function as :func:`split_linear` — ``quantize_rows`` in plain
+torch ops, then ``fp8_matmul`` — and an engine's compiled programs run it in that form
+(``orthrus_runtime.program.runnable`` rewrites the nodes before Inductor), so that Inductor fuses each quantization
+into the kernel that produces ``x`` (the RMSNorms, SiLU·up): three of every four quantization launches of an 8B pass
+go.
 
 Reference implementation (any device): the product-sum exactly, in float64 (see ``_matmul_reference``). CUDA kernels
 (GPUs with FP8): a Triton kernel (``kernel.py``) over tiles of 32 rows, any M, so each row runs the same instruction
