@@ -43,7 +43,9 @@ MIN_SCALE = 1e-12 / E4M3_MAX
 def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row absmax quantization to e4m3: ``(q [R, C] float8_e4m3fn, scale [R, 1] float32)``."""
     amax = t.abs().amax(dim=-1, keepdim=True).float()
-    scale = torch.clamp(amax / E4M3_MAX, min=MIN_SCALE)
+    # a product with the float32 reciprocal, not a division: torch on CUDA turns ``tensor / number`` into that product
+    # (and the CPU divides), so this spelling gives one scale on both devices and in the Triton quantization
+    scale = torch.clamp(amax * (1.0 / E4M3_MAX), min=MIN_SCALE)
     q = torch.clamp(t.float() / scale, -E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     return q, scale
 

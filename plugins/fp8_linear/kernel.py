@@ -54,7 +54,7 @@ def _quant_kernel(X, XQ, XS, stride_x, stride_q, K: tl.constexpr, QMAX: tl.const
         offs = k0 + tl.arange(0, BLOCK)
         x = tl.load(X + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), QMAX), SMIN)  # IEEE division, as torch's
+    scale = tl.maximum(tl.max(amax, axis=0) * (1.0 / QMAX), SMIN)  # quantize_rows's product with the reciprocal
     for k0 in range(0, K, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
         x = tl.load(X + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
