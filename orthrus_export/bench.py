@@ -61,16 +61,22 @@ def pass_bytes(cfg: ModelConfig, weights: dict, view: str) -> int:
     return total
 
 
-def pass_flops(cfg: ModelConfig, weights: dict, view: str, tokens: int) -> int:
-    """FLOPs of one pass's linear layers over ``tokens`` tokens: 2 per weight element per token, over the matrices
-    ``pass_bytes`` counts (the view's attention set, the MLPs, the head; the embedding lookup is a gather, counted
-    only where it is also the head: tied, and no quantized ``lm_head`` copy)."""
+def pass_matrices(cfg: ModelConfig, weights: dict, view: str) -> list[torch.Tensor]:
+    """The weight matrices one pass multiplies by: those ``pass_bytes`` counts that are matrices (the view's
+    attention set, the MLPs, the head; the embedding lookup is a gather, counted only where it is also the head:
+    tied, and no quantized ``lm_head`` copy)."""
     other = "diff" if view == "ar" else "ar"
     embed_is_head = cfg.tie_word_embeddings and "lm_head" not in weights
-    elements = sum(t.numel() for name, t in weights.items()
-                   if t.dim() == 2 and f".{other}." not in name and not name.startswith("rope.")
-                   and (name != "embed" or embed_is_head))
-    return 2 * tokens * elements
+    return [t for name, t in weights.items() if t.dim() == 2 and f".{other}." not in name
+            and not name.startswith("rope.") and (name != "embed" or embed_is_head)]
+
+
+def pass_flops(cfg: ModelConfig, weights: dict, view: str, tokens: int, itemsize: int | None = None) -> int:
+    """FLOPs of one pass's linear layers over ``tokens`` tokens: 2 per weight element per token over
+    ``pass_matrices``; with ``itemsize``, over the matrices of that element size only (an FP8 engine's e4m3 layers
+    are 1, its BF16 head 2: they multiply at different rates)."""
+    return 2 * tokens * sum(t.numel() for t in pass_matrices(cfg, weights, view)
+                            if itemsize is None or t.element_size() == itemsize)
 
 
 def attention_flops(cfg: ModelConfig, ctx: int, tokens: int) -> int:
@@ -79,22 +85,34 @@ def attention_flops(cfg: ModelConfig, ctx: int, tokens: int) -> int:
     return 4 * cfg.num_layers * tokens * cfg.num_heads * cfg.head_dim * ctx
 
 
-def compute_dtype(weights: dict) -> torch.dtype | None:
-    """The dtype the engine's linear layers multiply in; None for FP8 weights (whose matmul rate
-    ``matmul_rate`` does not measure)."""
-    dtype = weights["layers.0.down"].dtype
-    return None if dtype.itemsize == 1 else dtype
+def matmul_dtypes(cfg: ModelConfig, weights: dict) -> dict[int, torch.dtype]:
+    """Element size -> dtype of the matrices the passes multiply by (an FP8 engine has two: e4m3 and the head's)."""
+    return {t.element_size(): t.dtype for view in ("ar", "diff") for t in pass_matrices(cfg, weights, view)}
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
     """FLOP/s of a large square matmul in ``dtype`` on ``device`` (8192 on a GPU, 1024 on the CPU): the compute
-    roofline of a GEMM floor, measured like ``copy_bandwidth`` in the same run as the timings it bounds."""
+    roofline of a GEMM floor, measured like ``copy_bandwidth`` in the same run as the timings it bounds. e4m3:
+    ``torch._scaled_mm`` with unit scales and a bf16 product (Hopper's FP8 tensor cores, about twice the bf16 rate;
+    on the CPU whatever torch runs, not the engine's emulated op)."""
     n = 8192 if device.type == "cuda" else 1024
     g = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, n, device=device, generator=g, dtype=dtype)  # drawn in dtype: no float32 copies on the GPU
-    b = torch.randn(n, n, device=device, generator=g, dtype=dtype)
-    times = time_it(lambda: torch.mm(a, b), 10, device=device)
+    fp8 = dtype == torch.float8_e4m3fn
+    draw = torch.bfloat16 if fp8 else dtype  # drawn in a 2-byte (or the) dtype: no float32 copies on the GPU
+    a = torch.randn(n, n, device=device, generator=g, dtype=draw).to(dtype)
+    b = torch.randn(n, n, device=device, generator=g, dtype=draw).to(dtype)
+    if fp8:
+        one, bt = torch.ones((), device=device), b.t()  # _scaled_mm takes its second operand column-major
+        times = time_it(lambda: torch._scaled_mm(a, bt, one, one, out_dtype=torch.bfloat16), 10, device=device)
+    else:
+        times = time_it(lambda: torch.mm(a, b), 10, device=device)
     return 2 * n ** 3 / (statistics.median(times) / 1e3)
+
+
+def matmul_rates(device: torch.device, cfg: ModelConfig, weights: dict) -> dict[int, float]:
+    """``matmul_rate`` for each element size of the matrices the passes multiply by: the rates
+    ``profile.bounds_ms`` takes (FLOPs of each size over its own rate)."""
+    return {size: matmul_rate(device, dtype) for size, dtype in sorted(matmul_dtypes(cfg, weights).items())}
 
 
 def kv_bytes(cfg: ModelConfig, ctx: int, elem: int) -> int:
@@ -134,7 +152,7 @@ def bench_engine(engine, cfg, contexts, iters, bandwidth, acceptance_lengths, ti
 
 
 def bench_batches(engine, contexts, batches, iters, acceptance_lengths, log=print, sampled: bool = True,
-                  bandwidth: float | None = None, matmul_rate: float | None = None) -> dict:
+                  bandwidth: float | None = None, matmul_rate: float | dict | None = None) -> dict:
     """Cycle latency over ``b`` sequences (each at the context, in slots 0 … b-1) for each batch size: the CUDA-graph
     replay of the bucket decoding runs. Reports each size's ratio to batch 1 (the first size given when 1 is not
     among them), the aggregate tokens/s at each acceptance length (b × acceptance / cycle) and, given the copy

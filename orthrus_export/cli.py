@@ -374,12 +374,12 @@ def cmd_bench(a) -> int:
     bandwidth = copy_bandwidth(engine.device)
     log(f"{engine.path.name} on {engine.manifest['gpu']['device_name']}: copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     rate = None
-    if a.profile or batches:  # floors over many tokens: the GEMMs' compute bound needs the matmul rate
-        from orthrus_export.bench import compute_dtype, matmul_rate
-        dtype = compute_dtype(engine.weights)
-        rate = matmul_rate(engine.device, dtype) if dtype is not None else None
-        if rate is not None:
-            log(f"matmul rate ({str(dtype).removeprefix('torch.')}): {rate / 1e12:.2f} TFLOP/s")
+    if a.profile or batches:  # floors over many tokens: the GEMMs' compute bound needs the matmul rates
+        from orthrus_export.bench import matmul_dtypes, matmul_rates
+        rate = matmul_rates(engine.device, engine.config, engine.weights)  # per operand size: FP8 layers, head
+        dtypes = matmul_dtypes(engine.config, engine.weights)
+        log("matmul rate " + ", ".join(f"({str(dtypes[s]).removeprefix('torch.')}) {r / 1e12:.2f} TFLOP/s"
+                                       for s, r in rate.items()))
     if a.profile:
         from orthrus_export.profile import profile_engine
         result = {"profile": profile_engine(engine, contexts, batches or [1], ["verify", "draft", "cycle"], a.iters,
@@ -393,8 +393,8 @@ def cmd_bench(a) -> int:
                               sampled=not a.no_sampled)
     result.update(engine=str(engine.path), device=engine.manifest["gpu"]["device_name"],
                   copy_bandwidth_GBps=bandwidth / 1e9, iters=a.iters, load_stats=engine.load_stats)
-    if rate is not None:
-        result["matmul_TFLOPs"] = rate / 1e12
+    if rate is not None:  # by operand dtype, e.g. {"bfloat16": …, "float8_e4m3fn": …}
+        result["matmul_TFLOPs"] = {str(dtypes[s]).removeprefix("torch."): r / 1e12 for s, r in rate.items()}
     if a.json:
         print(json.dumps(result, indent=2))
     return 0

@@ -10,7 +10,9 @@ and its ratio to it, and the time between kernels (replay less the kernels' sum)
   program's quantization, fused by Inductor into the kernel before, is "other"). Floor: the weight bytes the
   step's passes read (``bench.pass_bytes``: the view's attention set, the MLPs, the norms, the head) over the copy
   bandwidth or, where a matmul rate is given and it is larger, the passes' FLOPs (``bench.pass_flops`` over every
-  row's tokens) over that rate: a batched pass of many tokens is bound by compute, not by its weight bytes.
+  row's tokens) over that rate — each operand size at its own rate (``bench.matmul_rates``: an FP8 engine's e4m3
+  layers at the FP8 tensor cores' rate, its BF16 head at bf16's): a batched pass of many tokens is bound by
+  compute, not by its weight bytes.
 - ``attention`` — the attention ops: their Triton kernels (split, merge, cache write); on the CPU everything inside
   ``orthrus::cached_attention``/``orthrus::diffusion_attention``. Floor: the K/V bytes of every row's cache at
   the context (``bench.kv_bytes``), read once per pass, or, where a matmul rate is given and it is larger, the
@@ -25,9 +27,10 @@ The floors of gemm and attention add up to the step floor that ``orthrus-export 
 where the weight bytes bind (always at batch 1 on a GPU).
 """
 
-from orthrus_export.bench import attention_flops, kv_bytes, pass_bytes, pass_flops
+from orthrus_export.bench import attention_flops, kv_bytes, matmul_dtypes, pass_bytes, pass_flops
 
 KINDS = ("gemm", "attention", "other")
+Rates = float | dict[int, float] | None  # a matmul rate (FLOP/s) for every operand, or one per element size
 VIEWS = {"verify": ("ar",), "decode": ("ar",), "draft": ("diff",), "cycle": ("diff", "ar")}  # passes of a step
 ATTENTION_KERNELS = ("_split_kernel", "_merge_kernel", "_cache_write_kernel")  # plugins/attention_common/kernel.py
 FP8_KERNELS = ("_quant_kernel", "_gemm_kernel", "_reduce_kernel")  # plugins/fp8_linear/kernel.py
@@ -65,26 +68,33 @@ def bound(bytes_ms: float, compute_ms: float | None) -> dict:
 
 
 def bounds_ms(cfg, weights: dict, step: str, context: int, rows: int, elem: int, bandwidth: float,
-              matmul_rate: float | None = None) -> dict:
+              matmul_rate: Rates = None) -> dict:
     """The GEMMs' and the attention's ``bound`` for ``step`` over ``rows`` sequences at cache length ``context`` (K/V
     elements of ``elem`` bytes): bytes over ``bandwidth`` bytes/s (the copy bandwidth: bytes read plus written),
     FLOPs over ``matmul_rate`` FLOP/s where given (``bench.pass_flops``, ``bench.attention_flops``; every row's
-    tokens)."""
+    tokens). ``matmul_rate`` is one rate for every operand, or a rate per element size (``bench.matmul_rates``):
+    then each size's GEMM FLOPs go at its own rate (an FP8 engine's e4m3 layers at the FP8 rate, its head at the
+    bf16 one) and the attention's at the K/V element size's; a size without a rate leaves that bound out."""
     views = VIEWS[step]
     tokens = rows * (1 if step == "decode" else cfg.block_size)
 
     def ms(amount, rate):
         return amount / rate * 1e3 if rate else None
 
+    def rate_of(size):
+        return matmul_rate.get(size) if isinstance(matmul_rate, dict) else matmul_rate
+
+    per_size = [ms(sum(pass_flops(cfg, weights, v, tokens, size) for v in views), rate_of(size))
+                for size in matmul_dtypes(cfg, weights)]
     gemm = bound(ms(sum(pass_bytes(cfg, weights, v) for v in views), bandwidth),
-                 ms(sum(pass_flops(cfg, weights, v, tokens) for v in views), matmul_rate))
+                 None if None in per_size else sum(per_size))
     attention = bound(ms(len(views) * rows * kv_bytes(cfg, context, elem), bandwidth),
-                      ms(len(views) * attention_flops(cfg, context, tokens), matmul_rate))
+                      ms(len(views) * attention_flops(cfg, context, tokens), rate_of(elem)))
     return {"gemm": gemm, "attention": attention}
 
 
 def floors_ms(cfg, weights: dict, step: str, context: int, rows: int, elem: int, bandwidth: float,
-              matmul_rate: float | None = None) -> dict:
+              matmul_rate: Rates = None) -> dict:
     """Each kind's floor in milliseconds (``bounds_ms``'s floors; "other" 0)."""
     return floors_of(bounds_ms(cfg, weights, step, context, rows, elem, bandwidth, matmul_rate))
 
@@ -132,7 +142,7 @@ def table(name: str, b: dict) -> list[str]:
 
 
 def profile_engine(engine, contexts: list[int], batches: list[int], steps: list[str], iters: int, bandwidth: float,
-                   top: int = 12, log=print, matmul_rate: float | None = None) -> dict:
+                   top: int = 12, log=print, matmul_rate: Rates = None) -> dict:
     """``breakdown`` of each step at each context and batch size: the step as decoding runs it
     (``Engine.time_step``: a CUDA-graph replay, or the eager body on the CPU) and its kernels or operators
     (``Engine.profile_step``); ``top`` of them kept per step, and the kinds' two bounds (``bounds_ms``). Fills

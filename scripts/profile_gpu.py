@@ -13,8 +13,10 @@ run. ``--from`` re-reads a profile in the layout of the cycle profiler this scri
 replay and the kernels by name, as ``benchmarks/h200-profile-cycle-8b-none.json``) and adds the kinds and floors,
 with the bandwidth measured on that device (``--bandwidth-from``: a benchmark JSON with
 ``copy_bandwidth_GBps``, or ``--bandwidth`` in GB/s; ``--matmul-tflops`` adds the GEMMs' compute bound). A measured
-profile times a large bf16 matmul in the same run (``bench.matmul_rate``): the GEMM floor is the larger of the weight
-bytes over the copy bandwidth and the FLOPs over that rate.
+profile times a large matmul in the same run for each operand dtype the engine multiplies in (``bench.matmul_rates``:
+bf16; FP8 engines e4m3 through ``torch._scaled_mm`` and their bf16 head): the GEMM floor is the larger of the weight
+bytes over the copy bandwidth and each dtype's FLOPs over its rate (until 2026-12-07 FP8 FLOPs went at the bf16
+rate, which overstated a batched FP8 pass's compute floor about twofold).
 """
 
 import argparse
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from orthrus_export.bench import build_random, copy_bandwidth, matmul_rate, qwen3_config  # noqa: E402
+from orthrus_export.bench import build_random, copy_bandwidth, matmul_dtypes, matmul_rates, qwen3_config  # noqa: E402
 from orthrus_export.profile import bounds_ms, breakdown, floors_of, profile_engine, table  # noqa: E402
 from orthrus_export.weights import engine_shapes  # noqa: E402
 
@@ -33,17 +35,21 @@ from orthrus_export.weights import engine_shapes  # noqa: E402
 def measure(a) -> dict:
     batches = [int(b) for b in a.batches.split(",")]
     device = torch.device("cuda")
-    bw, rate = copy_bandwidth(device), matmul_rate(device, torch.bfloat16)
-    print(f"copy bandwidth {bw / 1e9:.0f} GB/s, bf16 matmul rate {rate / 1e12:.0f} TFLOP/s", flush=True)
     cfg, engine, export_s, load_s, _ = build_random(a.shape, torch.bfloat16, a.context, precision=a.precision,
                                                     compile=a.compile == "inductor", max_batch_size=max(batches),
                                                     fp8_kernel=a.fp8_kernel, fp8_quant=a.fp8_quant)
     print(f"qwen3-{a.shape}: traced {export_s:.1f} s, compiled+captured {load_s:.1f} s", flush=True)
+    # the roofs, measured in this run: copy bandwidth, and a matmul rate per operand dtype (FP8: e4m3 and the head)
+    bw, rate = copy_bandwidth(device), matmul_rates(device, cfg, engine.weights)
+    dtypes = matmul_dtypes(cfg, engine.weights)
+    tflops = {str(dtypes[s]).removeprefix("torch."): r / 1e12 for s, r in rate.items()}
+    print(f"copy bandwidth {bw / 1e9:.0f} GB/s, matmul rate " +
+          ", ".join(f"{d} {r:.0f} TFLOP/s" for d, r in tflops.items()), flush=True)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": a.shape,
               "precision": a.precision, "fp8_kernel": engine.options.fp8_kernel if a.precision == "fp8" else None,
               "fp8_quant": engine.options.fp8_quant if a.precision == "fp8" and a.compile == "inductor" else None,
               "context": a.context, "compile": a.compile, "copy_bandwidth_GBps": bw / 1e9,
-              "matmul_TFLOPs": rate / 1e12,
+              "matmul_TFLOPs": tflops,
               "steps": profile_engine(engine, [a.context], batches, a.steps.split(","), a.iters, bw, a.top,
                                       log=lambda m: print(m, flush=True), matmul_rate=rate)}
     Path(a.out).write_text(json.dumps(report, indent=1) + "\n")

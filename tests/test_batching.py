@@ -247,7 +247,7 @@ def test_cli_batch_arguments_are_checked(tiny, tmp_path):
     assert rows[0]["ratio_to_first"]["cycle"] == 1.0
     # each size's cycle floor: the GEMMs' larger bound (bytes or FLOPs at the rate measured in the run) + K/V
     from orthrus_export.profile import floors_ms
-    bw, rate = result["copy_bandwidth_GBps"] * 1e9, result["matmul_TFLOPs"] * 1e12
+    bw, rate = result["copy_bandwidth_GBps"] * 1e9, result["matmul_TFLOPs"]["float32"] * 1e12
     for r in rows:
         want = sum(floors_ms(engine.config, engine.weights, "cycle", 64, r["batch"], engine.k_cache.element_size(),
                              bw, rate).values())

@@ -2,13 +2,17 @@
 ``Engine.profile_step`` on a real engine."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from orthrus_export.bench import attention_flops, kv_bytes, pass_bytes, pass_flops
+from orthrus_export.bench import (attention_flops, kv_bytes, matmul_dtypes, matmul_rates, pass_bytes, pass_flops,
+                                  qwen3_config)
+from orthrus_export.weights import engine_shapes
 from orthrus_export.profile import bounds_ms, breakdown, floors_ms, kind_of, table
 from orthrus_runtime.errors import OrthrusError
 
@@ -83,6 +87,34 @@ def test_floors_take_the_compute_bound_when_it_binds(models):
                                                                              bw)["gemm"]["bytes"]
 
 
+def test_fp8_engines_gemm_compute_bound_takes_each_operand_size_at_its_own_rate():
+    """An FP8 engine multiplies e4m3 layers (FP8 tensor cores, ~2x bf16 on Hopper) and a BF16 head: with a rate per
+    element size (``bench.matmul_rates``) each size's FLOPs go at its own rate, the attention's at the K/V size's;
+    one rate for all is the sum at that rate; a size without a rate leaves the compute bound out. The rates are
+    measured (``torch._scaled_mm`` for e4m3)."""
+    cfg = qwen3_config("8b")
+    weights = {n: torch.empty(shape, device="meta", dtype=torch.float8_e4m3fn if len(shape) == 2 and
+                              n.startswith("layers.") else torch.bfloat16) for n, shape in engine_shapes(cfg).items()}
+    assert matmul_dtypes(cfg, weights) == {1: torch.float8_e4m3fn, 2: torch.bfloat16}
+    tokens, views = 8 * cfg.block_size, ("ar", "diff")
+    fp8 = sum(pass_flops(cfg, weights, v, tokens, 1) for v in views)
+    head = sum(pass_flops(cfg, weights, v, tokens, 2) for v in views)
+    assert fp8 > 0 and head == 2 * 2 * tokens * cfg.vocab_size * cfg.hidden_size  # lm_head, both passes
+    assert fp8 + head == sum(pass_flops(cfg, weights, v, tokens) for v in views)
+    bw, r1, r2 = 3e12, 1.6e15, 0.8e15
+    b = bounds_ms(cfg, weights, "cycle", 4096, 8, 2, bw, {1: r1, 2: r2})
+    assert b["gemm"]["compute"] == pytest.approx((fp8 / r1 + head / r2) * 1e3)
+    assert b["attention"]["compute"] == pytest.approx(2 * attention_flops(cfg, 4096, tokens) / r2 * 1e3)
+    one = bounds_ms(cfg, weights, "cycle", 4096, 8, 2, bw, r2)  # the bf16 rate for all: what profiles did before
+    assert one["gemm"]["compute"] == pytest.approx((fp8 + head) / r2 * 1e3)
+    assert one["gemm"]["compute"] > b["gemm"]["compute"]
+    assert bounds_ms(cfg, weights, "cycle", 4096, 8, 2, bw, {2: r2})["gemm"]["compute"] is None
+    small = {"layers.0.ar.qkv": torch.randn(8, 8).to(torch.float8_e4m3fn), "lm_head": torch.randn(8, 8).bfloat16(),
+             "norm": torch.ones(8, dtype=torch.bfloat16)}
+    rates = matmul_rates(torch.device("cpu"), cfg, small)
+    assert set(rates) == {1, 2} and all(math.isfinite(r) and r > 0 for r in rates.values())
+
+
 def test_profile_step_on_the_cpu_engine(models):
     """``Engine.profile_step`` on tiny: a verify pass runs one attention op per layer and the packed linear layers
     (QKV, O, gate/up, down per layer, and the head), its kinds' times add up to the operators' total, and a cycle
@@ -131,7 +163,7 @@ def test_bench_profile_cli(models, capsys):
     assert main(["bench", "--engine", str(path), "--contexts", "300", "--batch", "1,2", "--iters", "2",
                  "--profile", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    prof, rate = out["profile"], out["matmul_TFLOPs"] * 1e12  # an fp32 matmul on this CPU, measured in the run
+    prof, rate = out["profile"], out["matmul_TFLOPs"]["float32"] * 1e12  # fp32 on this CPU, measured
     assert rate > 0
     assert set(prof) == {f"{s} ctx {c} batch {b}" for s in ("verify", "draft", "cycle") for c in (300,)
                          for b in (1, 2)}
