@@ -16,7 +16,8 @@ import torch
 
 from orthrus_plugins.fp8_linear import _reference, kernel as fk, quantize_rows, quantize_weight
 
-CONFIGS = [fk.Config(64, 64, 1), fk.Config(64, 64, 3, swap=True), fk.Config(16, 32, 2), fk.Config(32, 64, 4)]
+CONFIGS = [fk.Config(64, 64, 1), fk.Config(64, 64, 3, swap=True), fk.Config(16, 32, 2), fk.Config(32, 64, 4),
+           fk.Config(64, 64, 1, swap=True, m_tile=64), fk.Config(32, 64, 2, m_tile=128)]  # wider row tiles
 SHAPES = [(1, 96, 256), (40, 130, 320), (64, 128, 512)]  # (M, N, K): one row; ragged N, K; two row tiles
 TOLERANCE = {torch.float32: 1e-6, torch.float16: 2e-3, "e4m3": 1e-6}
 

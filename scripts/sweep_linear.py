@@ -4,6 +4,12 @@ against its current tiling, ``torch._scaled_mm`` and bf16 cuBLAS, and the same G
 at the Qwen3 projection shapes and M = 32 · rows (one verify block, a batch of 8) and 1.
 
     python scripts/sweep_linear.py --shapes 8b,1.7b --out benchmarks/h100-linear-sweep.json
+    python scripts/sweep_linear.py --shapes 8b --kinds fp8 --wide --out benchmarks/h100-linear-wide-rows-8b.json
+
+``--wide``: only the fp8 default tiling with wider row tiles (``m_tile`` 64, 128; 64- and 128-channel weight tiles;
+4 and 8 warps), for batched passes (M = 256). A wider tile may serve calls of more than 32 rows only if each row
+comes out bit for bit as the default 32-row tiles give it (then a row's result still does not depend on the batch):
+each is checked for that (``equal_to_default``) besides the exact reference, and timed either way.
 
 Timing: each call captured ``reps`` times into one CUDA graph over several copies of the weights (together several
 times the L2, so every call reads its weight from device memory), the graph replayed and timed with CUDA events, the
@@ -14,6 +20,7 @@ computed alone (batch invariance). A tiling that fails either is reported and no
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -54,6 +61,12 @@ def candidates(n: int, k: int, sms: int, fp8: bool) -> list[tuple[str, fk.Config
             seen.add(cfg)
             unique.append((label, cfg))
     return unique
+
+
+def wide(cfg: fk.Config) -> list[fk.Config]:
+    """The default tiling with wider row tiles (the K loop, hence each element's summation order, unchanged)."""
+    return [dataclasses.replace(cfg, m_tile=mt, block_n=bn, num_warps=w)
+            for mt in (64, 128) for bn in (64, 128) for w in (4, 8)]
 
 
 def refine(cfg: fk.Config) -> list[fk.Config]:
@@ -130,7 +143,21 @@ def sweep_shape(name, k, n, ms, sms, bw, a, log) -> list[dict]:
             r = record(kind, variant, m, us, cfg, err, floor_bytes=(1 if fp8 else 2) * n * k)
             r["batch_invariant"] = invariant
 
-    for fp8 in [kind == "fp8" for kind in a.kinds.split(",")]:
+    if a.wide:  # the default tiling, then its wider row tiles, each compared with it bit for bit at 256 rows
+        default = fk.config(n, k, sms)
+        try_config(default, True, "default tiling")
+        ref256 = fk.fp8_linear(x256, *q8[0], default)
+        for cfg in wide(default):
+            before = len(rows)
+            try_config(cfg, True, "wide rows")
+            try:
+                same = bool(torch.equal(fk.fp8_linear(x256, *q8[0], cfg), ref256))
+            except Exception:  # the compiler refused it: try_config recorded why
+                same = None
+            for r in rows[before:]:
+                r["equal_to_default"] = same
+            log(f"  fp8 {cfg}: rows equal to the default tiling's at M = 256: {same}")
+    for fp8 in [] if a.wide else [kind == "fp8" for kind in a.kinds.split(",")]:
         kind = "fp8" if fp8 else "bf16"
         for label, cfg in candidates(n, k, sms, fp8):
             try_config(cfg, fp8, label)
@@ -141,8 +168,8 @@ def sweep_shape(name, k, n, ms, sms, bw, a, log) -> list[dict]:
     for m in ms:
         sel = [r for r in rows if r.get("m") == m and "us" in r]
         for kind in ("fp8", "bf16"):
-            base = {r["variant"]: r for r in sel if r["kind"] == kind and r["variant"] != "triton"}
-            tri = [r for r in sel if r["kind"] == kind and r["variant"] == "triton"]
+            base = {r["variant"]: r for r in sel if r["kind"] == kind and r["variant"] not in ("triton", "wide rows")}
+            tri = [r for r in sel if r["kind"] == kind and r["variant"] in ("triton", "wide rows")]
             best = min(tri, key=lambda r: r["us"]) if tri else None
             basics = "  ".join(f"{v} {r['us']:.1f}" for v, r in base.items())
             floor = (base or {"x": best or {"floor_us": 0}})
@@ -160,6 +187,7 @@ def main() -> int:
     ap.add_argument("--kinds", default="fp8,bf16", help="Triton GEMMs swept: fp8, bf16 or both")
     ap.add_argument("--reps", type=int, default=24, help="calls per captured graph")
     ap.add_argument("--iters", type=int, default=15, help="graph replays (median)")
+    ap.add_argument("--wide", action="store_true", help="only the fp8 default tiling's wider row tiles (see above)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     dev = torch.device("cuda")

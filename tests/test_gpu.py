@@ -307,6 +307,37 @@ def test_fp8_linear_cuda_kernels_match_reference(m, n, k, monkeypatch):
             assert torch.equal(rows, full), name
 
 
+@pytest.mark.parametrize("m_tile", [64, 128])
+def test_fp8_gemm_wider_row_tiles_are_exact_and_row_invariant(m_tile, monkeypatch):
+    """The GEMM with wider row tiles (swept for batched passes by ``scripts/sweep_linear.py --wide``; no engine uses
+    them yet): exact against the float64 reference at 300 rows (ragged last tile), every output written (poisoned
+    buffers), each row alone equal to its row in the full call. Whether rows also equal the 32-row tiles' is the
+    sweep's measurement (``equal_to_default``)."""
+    import dataclasses
+    from orthrus_export.parity import compare
+    from orthrus_plugins import fp8_linear as op
+    from orthrus_plugins.fp8_linear import kernel as fk
+    real_empty = torch.empty
+
+    def poisoned_empty(*a, **kw):
+        t = real_empty(*a, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() and t.dtype.itemsize > 1 else t
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    g = torch.Generator(device="cuda").manual_seed(m_tile)
+    n, k, m = 6144, 4096, 300
+    x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
+    q, s = op.quantize_weight(torch.randn(n, k, device="cuda", generator=g) * 0.05)
+    xq, xs = op.quantize_rows(x)
+    cfg = dataclasses.replace(fk.config(n, k, torch.cuda.get_device_properties(0).multi_processor_count),
+                              m_tile=m_tile)
+    out = fk.fp8_matmul(xq, xs, q, s, torch.bfloat16, cfg)
+    assert torch.isfinite(out).all()
+    r = compare(out.float(), op._reference(x, q, s).float(), torch.bfloat16)
+    assert r["ok"], r
+    for i in (0, 37, m - 1):
+        assert torch.equal(fk.fp8_matmul(xq[i:i + 1], xs[i:i + 1], q, s, torch.bfloat16, cfg), out[i:i + 1]), i
+
+
 @pytest.mark.parametrize("compile", ["none", "inductor"])  # inductor: quantization fused, fp8_matmul (split_linear)
 def test_fp8_gpu_engine_orthrus_equals_its_own_ar(tmp_path, compile):
     from orthrus_export.builder import build

@@ -3,7 +3,7 @@ sequence, any number of rows).
 
 Two launches, three with a split K: a per-row quantization kernel (absmax -> scale -> e4m3, the reference's
 arithmetic; ``fp8_linear`` only — in compiled programs Inductor fuses the quantization into x's producer and calls
-``fp8_matmul``), then a GEMM over tiles of ``M_TILE`` (32) rows: each program owns ``block_n`` output channels of one
+``fp8_matmul``), then a GEMM over tiles of ``m_tile`` (32) rows: each program owns ``block_n`` output channels of one
 row tile and one slice of K, ``tl.dot`` of e4m3 tiles with float32 accumulation over the slice in ``block_k`` steps,
 then the row and channel scales; with ``split_k`` > 1 the slices' float32 partial sums are added in a fixed order by
 a third kernel. ``swap`` puts the weight tile on the MMA's M side (``[block_n, block_k] x [block_k, 32]``), so a
@@ -36,12 +36,14 @@ class Config:
     swap: bool = False      # weight tile as the MMA's M operand
     num_warps: int = 4
     num_stages: int = 4
+    m_tile: int = M_TILE    # rows a program owns (32 in every tiling :func:`config` gives; larger ones are swept)
 
     def __post_init__(self):
-        for v in (self.block_n, self.block_k, self.num_warps):
+        for v in (self.block_n, self.block_k, self.num_warps, self.m_tile):
             if v & (v - 1) or v <= 0:
                 raise ValueError(f"fp8_linear config sizes must be powers of two, got {self}")
-        if self.split_k < 1 or self.num_stages < 1 or self.block_k < 32 or self.block_n < 16:
+        if (self.split_k < 1 or self.num_stages < 1 or self.block_k < 32 or self.block_n < 16
+                or not 16 <= self.m_tile <= 256):
             raise ValueError(f"fp8_linear config out of range: {self}")
 
 
@@ -160,24 +162,25 @@ def _gemm(xq, xs, weight, ws, out_dtype, cfg: Config):
     """``xq [M, K] @ weight[N, K].T`` (times ``xs[m] · ws[n]`` when given) with the tiling ``cfg``."""
     m, k = xq.shape
     n = weight.shape[0]
-    m_tiles = triton.cdiv(m, M_TILE)
+    m_tiles = triton.cdiv(m, cfg.m_tile)
     out = torch.empty(m, n, device=xq.device, dtype=out_dtype)
     if m == 0:
         return out
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
     split = triton.cdiv(k, k_per_split)  # a slice count that leaves none empty
     even = n % cfg.block_n == 0 and k % k_per_split == 0
-    partial = torch.empty(split, m_tiles * M_TILE, n, device=xq.device, dtype=torch.float32) if split > 1 else out
+    m_all = m_tiles * cfg.m_tile
+    partial = torch.empty(split, m_all, n, device=xq.device, dtype=torch.float32) if split > 1 else out
     scaled = xs is not None
     xs = xs if scaled else out
     ws = ws if scaled else out
     _gemm_kernel[(m_tiles, triton.cdiv(n, cfg.block_n), split)](
-        xq, xs, weight, ws, out, partial, m, n, k, m_tiles * M_TILE, xq.stride(0), weight.stride(0), out.stride(0),
-        K_PER_SPLIT=k_per_split, M_TILE=M_TILE, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split, SWAP=cfg.swap,
-        SCALED=scaled, EVEN=even, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        xq, xs, weight, ws, out, partial, m, n, k, m_all, xq.stride(0), weight.stride(0), out.stride(0),
+        K_PER_SPLIT=k_per_split, M_TILE=cfg.m_tile, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split,
+        SWAP=cfg.swap, SCALED=scaled, EVEN=even, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split > 1:
-        _reduce_kernel[(triton.cdiv(n, 64), m_tiles)](partial, xs, ws, out, m, n, m_tiles * M_TILE, out.stride(0),
-                                                     M_TILE=M_TILE, BLOCK_N=64, SPLIT_K=split, SCALED=scaled,
+        _reduce_kernel[(triton.cdiv(n, 64), m_tiles)](partial, xs, ws, out, m, n, m_all, out.stride(0),
+                                                     M_TILE=cfg.m_tile, BLOCK_N=64, SPLIT_K=split, SCALED=scaled,
                                                      num_warps=4)
     return out
 
