@@ -115,6 +115,13 @@ def matmul_rates(device: torch.device, cfg: ModelConfig, weights: dict) -> dict[
     return {size: matmul_rate(device, dtype) for size, dtype in sorted(matmul_dtypes(cfg, weights).items())}
 
 
+def rates_tflops(cfg: ModelConfig, weights: dict, rates: dict[int, float]) -> dict[str, float]:
+    """``matmul_rates``'s rates in TFLOP/s by dtype name (``{"bfloat16": …, "float8_e4m3fn": …}``), as reports
+    print and store them."""
+    dtypes = matmul_dtypes(cfg, weights)
+    return {str(dtypes[s]).removeprefix("torch."): r / 1e12 for s, r in rates.items()}
+
+
 def kv_bytes(cfg: ModelConfig, ctx: int, elem: int) -> int:
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * ctx * elem
 

@@ -375,11 +375,10 @@ def cmd_bench(a) -> int:
     log(f"{engine.path.name} on {engine.manifest['gpu']['device_name']}: copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     rate = None
     if a.profile or batches:  # floors over many tokens: the GEMMs' compute bound needs the matmul rates
-        from orthrus_export.bench import matmul_dtypes, matmul_rates
+        from orthrus_export.bench import matmul_rates, rates_tflops
         rate = matmul_rates(engine.device, engine.config, engine.weights)  # per operand size: FP8 layers, head
-        dtypes = matmul_dtypes(engine.config, engine.weights)
-        log("matmul rate " + ", ".join(f"({str(dtypes[s]).removeprefix('torch.')}) {r / 1e12:.2f} TFLOP/s"
-                                       for s, r in rate.items()))
+        tflops = rates_tflops(engine.config, engine.weights, rate)
+        log("matmul rate " + ", ".join(f"({d}) {r:.2f} TFLOP/s" for d, r in tflops.items()))
     if a.profile:
         from orthrus_export.profile import profile_engine
         result = {"profile": profile_engine(engine, contexts, batches or [1], ["verify", "draft", "cycle"], a.iters,
@@ -394,7 +393,7 @@ def cmd_bench(a) -> int:
     result.update(engine=str(engine.path), device=engine.manifest["gpu"]["device_name"],
                   copy_bandwidth_GBps=bandwidth / 1e9, iters=a.iters, load_stats=engine.load_stats)
     if rate is not None:  # by operand dtype, e.g. {"bfloat16": …, "float8_e4m3fn": …}
-        result["matmul_TFLOPs"] = {str(dtypes[s]).removeprefix("torch."): r / 1e12 for s, r in rate.items()}
+        result["matmul_TFLOPs"] = tflops
     if a.json:
         print(json.dumps(result, indent=2))
     return 0

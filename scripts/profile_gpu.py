@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from orthrus_export.bench import build_random, copy_bandwidth, matmul_dtypes, matmul_rates, qwen3_config  # noqa: E402
+from orthrus_export.bench import build_random, copy_bandwidth, matmul_rates, qwen3_config, rates_tflops  # noqa: E402
 from orthrus_export.profile import bounds_ms, breakdown, floors_of, profile_engine, table  # noqa: E402
 from orthrus_export.weights import engine_shapes  # noqa: E402
 
@@ -41,8 +41,7 @@ def measure(a) -> dict:
     print(f"qwen3-{a.shape}: traced {export_s:.1f} s, compiled+captured {load_s:.1f} s", flush=True)
     # the roofs, measured in this run: copy bandwidth, and a matmul rate per operand dtype (FP8: e4m3 and the head)
     bw, rate = copy_bandwidth(device), matmul_rates(device, cfg, engine.weights)
-    dtypes = matmul_dtypes(cfg, engine.weights)
-    tflops = {str(dtypes[s]).removeprefix("torch."): r / 1e12 for s, r in rate.items()}
+    tflops = rates_tflops(cfg, engine.weights, rate)
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s, matmul rate " +
           ", ".join(f"{d} {r:.0f} TFLOP/s" for d, r in tflops.items()), flush=True)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": a.shape,
