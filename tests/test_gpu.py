@@ -275,17 +275,23 @@ def test_compiled_artifacts_are_reused_in_a_fresh_process(tiny_gpu, tmp_path):
     assert stats["compiled"]["artifacts"] == "loaded"
 
 
+def poison_empty(monkeypatch) -> None:
+    """Every floating buffer of 2+ bytes that ``torch.empty`` allocates starts as NaN (so a kernel that leaves an output
+    element unwritten fails the test)."""
+    real_empty = torch.empty
+
+    def poisoned_empty(*a, **kw):
+        t = real_empty(*a, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() and t.dtype.itemsize > 1 else t
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+
+
 @pytest.mark.parametrize("m", [1, 7, 32, 100])  # 100: four row tiles, as a batched pass (it was _scaled_mm's before)
 @pytest.mark.parametrize("n,k", [(512, 256), (6144, 4096), (301, 96), (4096, 12288)])
 def test_fp8_linear_cuda_kernels_match_reference(m, n, k, monkeypatch):
     from orthrus_export.parity import compare
     from orthrus_plugins import fp8_linear as op
-    real_empty = torch.empty
-
-    def poisoned_empty(*a, **kw):  # every buffer the kernels allocate starts as NaN: each output element is written
-        t = real_empty(*a, **kw)
-        return t.fill_(float("nan")) if t.is_floating_point() and t.dtype.itemsize > 1 else t
-    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    poison_empty(monkeypatch)
     g = torch.Generator(device="cuda").manual_seed(m * n + k)
     x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
     q, s = op.quantize_weight(torch.randn(n, k, device="cuda", generator=g) * 0.05)
@@ -317,12 +323,7 @@ def test_fp8_gemm_wider_row_tiles_are_exact_and_row_invariant(m_tile, monkeypatc
     from orthrus_export.parity import compare
     from orthrus_plugins import fp8_linear as op
     from orthrus_plugins.fp8_linear import kernel as fk
-    real_empty = torch.empty
-
-    def poisoned_empty(*a, **kw):
-        t = real_empty(*a, **kw)
-        return t.fill_(float("nan")) if t.is_floating_point() and t.dtype.itemsize > 1 else t
-    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    poison_empty(monkeypatch)
     g = torch.Generator(device="cuda").manual_seed(m_tile)
     n, k, m = 6144, 4096, 300
     x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
