@@ -74,10 +74,13 @@ def forward(cfg: ModelConfig, view: str, w: dict[str, torch.Tensor], tokens: tor
         gate, up = linear(h, w, p + "gate_up").chunk(2, dim=-1)
         x = x + linear(F.silu(gate) * up, w, p + "down")
     x = rms_norm(x, w["norm"], cfg.rms_norm_eps)
+    head = w["embed"] if cfg.tie_word_embeddings else w.get("lm_head")
     if "lm_head.scale" in w:  # FP8 head (a quantized copy of the tied embedding, or of lm_head)
         logits = linear(x, w, "lm_head")
+    elif any(k.endswith(".scale") for k in w):  # an FP8 engine's BF16 head: rows batch-invariant as its layers'
+        logits = torch.ops.orthrus.invariant_linear(x, head)
     else:
-        logits = F.linear(x, w["embed"] if cfg.tie_word_embeddings else w["lm_head"])
+        logits = F.linear(x, head)
     logits = logits.float()
     return logits if slots is None else logits.reshape(lead[0], lead[1], -1)
 

@@ -7,6 +7,7 @@ Importing this package registers every op with ``torch.library``:
 - ``orthrus::accept``              (:mod:`orthrus_plugins.accept`)
 - ``orthrus::fp8_linear``          (:mod:`orthrus_plugins.fp8_linear`)
 - ``orthrus::fp8_matmul``          (the same module: fp8_linear's GEMM on quantized rows, in compiled programs)
+- ``orthrus::invariant_linear``    (the same module: the same GEMM on BF16 weights, an FP8 engine's BF16 head)
 
 One folder per op: ``__init__.py`` holds the contract (its docstring), the plain reference implementation (the CPU
 kernel) and a fake implementation so that ``torch.export`` keeps the op as a single node; beside it, where the op

@@ -80,6 +80,26 @@ def test_fp8_engine_orthrus_equals_its_own_ar(fp8_tiny):
         assert a.stats.cycles < 40  # drafts are accepted
 
 
+def test_fp8_engine_head_is_the_batch_invariant_linear(fp8_tiny, models):
+    """An FP8 engine's BF16 head is one ``orthrus::invariant_linear`` node in each program (on a GPU: the same
+    Triton GEMM as its layers, rows independent of M; cuBLAS rounds a 32-row verify and a one-row decode
+    differently); a BF16 engine keeps ``F.linear``. The op's reference is ``F.linear`` and refuses mismatched
+    operands."""
+    from orthrus_runtime import Engine
+
+    def heads(path, program):
+        module = Engine.load(path).programs[program]
+        return [str(n.target) for n in module.graph.nodes if "invariant_linear" in str(n.target)]
+    for program in ("verify", "draft", "decode"):
+        assert heads(fp8_tiny, program) == ["orthrus.invariant_linear.default"], program
+    assert heads(models.engine_path("tiny", "bf16", 512), "verify") == []
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(5, 64, generator=g).bfloat16(), torch.randn(48, 64, generator=g).bfloat16()
+    assert torch.equal(torch.ops.orthrus.invariant_linear(x, w), torch.nn.functional.linear(x, w))
+    with pytest.raises(ValueError, match="one dtype"):
+        torch.ops.orthrus.invariant_linear(x, w.float())
+
+
 def test_check_against_bf16_reports_quality(fp8_tiny, capsys):
     assert main(["check", "--engine", str(fp8_tiny), "--against", "bf16", "--prompts", "2", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

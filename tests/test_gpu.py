@@ -313,6 +313,46 @@ def test_fp8_linear_cuda_kernels_match_reference(m, n, k, monkeypatch):
             assert torch.equal(rows, full), name
 
 
+@pytest.mark.parametrize("m", [1, 32, 100])
+@pytest.mark.parametrize("n,k", [(6144, 256), (151936, 4096), (301, 96)])  # tiny's head, 8B's head, ragged
+def test_invariant_linear_matches_float64_and_rows_are_invariant(m, n, k, monkeypatch):
+    """``orthrus::invariant_linear`` (an FP8 engine's BF16 head) on the GPU: within bf16 rounding of the float64
+    product, every output written (poisoned buffers), and each row alone bitwise equal to its row in the block."""
+    from orthrus_export.parity import compare
+    poison_empty(monkeypatch)
+    g = torch.Generator(device="cuda").manual_seed(m + n)
+    x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
+    w = (torch.randn(n, k, device="cuda", generator=g) * 0.02).bfloat16()
+    out = torch.ops.orthrus.invariant_linear(x, w)
+    assert out.dtype == torch.bfloat16 and out.shape == (m, n) and torch.isfinite(out).all()
+    r = compare(out.float(), (x.double() @ w.double().t()).float(), torch.bfloat16)
+    assert r["ok"], r
+    for i in sorted({0, m // 2, m - 1}):
+        assert torch.equal(torch.ops.orthrus.invariant_linear(x[i:i + 1], w), out[i:i + 1]), i
+
+
+@pytest.mark.parametrize("n", [100, 1000, 4000])  # 1000: the block's key counts straddle 16 splits · 64-key tiles
+@pytest.mark.parametrize("splits,query_block", [(16, 0), (4, 16), (16, 32)])
+def test_cached_attention_verify_rows_equal_decode_steps(n, splits, query_block):
+    """A verify block of 32 tokens at cache length n against 32 one-token decode steps at n, n + 1, ...: each query
+    row's output bitwise equal (each query splits and tiles its own keys as its decode step does) — what Orthrus ==
+    own AR needs of attention."""
+    from orthrus_plugins.attention_common import kernel as ta
+    g = torch.Generator(device="cuda").manual_seed(n + splits)
+    b, hq, hkv, d = 32, 32, 8, 128
+
+    def r(*shape):
+        return torch.randn(*shape, device="cuda", generator=g).bfloat16()
+    kc, vc = r(2, hkv, 4200, d), r(2, hkv, 4200, d)
+    q, k, v = r(b, hq, d), r(b, hkv, d), r(b, hkv, d)
+    block = ta.attention(q, k, v, kc, vc, torch.tensor(n, device="cuda"), 1, d ** -0.5, True, splits=splits,
+                         query_block=query_block)
+    for i in range(b):
+        step = ta.attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], kc, vc, torch.tensor(n + i, device="cuda"), 1,
+                            d ** -0.5, True, splits=splits, query_block=query_block)
+        assert torch.equal(step[0], block[i]), (i, (step[0].float() - block[i].float()).abs().max().item())
+
+
 @pytest.mark.parametrize("m_tile", [64, 128])
 def test_fp8_gemm_wider_row_tiles_are_exact_and_row_invariant(m_tile, monkeypatch):
     """The GEMM with wider row tiles (swept for batched passes by ``scripts/sweep_linear.py --wide``; no engine uses

@@ -18,7 +18,8 @@ assignment of rows to slots.
 
 A row's result depends only on its own queries, keys and length (the split boundaries are a function of its own
 length; the query block is an engine setting, never a function of the row count), never on the other rows: batching
-is invariant by construction.
+is invariant by construction. In cached mode each query's key range is split by that query's own key count, so a
+verify block's query at position p splits and tiles its keys as a one-token decode step at p does.
 
 Contracts are those of the ops (see their packages, which register :func:`attention` as their CUDA
 implementations). Accumulation in float32; inputs fp32/bf16/fp16.
@@ -97,21 +98,25 @@ def _split_kernel(Q, KC, VC, KB, VB, LEN, SLOT, ACC, MS, LS, layer_off, scale,
     acc = tl.zeros([M_BLOCK, D], tl.float32)
     cols = tl.arange(0, BLOCK_N)
     if split < SPLITS:
-        total = n + B if CAUSAL else n
-        chunk = tl.cdiv(tl.cdiv(total, SPLITS), BLOCK_N) * BLOCK_N
+        # each query row splits its own visible keys (causal: n + i + 1) into SPLITS chunks of whole BLOCK_N tiles
+        # at absolute key positions, so a verify block's row i is split, tiled and summed exactly as the one-token
+        # decode step of that token (its n + 1 keys) is; rows of one program differ in chunk size only where their
+        # key counts straddle a multiple of SPLITS·BLOCK_N, and the program walks the union of their ranges
+        total = n + i + 1 if CAUSAL else n + i * 0
+        chunk = tl.cdiv(total, SPLITS * BLOCK_N) * BLOCK_N
         start = split * chunk
         end = tl.minimum(start + chunk, total)
+        lo = tl.min(tl.where(row_ok, start, 2147483647), 0)
+        hi = tl.max(tl.where(row_ok, end, 0), 0)
         base = KC + layer_off + slot_off + h * sc_h
         vbase = VC + layer_off + slot_off + h * sc_h
-        for s0 in range(start, end, BLOCK_N):
+        for s0 in range(lo, hi, BLOCK_N):
             kidx = s0 + cols
-            kok = kidx < end
+            kok = kidx < hi
             k = tl.load(base + kidx[:, None] * sc_s + d[None, :], mask=kok[:, None], other=0.0)
             v = tl.load(vbase + kidx[:, None] * sc_s + d[None, :], mask=kok[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * scale
-            ok = kok[None, :]
-            if CAUSAL:
-                ok = ok & (kidx[None, :] <= (n + i)[:, None])
+            ok = (kidx[None, :] >= start[:, None]) & (kidx[None, :] < end[:, None])  # the causal mask within
             s = tl.where(ok, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.where(m_new == float("-inf"), 1.0, tl.exp(m_i - m_new))

@@ -26,6 +26,12 @@ torch ops, then ``fp8_matmul`` — and an engine's compiled programs run it in t
 into the kernel that produces ``x`` (the RMSNorms, SiLU·up): three of every four quantization launches of an 8B pass
 go.
 
+``orthrus::invariant_linear(x, weight) -> x @ weight.T`` (``x`` ``[M, K]``, ``weight`` ``[N, K]``, both bf16/fp16/
+fp32; ``out`` ``[M, N]`` in x's dtype) is the head of an FP8 engine that keeps it in BF16: on a GPU with Triton the
+same GEMM on two-byte operands at a tiling chosen from N and K only (``kernel.bf16_config``), so its rows, like the
+FP8 layers', do not depend on M (cuBLAS picks its algorithm by M: a 32-row verify and a one-row decode round a
+head's logits differently, and a near-tie then flips a token). Reference (every other device): ``F.linear``.
+
 Reference implementation (any device): the product-sum exactly, in float64 (see ``_matmul_reference``). CUDA kernels
 (GPUs with FP8): a Triton kernel (``kernel.py``) over tiles of 32 rows, any M, so each row runs the same instruction
 sequence whatever M is (fp32 accumulation, a tiling chosen from N and K only: batch-invariant, also in batched
@@ -125,6 +131,20 @@ def _reference(x, weight, weight_scale):
     return _matmul_reference(*quantize_rows(x), weight, weight_scale, x.dtype)
 
 
+@torch.library.custom_op("orthrus::invariant_linear", mutates_args=())
+def invariant_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Reference implementation (any device)."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1] or x.dtype != weight.dtype:
+        raise ValueError(f"orthrus::invariant_linear: x [M, K] and weight [N, K] of one dtype expected, got "
+                         f"{tuple(x.shape)} {x.dtype} and {tuple(weight.shape)} {weight.dtype}")
+    return torch.nn.functional.linear(x, weight)
+
+
+@invariant_linear.register_fake
+def _(x, weight):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
 # the CUDA implementations of fp8_matmul, on quantized rows: (xq, xs [M, 1], weight, weight_scale, out_dtype)
 MATMUL_KERNELS = {"torch._scaled_mm": _scaled_mm, "reference": _matmul_reference}
 quantize_device = quantize_rows  # fp8_linear's quantization on a GPU: one Triton launch where Triton is installed
@@ -161,3 +181,8 @@ def register_cuda() -> None:
     @fp8_matmul.register_kernel("cuda")
     def _(xq, x_scale, weight, weight_scale, out_dtype, impl="auto"):
         return matmul_kernel(impl)(xq, x_scale, weight, weight_scale, out_dtype)
+
+    if "triton" in MATMUL_KERNELS:  # else the reference (cuBLAS: rows not invariant)
+        @invariant_linear.register_kernel("cuda")
+        def _(x, weight):
+            return _triton_kernel.linear(x, weight)

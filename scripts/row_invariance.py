@@ -1,0 +1,95 @@
+"""Verify rows vs decode steps, op by op, on a GPU: each op an engine's forward runs, called once on a 32-token
+block and then once per token (as a decode step computes it), compared bit for bit. A verify block's logits equal
+one-token decode logits only if every op is row-invariant in this sense; Orthrus output equals the engine's own AR
+output by construction only then (DESIGN.md §2). Random inputs at a model's shapes; prints one line per op and
+setting (max |difference|, rows equal) and writes them as JSON.
+
+    python scripts/row_invariance.py --shape tiny --out r.json     # and --shape 8b
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHAPES = {  # hidden, query heads, kv heads, head dim, intermediate, vocab
+    "tiny": (256, 4, 2, 64, 768, 6144),
+    "8b": (4096, 32, 8, 128, 12288, 151936),
+}
+
+
+def main() -> int:
+    import torch.nn.functional as F
+
+    import orthrus_plugins  # noqa: F401  (registers the ops)
+    from orthrus_export.model import rms_norm
+    from orthrus_plugins import fp8_linear as op
+    from orthrus_plugins.attention_common import kernel as ta
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    ap.add_argument("--block", type=int, default=32)
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    hidden, hq, hkv, d, inter, vocab = SHAPES[a.shape]
+    b, dev = a.block, torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def r(*shape, s=1.0):
+        return (torch.randn(*shape, device=dev, generator=g) * s).to(torch.bfloat16)
+    results = []
+
+    def report(name, setting, block, steps):
+        diff = (block.float() - steps.float()).abs().max().item()
+        rows = sum(bool(torch.equal(block[i], steps[i])) for i in range(block.shape[0]))
+        results.append({"op": name, **setting, "max_abs_diff": diff, "rows_equal": rows, "rows": block.shape[0]})
+        print(f"{name:34s} {json.dumps(setting):44s} rows equal {rows}/{block.shape[0]}  max |diff| {diff:.3g}",
+              flush=True)
+
+    def check(name, fn, x, **setting):
+        report(name, setting, fn(x), torch.cat([fn(x[i:i + 1]) for i in range(x.shape[0])]))
+
+    x = r(b, hidden)
+    norm_w = r(hidden, s=0.1) + 1
+    check("rms_norm (eager)", lambda t: rms_norm(t, norm_w, 1e-6), x)
+    compiled = torch.compile(lambda t: rms_norm(t, norm_w, 1e-6), dynamic=False)
+    check("rms_norm (inductor, static shapes)", compiled, x)
+    qn = r(d, s=0.1) + 1
+    check("q rms_norm (eager)", lambda t: rms_norm(t.reshape(-1, hq, d), qn, 1e-6).reshape(t.shape[0], -1),
+          r(b, hq * d))
+    head = r(vocab, hidden, s=0.02)
+    check("head F.linear (cuBLAS)", lambda t: F.linear(t, head), x)
+    check("head orthrus::invariant_linear", lambda t: torch.ops.orthrus.invariant_linear(t, head), x)
+    wq, ws = op.quantize_weight(r(2 * inter, hidden, s=0.02).float())
+    for kernel in [k for k in op.MATMUL_KERNELS if k != "reference"]:
+        check("gate_up orthrus::fp8_linear", lambda t: torch.ops.orthrus.fp8_linear(t, wq, ws, kernel), x,
+              kernel=kernel)
+    check("gate_up split_linear (inductor)", torch.compile(lambda t: op.split_linear(t, wq, ws, "auto"), dynamic=False),
+          x)
+
+    # cached attention: a verify block of b tokens at cache length n vs b decode steps at n, n + 1, ...
+    layers, cap = 2, 8192
+    for n in (100, 1000, 4000):
+        for splits in (4, 16):
+            for query_block in (0, 16):
+                kc, vc = r(layers, hkv, cap, d), r(layers, hkv, cap, d)
+                q, k, v = r(b, hq, d), r(b, hkv, d), r(b, hkv, d)
+                scale = d ** -0.5
+                block = ta.attention(q, k, v, kc, vc, torch.tensor(n, device=dev), 1, scale, True, splits=splits,
+                                     query_block=query_block)
+                steps = torch.cat([ta.attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], kc, vc,
+                                                torch.tensor(n + i, device=dev), 1, scale, True, splits=splits,
+                                                query_block=query_block) for i in range(b)])
+                report("cached attention", {"n": n, "splits": splits, "query_block": query_block}, block, steps)
+    if a.out:
+        Path(a.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                           "shape": a.shape, "block": b, "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
