@@ -1,10 +1,11 @@
-"""Verify rows vs decode steps, op by op, on a GPU: each op an engine's forward runs, called once on a 32-token
-block and then once per token (as a decode step computes it), compared bit for bit. A verify block's logits equal
-one-token decode logits only if every op is row-invariant in this sense; Orthrus output equals the engine's own AR
-output by construction only then (DESIGN.md §2). Random inputs at a model's shapes; prints one line per op and
-setting (max |difference|, rows equal) and writes them as JSON.
+"""Verify rows vs decode steps, op by op: each op an engine's forward runs, called once on a 32-token block and
+then once per token (as a decode step computes it), compared bit for bit. A verify block's logits equal one-token
+decode logits only if every op is row-invariant in this sense; Orthrus output equals the engine's own AR output by
+construction only then (DESIGN.md §2). Random inputs at a model's shapes, on the GPU (its kernels, each FP8 kernel
+and attention at several split counts and query blocks) or the CPU (the reference implementations CPU engines run);
+prints one line per op and setting (max |difference|, rows equal) and writes them as JSON.
 
-    python scripts/row_invariance.py --shape tiny --out r.json     # and --shape 8b
+    python scripts/row_invariance.py --shape tiny --out r.json     # and --shape 8b; --device cpu
 """
 
 import argparse
@@ -23,20 +24,21 @@ SHAPES = {  # hidden, query heads, kv heads, head dim, intermediate, vocab
 }
 
 
-def main() -> int:
+def main(argv=None) -> int:
     import torch.nn.functional as F
 
     import orthrus_plugins  # noqa: F401  (registers the ops)
     from orthrus_export.model import rms_norm
     from orthrus_plugins import fp8_linear as op
-    from orthrus_plugins.attention_common import kernel as ta
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     ap.add_argument("--block", type=int, default=32)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     hidden, hq, hkv, d, inter, vocab = SHAPES[a.shape]
-    b, dev = a.block, torch.device("cuda")
+    b, dev = a.block, torch.device(a.device)
+    gpu = dev.type == "cuda"
     g = torch.Generator(device=dev).manual_seed(0)
 
     def r(*shape, s=1.0):
@@ -62,31 +64,31 @@ def main() -> int:
     check("q rms_norm (eager)", lambda t: rms_norm(t.reshape(-1, hq, d), qn, 1e-6).reshape(t.shape[0], -1),
           r(b, hq * d))
     head = r(vocab, hidden, s=0.02)
-    check("head F.linear (cuBLAS)", lambda t: F.linear(t, head), x)
+    check("head F.linear (cuBLAS on a GPU)", lambda t: F.linear(t, head), x)
     check("head orthrus::invariant_linear", lambda t: torch.ops.orthrus.invariant_linear(t, head), x)
     wq, ws = op.quantize_weight(r(2 * inter, hidden, s=0.02).float())
-    for kernel in [k for k in op.MATMUL_KERNELS if k != "reference"]:
+    for kernel in [k for k in op.MATMUL_KERNELS if k != "reference"] if gpu else ["auto"]:  # the CPU: reference
         check("gate_up orthrus::fp8_linear", lambda t: torch.ops.orthrus.fp8_linear(t, wq, ws, kernel), x,
               kernel=kernel)
     check("gate_up split_linear (inductor)", torch.compile(lambda t: op.split_linear(t, wq, ws, "auto"), dynamic=False),
           x)
 
-    # cached attention: a verify block of b tokens at cache length n vs b decode steps at n, n + 1, ...
-    layers, cap = 2, 8192
+    # cached attention (the op: the Triton kernel on a GPU, the reference on the CPU, which ignores the kernel
+    # settings): a verify block of b tokens at cache length n vs b decode steps at n, n + 1, ...
+    attend = torch.ops.orthrus.cached_attention
+    layers, cap = 2, 4200
     for n in (100, 1000, 4000):
-        for splits in (4, 16):
-            for query_block in (0, 16):
-                kc, vc = r(layers, hkv, cap, d), r(layers, hkv, cap, d)
-                q, k, v = r(b, hq, d), r(b, hkv, d), r(b, hkv, d)
-                scale = d ** -0.5
-                block = ta.attention(q, k, v, kc, vc, torch.tensor(n, device=dev), 1, scale, True, splits=splits,
-                                     query_block=query_block)
-                steps = torch.cat([ta.attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], kc, vc,
-                                                torch.tensor(n + i, device=dev), 1, scale, True, splits=splits,
-                                                query_block=query_block) for i in range(b)])
-                report("cached attention", {"n": n, "splits": splits, "query_block": query_block}, block, steps)
+        for splits, query_block in [(4, 0), (4, 16), (16, 0), (16, 16)] if gpu else [(16, 0)]:
+            kc, vc = r(layers, hkv, cap, d), r(layers, hkv, cap, d)
+            q, k, v = r(b, hq, d), r(b, hkv, d), r(b, hkv, d)
+            kw = {"splits": splits, "query_block": query_block}
+            block = attend(q, k, v, kc, vc, torch.tensor(n, device=dev), 1, d ** -0.5, **kw)
+            steps = torch.cat([attend(q[i:i + 1], k[i:i + 1], v[i:i + 1], kc, vc, torch.tensor(n + i, device=dev), 1,
+                                      d ** -0.5, **kw) for i in range(b)])
+            report("cached attention", {"n": n, **(kw if gpu else {})}, block, steps)
     if a.out:
-        Path(a.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        Path(a.out).write_text(json.dumps({"device": torch.cuda.get_device_name(dev) if gpu else "cpu",
+                                           "torch": torch.__version__,
                                            "shape": a.shape, "block": b, "results": results}, indent=1))
     return 0
 

@@ -100,6 +100,29 @@ def test_fp8_engine_head_is_the_batch_invariant_linear(fp8_tiny, models):
         torch.ops.orthrus.invariant_linear(x, w.float())
 
 
+def test_row_invariance_script_on_the_cpu(tmp_path):
+    """``scripts/row_invariance.py`` (op by op: a 32-token block vs 32 single-token calls) runs on the CPU: the ops
+    whose CPU implementations are row-invariant by construction — the exact float64 FP8 product and the reference
+    attention, which computes each query over exactly the keys it sees — give 32 of 32 rows equal."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    out = tmp_path / "rows.json"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "row_invariance.py"
+    p = subprocess.run([sys.executable, script, "--shape", "tiny", "--device", "cpu", "--out", out],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    ops = {r["op"] for r in results}
+    assert {"rms_norm (eager)", "head orthrus::invariant_linear", "gate_up orthrus::fp8_linear",
+            "cached attention"} <= ops
+    for r in results:
+        assert r["rows"] == 32 and 0 <= r["rows_equal"] <= 32
+        if r["op"] in ("gate_up orthrus::fp8_linear", "cached attention"):
+            assert r["rows_equal"] == 32 and r["max_abs_diff"] == 0, r
+    assert len([r for r in results if r["op"] == "cached attention"]) == 3  # 100, 1,000 and 4,000 cached keys
+
+
 def test_check_against_bf16_reports_quality(fp8_tiny, capsys):
     assert main(["check", "--engine", str(fp8_tiny), "--against", "bf16", "--prompts", "2", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
