@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 import torch
-import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from orthrus_plugins.attention_common.kernel import QUERY_BLOCK_CHOICES, SPLIT_CHOICES, attention  # noqa: E402
@@ -110,8 +109,8 @@ def main():
                 us = timed(run, a.reps)
                 o = run()
                 ref = o if ref is None else ref
-                m_pad = max(16, triton.next_power_of_2(blk * hq // hkv))  # as attention() pads
-                partial_bytes = 2 * rows * hkv * (splits + 1) * m_pad * (d + 2) * 4  # written, then read by merge
+                query_rows = blk * hq // hkv  # a row's query rows of one KV head (the kernel stores no padding)
+                partial_bytes = 2 * rows * hkv * (splits + 1) * query_rows * (d + 2) * 4  # written, read by merge
                 row = {"rows": rows, "mode": "verify" if causal else "draft", "splits": splits, "query_block": qb,
                        "us": us,
                        "kv_floor_us": floor_us, "x_floor": us / floor_us, "partial_MB": partial_bytes / 1e6,

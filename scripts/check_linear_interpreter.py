@@ -8,6 +8,10 @@ the GPU, ``tests/test_gpu.py``). Exit 1 on the first failure.
     pip install --target /tmp/tritonpkg triton "numpy<2.3"  # not dependencies (the CPU wheels of torch need no
     # Triton); NumPy 2.3 on refuses the interpreter's size-1 loop bounds
     PYTHONPATH=/tmp/tritonpkg TRITON_INTERPRET=1 python scripts/check_linear_interpreter.py   # ~2 min on 2 cores
+
+The interpreter's products are NumPy's: with ``OPENBLAS_CORETYPE=Haswell`` (set on some of this workplace's
+processors) OpenBLAS gives a row a result that depends on its place in the tile, and "rows alone equal" fails for
+the interpreter's arithmetic, not the kernel's; prefix ``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE`` there.
 """
 
 import sys

@@ -5,9 +5,10 @@ chunks of one prompt; b = 1 is a single sequence). Each row's cache length and s
 inside the kernel, so one launch configuration — and one captured CUDA graph — serves every length and every
 assignment of rows to slots.
 
-- grid ``(Hkv, (SPLITS + 1) · MB, b)``: each program takes one row, one KV head and ``QUERY_BLOCK`` of its
+- grid ``(Hkv, (SPLITS + 1) · MB, b)``: each program takes one row, one KV head and a tile of ``M_BLOCK`` of its
   ``M = B·G`` query rows (``G = Hq / Hkv`` query heads for each of the row's B block positions; ``MB = M_PAD /
-  QUERY_BLOCK`` query blocks, 1 by default: then each K/V tile is read once per group), and one slice of the row's
+  M_BLOCK`` query blocks, ``M_PAD`` the rows padded to whole tiles; 1 by default: then each K/V tile is read once per
+  group), and one slice of the row's
   key range; the last split index handles the diffusion block's own keys (diffusion mode) and is idle in cached
   mode, whose block keys are already in the cache. Smaller query blocks give a row more programs over the same key
   slice (fewer splits for the same parallelism, so fewer fp32 partials to write and merge), at the price of reading
@@ -19,7 +20,12 @@ assignment of rows to slots.
 A row's result depends only on its own queries, keys and length (the split boundaries are a function of its own
 length; the query block is an engine setting, never a function of the row count), never on the other rows: batching
 is invariant by construction. In cached mode each query's key range is split by that query's own key count, so a
-verify block's query at position p splits and tiles its keys as a one-token decode step at p does.
+verify block's query at position p splits and tiles its keys as a one-token decode step at p does; and the program's
+query tile does not depend on the tokens per row either (``query_block`` 0: the rows of a 32-token block,
+``CAUSAL_BLOCK_TOKENS · G``, a decode step's few rows padded to it; partials are stored for the query rows only), with
+the token count a run-time argument, so a decode step and a verify block run one binary, the same matrix
+instructions on the same tile shapes (``scripts/kernel_report.py`` checks it: at 8B shapes a
+one-token step had 16-row tiles and warp MMAs where a verify block had 128-row tiles and warpgroup MMAs).
 
 Contracts are those of the ops (see their packages, which register :func:`attention` as their CUDA
 implementations). Accumulation in float32; inputs fp32/bf16/fp16.
@@ -35,6 +41,8 @@ from orthrus_plugins.attention_common import DEFAULT_BLOCK_N, DEFAULT_SPLITS, ba
 
 SPLIT_CHOICES = (4, 8, 16, 32, 64)  # the ops' ``splits`` attribute (an engine option, tuned at build)
 QUERY_BLOCK_CHOICES = (0, 16, 32, 64)  # the ops' ``query_block`` attribute: query rows per program (0: all of them)
+CAUSAL_BLOCK_TOKENS = 32  # cached mode, query_block 0: a program's query tile holds this many tokens' rows, whatever
+# the tokens per row (Orthrus's block: a verify block fills it, a decode step pads it)
 
 
 @dataclass(frozen=True)
@@ -54,9 +62,9 @@ class Launch:
 DEFAULT_LAUNCH = Launch()
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B"])
 def _cache_write_kernel(K, V, KC, VC, LEN, SLOT, layer_off, sk_t, sk_h, sv_t, sv_h, s_len, s_slot, sc_slot, sc_h, sc_s,
-                        B: tl.constexpr, D: tl.constexpr):
+                        B, D: tl.constexpr):
     """Cached mode's K/V write in one launch: token t = r·B + j of head h goes to cache position LEN[r] + j of slot
     SLOT[r] (a copy, cast to the cache's dtype). K and V may be strided views (V is a slice of the QKV product)."""
     t = tl.program_id(0)
@@ -71,10 +79,10 @@ def _cache_write_kernel(K, V, KC, VC, LEN, SLOT, layer_off, sk_t, sk_h, sv_t, sv
     tl.store(VC + dst, tl.load(V + t * sv_t + h * sv_h + d).to(VC.dtype.element_ty))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "M_PAD"])  # run-time: one binary for every token count (decode and verify)
 def _split_kernel(Q, KC, VC, KB, VB, LEN, SLOT, ACC, MS, LS, layer_off, scale,
-                  sq_b, sq_h, sc_slot, sc_h, sc_s, sb_b, sb_h, svb_b, svb_h, s_len, s_slot,
-                  B: tl.constexpr, G: tl.constexpr, D: tl.constexpr, M_PAD: tl.constexpr, M_BLOCK: tl.constexpr,
+                  sq_b, sq_h, sc_slot, sc_h, sc_s, sb_b, sb_h, svb_b, svb_h, s_len, s_slot, B, M_PAD,
+                  G: tl.constexpr, D: tl.constexpr, M_BLOCK: tl.constexpr,
                   BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, CAUSAL: tl.constexpr,
                   PREC: tl.constexpr):
     h = tl.program_id(0)
@@ -135,37 +143,38 @@ def _split_kernel(Q, KC, VC, KB, VB, LEN, SLOT, ACC, MS, LS, layer_off, scale,
         l_i = tl.sum(p, 1)
         acc = tl.dot(p.to(v.dtype), v, input_precision=PREC).to(tl.float32)
     slot = (r * tl.num_programs(0) + h) * (SPLITS + 1) + split
-    tl.store(MS + slot * M_PAD + rows, m_i)
-    tl.store(LS + slot * M_PAD + rows, l_i)
-    tl.store(ACC + (slot * M_PAD + rows[:, None]) * D + d[None, :], acc)
+    tl.store(MS + slot * M_PAD + rows, m_i, mask=row_ok)  # the query rows only: a decode step's tile is mostly
+    tl.store(LS + slot * M_PAD + rows, l_i, mask=row_ok)  # padding
+    tl.store(ACC + (slot * M_PAD + rows[:, None]) * D + d[None, :], acc, mask=row_ok[:, None])
 
 
-@triton.jit
-def _merge_kernel(ACC, MS, LS, O, so_b, so_h,
-                  B: tl.constexpr, G: tl.constexpr, D: tl.constexpr, M_PAD: tl.constexpr, SPLITS: tl.constexpr,
-                  ROWS: tl.constexpr):
+@triton.jit(do_not_specialize=["B", "M_PAD"])
+def _merge_kernel(ACC, MS, LS, O, so_b, so_h, B, M_PAD,
+                  G: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, ROWS: tl.constexpr):
     h = tl.program_id(0)
     rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < B * G
     r = tl.program_id(2)
     O += r * B * so_b
     first = (r * tl.num_programs(0) + h) * (SPLITS + 1)
     d = tl.arange(0, D)
     m = tl.full([ROWS], float("-inf"), tl.float32)
     for sp in range(SPLITS + 1):
-        m = tl.maximum(m, tl.load(MS + (first + sp) * M_PAD + rows))
+        m = tl.maximum(m, tl.load(MS + (first + sp) * M_PAD + rows, mask=row_ok, other=float("-inf")))
     l_tot = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, D], tl.float32)
     for sp in range(SPLITS + 1):
         slot = first + sp
-        ms = tl.load(MS + slot * M_PAD + rows)
+        ms = tl.load(MS + slot * M_PAD + rows, mask=row_ok, other=float("-inf"))
         w = tl.where(ms == float("-inf"), 0.0, tl.exp(ms - m))
-        l_tot += w * tl.load(LS + slot * M_PAD + rows)
-        acc += w[:, None] * tl.load(ACC + (slot * M_PAD + rows[:, None]) * D + d[None, :])
+        l_tot += w * tl.load(LS + slot * M_PAD + rows, mask=row_ok, other=0.0)
+        acc += w[:, None] * tl.load(ACC + (slot * M_PAD + rows[:, None]) * D + d[None, :], mask=row_ok[:, None],
+                                    other=0.0)
     out = acc / l_tot[:, None]
     i = rows // G
     qh = h * G + rows % G
     tl.store(O + i[:, None] * so_b + qh[:, None] * so_h + d[None, :], out.to(O.dtype.element_ty),
-             mask=(rows < B * G)[:, None])
+             mask=row_ok[:, None])
 
 
 def attention(q, k, v, k_cache, v_cache, cache_len, layer: int, scale: float, causal: bool,
@@ -173,7 +182,8 @@ def attention(q, k, v, k_cache, v_cache, cache_len, layer: int, scale: float, ca
     """Launch both kernels, either layout (:mod:`orthrus_plugins.attention_common`). Cached mode (``causal``) first
     writes every row's K/V at its slot and ``cache_len`` (device indices, no host read). ``splits``: key-range splits
     (one of SPLIT_CHOICES). ``query_block``: query rows per program (one of QUERY_BLOCK_CHOICES; 0, or more than a
-    row has: all of a row's query rows in one program). ``out``: a tensor to write the result into (tests poison
+    row has: all of a row's query rows in one program; in cached mode 0 is the rows of a ``CAUSAL_BLOCK_TOKENS``-token
+    block, whatever the tokens per row, so that decode steps and verify blocks run the same tiles). ``out``: a tensor to write the result into (tests poison
     it). ``launch``: block sizes, warps and stages (:class:`Launch`; benchmarks try others)."""
     if splits not in SPLIT_CHOICES:
         raise ValueError(f"attention splits must be one of {SPLIT_CHOICES}, got {splits}")
@@ -198,9 +208,11 @@ def attention(q, k, v, k_cache, v_cache, cache_len, layer: int, scale: float, ca
         _cache_write_kernel[(n, hkv)](k, v, k_cache, v_cache, lens, slots, layer * k_cache.stride(0),
                                       k.stride(0), k.stride(1), v.stride(0), v.stride(1), lens.stride(0),
                                       slots.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
-                                      B=b, D=d, num_warps=1)
-    m_pad = max(16, triton.next_power_of_2(b * g))
-    m_block = m_pad if query_block == 0 else min(query_block, m_pad)
+                                      b, D=d, num_warps=1)
+    # the query tile: a function of the engine (G, query_block), in cached mode never of the tokens per row b
+    m_block = max(16, triton.next_power_of_2((CAUSAL_BLOCK_TOKENS if causal else b) * g))
+    m_block = m_block if query_block == 0 else min(query_block, m_block)
+    m_pad = triton.cdiv(b * g, m_block) * m_block  # a row's query rows, padded to whole tiles
     parts = rows * hkv * (splits + 1)
     acc = torch.empty(parts, m_pad, d, device=q.device, dtype=torch.float32)
     ms = torch.empty(parts, m_pad, device=q.device, dtype=torch.float32)
@@ -211,15 +223,16 @@ def attention(q, k, v, k_cache, v_cache, cache_len, layer: int, scale: float, ca
         # positions) Triton passes it as a 64-bit integer, where an in-kernel layer * stride would overflow int32
         q, k_cache, v_cache, k, v, lens, slots, acc, ms, ls, layer * k_cache.stride(0), scale,
         q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1), lens.stride(0), slots.stride(0),
-        B=b, G=g, D=d, M_PAD=m_pad, M_BLOCK=m_block, BLOCK_N=launch.block_n, SPLITS=splits, CAUSAL=causal,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), lens.stride(0), slots.stride(0), b, m_pad,
+        G=g, D=d, M_BLOCK=m_block, BLOCK_N=launch.block_n, SPLITS=splits, CAUSAL=causal,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 engines stay exact
         # a [M_BLOCK, D] fp32 accumulator: spread it over 8 warps
         num_warps=launch.num_warps or (8 if m_block * d >= 128 * 64 else 4),
         **({} if launch.num_stages is None else {"num_stages": launch.num_stages}))
-    merge_rows = min(launch.merge_rows, m_pad)
-    _merge_kernel[(hkv, m_pad // merge_rows, rows)](acc, ms, ls, out, out.stride(0), out.stride(1), B=b, G=g, D=d,
-                                                    M_PAD=m_pad, SPLITS=splits, ROWS=merge_rows, num_warps=4)
+    merge_rows = launch.merge_rows  # programs over the query rows only, not the padding
+    _merge_kernel[(hkv, triton.cdiv(b * g, merge_rows), rows)](acc, ms, ls, out, out.stride(0), out.stride(1), b,
+                                                               m_pad, G=g, D=d, SPLITS=splits, ROWS=merge_rows,
+                                                               num_warps=4)
     return out
 
 

@@ -16,8 +16,9 @@ query_block=0, block_n=64) -> out``
 - ``layer`` (int attribute), ``scale`` (float attribute).
 - ``splits`` (int attribute, a kernel setting): key-range splits of the GPU kernel (4, 8, 16, 32 or 64; the engine's
   tuned value, written into the program's nodes at load); the reference ignores it.
-- ``query_block`` (int attribute, a kernel setting): query rows per program of the GPU kernel (0: all of a
-  row's, or 16, 32, 64; an engine setting, never a function of the row count, so batching stays invariant);
+- ``query_block`` (int attribute, a kernel setting): query rows per program of the GPU kernel (0: the rows of a
+  32-token block, a decode step's padded to them, or 16, 32, 64; an engine setting, never a function of the row
+  count or the tokens per row, so batching stays invariant and a verify row computes what a decode step computes);
   the reference ignores it.
 - ``block_n`` (int attribute, a kernel setting): keys per loop iteration of the GPU kernel (64 or 32: the order
   of the online softmax, so an engine-wide setting like ``splits``); the reference ignores it.

@@ -10,7 +10,9 @@ a third kernel. ``swap`` puts the weight tile on the MMA's M side (``[block_n, b
 64- or 128-channel weight tile can use Hopper's warpgroup MMA where a 32-row activation tile cannot.
 
 Batch invariance: every row tile runs the same instruction sequence, and the configuration (:class:`Config`) is a
-function of N, K and the GPU only (:func:`config`), never of M — so a row's result is the same bit for bit whether it
+function of N, K and the GPU only (:func:`config`), never of M, nor is the binary: M is not specialized (Triton's JIT
+would otherwise compile M = 1, M divisible by 16 and other M as three programs — ``scripts/kernel_report.py`` counts
+them) — so a row's result is the same bit for bit whether it
 comes in a 32-row verify block, a 1-row decode step or a 256-row batched pass (the property that keeps an FP8 engine's
 Orthrus output equal to its own AR output). The same GEMM without scales runs bf16/fp16 operands (``linear``), for
 benchmarks against cuBLAS (``scripts/sweep_linear.py``).
@@ -65,7 +67,7 @@ def _quant_kernel(X, XQ, XS, stride_x, stride_q, K: tl.constexpr, QMAX: tl.const
     tl.store(XS + row, scale)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # the row count a run-time value: one binary for every M (see below)
 def _gemm_kernel(XQ, XS, W, WS, O, P, M, N, K, M_ALL, stride_q, stride_w, stride_o, K_PER_SPLIT: tl.constexpr,
                  M_TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                  SWAP: tl.constexpr, SCALED: tl.constexpr, EVEN: tl.constexpr):
@@ -110,7 +112,7 @@ def _gemm_kernel(XQ, XS, W, WS, O, P, M, N, K, M_ALL, stride_q, stride_w, stride
         tl.store(P + (split * M_ALL + om) * N + on, acc, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _reduce_kernel(P, XS, WS, O, M, N, M_ALL, stride_o, M_TILE: tl.constexpr, BLOCK_N: tl.constexpr,
                    SPLIT_K: tl.constexpr, SCALED: tl.constexpr):
     pid = tl.program_id(0)

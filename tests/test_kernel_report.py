@@ -1,0 +1,74 @@
+"""The engines' Triton kernels compiled for Hopper (sm_90a) on a machine without a GPU (``scripts/kernel_report.py``):
+every launch an 8B engine makes at batch 1 and 8 compiles with the Triton the GPU machine has, fits an SM without
+spilling, uses the matrix instructions it is meant to, and compiles to one binary whatever the row count.
+
+Needs Triton, which the CPU wheels of torch do not bring: skipped without it. ``.ci/run`` installs ``triton==3.6.0``
+into a folder of its own and runs this file with it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "kernel_report.py"
+sys.path.insert(0, str(SCRIPT.parent))
+import kernel_report  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "8b.json"
+    p = subprocess.run([sys.executable, SCRIPT, "--shape", "8b", "--batches", "1,8", "--check", "--out", out],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_every_launch_compiles_for_hopper_without_spills(report):
+    launches = report["launches"]
+    assert report["problems"] == [] and report["arch"] == 90
+    # per batch size and step (decode, 32-token block): 4 projections x (quantization + GEMM), the head, attention
+    kernels = {r["kernel"] for r in launches}
+    assert kernels == {"_quant_kernel", "_gemm_kernel", "_cache_write_kernel", "_split_kernel", "_merge_kernel"}
+    for r in launches:
+        assert r["registers"] > 0 and r["local_bytes"] == 0 and r["ctas_per_sm"] >= 1, r
+        assert r["shared_bytes"] <= kernel_report.SM90["shared_cta"], r
+
+
+def test_matrix_instructions_are_hoppers(report):
+    """The FP8 GEMM runs e4m3 warpgroup MMAs (QGMMA) with its weight tile on the MMA's M side, the BF16 head bf16 ones
+    (HGMMA), both fed by asynchronous copies (a software-pipelined loop); attention's 32-token query tile (128 rows at
+    8B) runs warpgroup MMAs in decode steps as in verify blocks."""
+    for r in report["launches"]:
+        if "fp8_matmul" in r["launch"]:
+            assert set(r["mma"]) == {"QGMMA"} and r["async_copies"].get("LDGSTS", 0) > 0, r
+        elif "invariant_linear" in r["launch"]:
+            assert set(r["mma"]) == {"HGMMA"} and r["async_copies"].get("LDGSTS", 0) > 0, r
+        elif r["kernel"] == "_split_kernel":
+            assert set(r["mma"]) == {"HGMMA"}, r
+
+
+def test_one_binary_per_kernel_whatever_the_row_count(report):
+    """A decode step (1 token a row, batch 1 or 8) and a 32-token block run the same binary of each kernel: the row
+    count and the tokens per row are run-time arguments, never specializations."""
+    binaries = report["binaries"]
+    assert all(len(b) == 1 for b in binaries.values()), binaries
+    assert {"_split_kernel: cached attention", "_merge_kernel: cached attention",
+            "_gemm_kernel: down fp8_matmul [M, 12288] x [4096, 12288]"} <= set(binaries)
+    decode = {r["binary"] for r in report["launches"] if r["launch"].endswith("decode attention (cached, 4096 keys)")}
+    verify = {r["binary"] for r in report["launches"] if r["launch"].endswith("verify attention (cached, 4096 keys)")}
+    assert decode == verify and len(decode) == 3  # cache write, split, merge
+
+
+def test_several_binaries_and_spills_are_problems():
+    """The checks can fail: two binaries in one group, a spill, an oversized CTA."""
+    records = [{"kernel": "k", "group": "g", "binary": "a"}, {"kernel": "k", "group": "g", "binary": "b"},
+               {"kernel": "k", "group": "h", "binary": "a"}]
+    assert kernel_report.distinct_binaries(records) == {"k: g": ["a", "b"], "k: h": ["a"]}
+    assert kernel_report.ctas_per_sm(4, 64, 147456) == 1  # the 8B FP8 GEMM: its 144 KB of stages
+    assert kernel_report.ctas_per_sm(4, 32, 1024) == 16   # 128 threads: 2048 threads an SM
+    assert kernel_report.ctas_per_sm(8, 255, 1024) == 1   # 255 registers x 256 threads: the whole register file
+    assert kernel_report.ctas_per_sm(4, 64, 240000) == 0  # more shared memory than an SM has
