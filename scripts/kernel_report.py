@@ -52,7 +52,8 @@ def resources(cubin: bytes) -> dict:
         usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
         sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
     fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
-    ops = Counter(m.split(".")[0] for m in re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass))
+    opcode = r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)"  # "/*0120*/  @!P0 LDGSTS.E ..."
+    ops = Counter(m.split(".")[0] for m in re.findall(opcode, sass))
     return {"registers": int(fields["REG"]), "local_bytes": int(fields["LOCAL"]), "stack_bytes": int(fields["STACK"]),
             "static_shared": int(fields["SHARED"]), "mma": {k: ops[k] for k in MMA if ops[k]},
             "async_copies": {k: ops[k] for k in COPIES if ops[k]}}
@@ -124,6 +125,27 @@ class CompileOnly:
         return launch
 
 
+def wide_launches(name: str, rows: int):
+    """``(label, group, call)`` for the wider-row FP8 tilings ``scripts/sweep_linear.py --wide`` times on a GPU, at
+    every projection of the model ``name`` with ``rows`` rows (so that none of them fails there for want of shared
+    memory or registers)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import sweep_linear
+    from orthrus_export.bench import qwen3_config
+    from orthrus_plugins.fp8_linear import kernel as fk
+    cfg = qwen3_config(name)
+    hidden, inter, qkv = cfg.hidden_size, cfg.intermediate_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    out = []
+    for p, (n, k) in {"qkv": (qkv, hidden), "o": (hidden, cfg.num_heads * cfg.head_dim), "gate_up": (2 * inter, hidden),
+                      "down": (hidden, inter)}.items():
+        w, ws = torch.zeros(n, k, dtype=torch.float8_e4m3fn), torch.ones(n)
+        xq, xs = torch.zeros(rows, k, dtype=torch.float8_e4m3fn), torch.ones(rows, 1)
+        for c in sweep_linear.wide(fk.config(n, k, 132)):
+            out.append((f"wide {p} fp8 GEMM [{rows}, {k}] x [{n}, {k}] {c}", f"wide {p} {c}",
+                        lambda w=w, ws=ws, xq=xq, xs=xs, c=c: fk._gemm(xq, xs, w, ws, torch.bfloat16, c)))
+    return out
+
+
 def kernel_launches(name: str, batches: list[int], context: int):
     """``(label, group, call)`` for every kernel launch of an engine of the model ``name`` at each batch size: the FP8
     GEMM of each projection (its quantization too, as uncompiled engines run it), the BF16 head of an FP8 engine
@@ -171,7 +193,8 @@ def kernel_launches(name: str, batches: list[int], context: int):
             modes = [("verify" if t > 1 else "decode", True)] + ([("draft", False)] if t > 1 else [])
             for mode, causal in modes:
                 kind = "cached" if causal else "diffusion"
-                out.append((f"S={s} {mode} attention ({kind}, {context} keys)", f"{kind} attention", lambda q=q, k=k, v=v, kc=k_cache, vc=v_cache, ln=lens, sl=slots, c=causal:
+                out.append((f"S={s} {mode} attention ({kind}, {context} keys)", f"{kind} attention",
+                            lambda q=q, k=k, v=v, kc=k_cache, vc=v_cache, ln=lens, sl=slots, c=causal:
                             attn.attention(q, k, v, kc, vc, ln, 1, d ** -0.5, causal=c, slots=sl)))
     return out
 
@@ -192,6 +215,8 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100, H200)")
     ap.add_argument("--sms", type=int, default=132)
+    ap.add_argument("--wide", action="store_true", help="also the wider-row FP8 tilings scripts/sweep_linear.py "
+                                                        "--wide times, at 32 rows a batch row of the largest batch")
     ap.add_argument("--out", help="write the report as JSON")
     ap.add_argument("--check", action="store_true", help="exit 1 on a failed compile, a spill, shared memory over "
                                                          "the limit or a kernel with several binaries over row counts")
@@ -203,7 +228,10 @@ def main(argv=None) -> int:
     drv = CompileOnly(a.arch, a.sms)
     driver.set_active(drv)
     problems = []  # (the driver stays active: without a GPU Triton has no default one to go back to)
-    for label, group, call in kernel_launches(a.shape, [int(b) for b in a.batches.split(",")], a.context):
+    batches = [int(b) for b in a.batches.split(",")]
+    launches = kernel_launches(a.shape, batches, a.context) + (wide_launches(a.shape, 32 * max(batches)) if a.wide
+                                                               else [])
+    for label, group, call in launches:
         drv.label, drv.group = label, group
         try:
             call()

@@ -1,6 +1,7 @@
 """The engines' Triton kernels compiled for Hopper (sm_90a) on a machine without a GPU (``scripts/kernel_report.py``):
 every launch an 8B engine makes at batch 1 and 8 compiles with the Triton the GPU machine has, fits an SM without
-spilling, uses the matrix instructions it is meant to, and compiles to one binary whatever the row count.
+spilling, uses the matrix instructions it is meant to, and compiles to one binary whatever the row count; so do the
+wider FP8 tilings the GPU sweep tries.
 
 Needs Triton, which the CPU wheels of torch do not bring: skipped without it. ``.ci/run`` installs ``triton==3.6.0``
 into a folder of its own and runs this file with it."""
@@ -21,7 +22,7 @@ import kernel_report  # noqa: E402
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "8b.json"
-    p = subprocess.run([sys.executable, SCRIPT, "--shape", "8b", "--batches", "1,8", "--check", "--out", out],
+    p = subprocess.run([sys.executable, SCRIPT, "--shape", "8b", "--batches", "1,8", "--wide", "--check", "--out", out],
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return json.loads(out.read_text())
@@ -43,12 +44,21 @@ def test_matrix_instructions_are_hoppers(report):
     (HGMMA), both fed by asynchronous copies (a software-pipelined loop); attention's 32-token query tile (128 rows at
     8B) runs warpgroup MMAs in decode steps as in verify blocks."""
     for r in report["launches"]:
-        if "fp8_matmul" in r["launch"]:
+        if "fp8_matmul" in r["launch"] or r["launch"].startswith("wide "):
             assert set(r["mma"]) == {"QGMMA"} and r["async_copies"].get("LDGSTS", 0) > 0, r
         elif "invariant_linear" in r["launch"]:
             assert set(r["mma"]) == {"HGMMA"} and r["async_copies"].get("LDGSTS", 0) > 0, r
         elif r["kernel"] == "_split_kernel":
             assert set(r["mma"]) == {"HGMMA"}, r
+
+
+def test_the_gpu_sweeps_wide_tilings_all_fit(report):
+    """``scripts/sweep_linear.py --wide``'s candidates (64/128-row tiles, 64/128-channel weight tiles, 4/8 warps) at
+    every 8B projection and 256 rows: each compiles, fits a CTA's shared memory and does not spill (six pipeline
+    stages of the wider tiles did not fit: the sweep now takes as many as do)."""
+    wide = [r for r in report["launches"] if r["launch"].startswith("wide ")]
+    assert len(wide) == 4 * 8 and {r["constants"]["M_TILE"] for r in wide} == {64, 128}
+    assert all(r["num_stages"] >= 3 for r in wide)
 
 
 def test_one_binary_per_kernel_whatever_the_row_count(report):

@@ -183,8 +183,9 @@ def attention(q, k, v, k_cache, v_cache, cache_len, layer: int, scale: float, ca
     writes every row's K/V at its slot and ``cache_len`` (device indices, no host read). ``splits``: key-range splits
     (one of SPLIT_CHOICES). ``query_block``: query rows per program (one of QUERY_BLOCK_CHOICES; 0, or more than a
     row has: all of a row's query rows in one program; in cached mode 0 is the rows of a ``CAUSAL_BLOCK_TOKENS``-token
-    block, whatever the tokens per row, so that decode steps and verify blocks run the same tiles). ``out``: a tensor to write the result into (tests poison
-    it). ``launch``: block sizes, warps and stages (:class:`Launch`; benchmarks try others)."""
+    block, whatever the tokens per row, so that decode steps and verify blocks run the same tiles). ``out``: a tensor
+    to write the result into (tests poison it). ``launch``: block sizes, warps and stages (:class:`Launch`;
+    benchmarks try others)."""
     if splits not in SPLIT_CHOICES:
         raise ValueError(f"attention splits must be one of {SPLIT_CHOICES}, got {splits}")
     if query_block not in QUERY_BLOCK_CHOICES:
