@@ -3,7 +3,7 @@ query block and two split counts, and two launch configurations besides the defa
 lengths and slots (two consecutive chunks of one slot among them), fp32 and fp16 (the interpreter mishandles bf16:
 the kernel before query blocks fails there too), causal and diffusion mode, v a strided view and lengths and slots
 strided columns (read in place); outputs poisoned first, cache contents checked, each row bitwise equal to its run
-alone.
+alone; in cached mode also rows of one token (decode steps, their query rows padded to a block's).
 Exit 1 on the first failure.
 
     pip install --target /tmp/tritonpkg triton "numpy<2.3"  # not dependencies (the CPU wheels of torch need no
@@ -21,8 +21,10 @@ from orthrus_plugins.attention_common import reference
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 4e-3}
 
 
-def check(causal: bool, dtype: torch.dtype) -> float:
-    t, hq, hkv, d, layers, slots_n, cap = 8, 8, 2, 16, 2, 5, 300
+def check(causal: bool, dtype: torch.dtype, t: int = 8) -> float:
+    """Rows of ``t`` tokens (``t`` = 1: decode steps, whose 4 query rows a cached-mode program pads to a 32-token
+    block's 128)."""
+    hq, hkv, d, layers, slots_n, cap = 8, 2, 16, 2, 5, 300
 
     def r(*shape):
         return torch.randn(*shape).to(dtype)
@@ -46,7 +48,7 @@ def check(causal: bool, dtype: torch.dtype) -> float:
         out = torch.full_like(q, float("nan"))
         ta.attention(q, k, v, kc2, vc2, lens, 1, d ** -0.5, causal, splits=splits, slots=slots, out=out,
                      query_block=qb, launch=launch)
-        what = f"causal={causal} {dtype} query_block={qb} splits={splits} {launch}"
+        what = f"causal={causal} {dtype} tokens={t} query_block={qb} splits={splits} {launch}"
         if not torch.isfinite(out).all():
             raise SystemExit(f"{what}: outputs left unwritten")
         err = (out.double() - expected.double()).abs().max().item()
@@ -70,6 +72,8 @@ def main() -> int:
     for causal in (True, False):
         for dtype in TOLERANCE:
             print(f"causal={causal} {dtype}: ok, max difference {check(causal, dtype):.2e}", flush=True)
+    for dtype in TOLERANCE:  # decode steps: one token a row
+        print(f"causal=True {dtype}, one token a row: ok, max difference {check(True, dtype, t=1):.2e}", flush=True)
     try:
         ta.attention(*[torch.zeros(1)] * 6, 0, 1.0, True, query_block=8)
     except ValueError as e:
