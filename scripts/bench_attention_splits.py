@@ -10,6 +10,11 @@ Each call is captured as a CUDA graph and timed by its replays (as the runtime r
 
     python scripts/bench_attention_splits.py --out $OUT/attention-splits.json [--query-blocks 0,16,32,64]
     python scripts/bench_attention_splits.py --smoke      # tiny shapes (CPU: TRITON_INTERPRET=1)
+    python scripts/bench_attention_splits.py --tokens 1 --rows 1,8 --query-blocks 0,16   # decode steps
+
+``--tokens 1``: one-token decode steps (cached mode only). Their query rows are padded to a 32-token block's (the
+tile a verify block uses: one binary for both); query block 16 is the tile a decode step had before (16 rows, warp
+MMAs), so ``--query-blocks 0,16`` compares the two in one run.
 """
 
 import argparse
@@ -51,11 +56,12 @@ def timed(fn, reps, warm=3, inner=20):
     return statistics.median(ts)
 
 
-def setup(smoke: bool, keys: int):
+def setup(smoke: bool, keys: int, tokens: int | None = None):
     """Device, dtype, shape ``(hq, hkv, d, tokens per row, keys)``, a seeded generator and the results' header: the
     8B attention shape, or a tiny one under ``smoke`` (Triton's interpreter on the CPU)."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     hq, hkv, d, blk = (32, 8, 128, 32) if not smoke else (4, 2, 16, 4)
+    blk = tokens or blk
     keys = keys if not smoke else 96
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     header = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "dtype": str(dtype),
@@ -83,8 +89,9 @@ def main():
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--query-blocks", default="0", help="comma-separated, of " + str(QUERY_BLOCK_CHOICES))
     ap.add_argument("--smoke", action="store_true", help="small shapes, for a check on the CPU")
+    ap.add_argument("--tokens", type=int, help="tokens per row (default: a block, 32; 1: decode steps, cached mode)")
     a = ap.parse_args()
-    dev, dtype, shape, g, header = setup(a.smoke, a.keys)
+    dev, dtype, shape, g, header = setup(a.smoke, a.keys, a.tokens)
     hq, hkv, d, blk, keys = shape
     # bandwidth: a large device-to-device copy (read + write)
     big = torch.empty(2 ** 28 if dev == "cuda" else 2 ** 16, dtype=torch.uint8, device=dev)
@@ -95,7 +102,7 @@ def main():
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
     for rows in [int(x) for x in a.rows.split(",")] if not a.smoke else [1, 3]:
         q, k, v, kc, vc, slots = inputs(rows, dev, dtype, shape, g)
-        for causal in (True, False):
+        for causal in (True,) if blk == 1 else (True, False):
             n = keys - blk if causal else keys  # verify: the block's own keys are written into the cache first
             lens = torch.full((rows,), n, device=dev, dtype=torch.int64)
             kv_bytes = rows * hkv * keys * d * 2 * kc.element_size()
@@ -111,7 +118,8 @@ def main():
                 ref = o if ref is None else ref
                 query_rows = blk * hq // hkv  # a row's query rows of one KV head (the kernel stores no padding)
                 partial_bytes = 2 * rows * hkv * (splits + 1) * query_rows * (d + 2) * 4  # written, read by merge
-                row = {"rows": rows, "mode": "verify" if causal else "draft", "splits": splits, "query_block": qb,
+                mode = ("decode" if blk == 1 else "verify") if causal else "draft"
+                row = {"rows": rows, "mode": mode, "splits": splits, "query_block": qb,
                        "us": us,
                        "kv_floor_us": floor_us, "x_floor": us / floor_us, "partial_MB": partial_bytes / 1e6,
                        "kv_MB": kv_bytes / 1e6,
