@@ -125,6 +125,13 @@ class CompileOnly:
         return launch
 
 
+def projections(cfg) -> dict[str, tuple[int, int]]:
+    """A layer's linear projections as an engine packs them: name -> (N, K) of the [N, K] weight."""
+    hidden, hq, hkv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    return {"qkv": ((hq + 2 * hkv) * d, hidden), "o": (hidden, hq * d), "gate_up": (2 * cfg.intermediate_size, hidden),
+            "down": (hidden, cfg.intermediate_size)}
+
+
 def wide_launches(name: str, rows: int):
     """``(label, group, call)`` for the wider-row FP8 tilings ``scripts/sweep_linear.py --wide`` times on a GPU, at
     every projection of the model ``name`` with ``rows`` rows (so that none of them fails there for want of shared
@@ -133,11 +140,8 @@ def wide_launches(name: str, rows: int):
     import sweep_linear
     from orthrus_export.bench import qwen3_config
     from orthrus_plugins.fp8_linear import kernel as fk
-    cfg = qwen3_config(name)
-    hidden, inter, qkv = cfg.hidden_size, cfg.intermediate_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
     out = []
-    for p, (n, k) in {"qkv": (qkv, hidden), "o": (hidden, cfg.num_heads * cfg.head_dim), "gate_up": (2 * inter, hidden),
-                      "down": (hidden, inter)}.items():
+    for p, (n, k) in projections(qwen3_config(name)).items():
         w, ws = torch.zeros(n, k, dtype=torch.float8_e4m3fn), torch.ones(n)
         xq, xs = torch.zeros(rows, k, dtype=torch.float8_e4m3fn), torch.ones(rows, 1)
         for c in sweep_linear.wide(fk.config(n, k, 132)):
@@ -155,12 +159,10 @@ def kernel_launches(name: str, batches: list[int], context: int):
     from orthrus_plugins.attention_common import kernel as attn
     from orthrus_plugins.fp8_linear import kernel as fk
     cfg = qwen3_config(name)
-    hidden, hq, hkv, d, inter = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+    hidden, hq, hkv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     block = cfg.block_size
-    projections = {"qkv": ((hq + 2 * hkv) * d, hidden), "o": (hidden, hq * d), "gate_up": (2 * inter, hidden),
-                   "down": (hidden, inter)}
     e4m3 = torch.float8_e4m3fn
-    weights = {p: (torch.zeros(n, k, dtype=e4m3), torch.ones(n)) for p, (n, k) in projections.items()}
+    weights = {p: (torch.zeros(n, k, dtype=e4m3), torch.ones(n)) for p, (n, k) in projections(cfg).items()}
     head = torch.zeros(cfg.vocab_size, hidden, dtype=torch.bfloat16)
     out = []
     for s in batches:
@@ -174,7 +176,7 @@ def kernel_launches(name: str, batches: list[int], context: int):
         for t in sorted({1, block}):
             m = s * t
             step = "decode" if t == 1 else "block"
-            for p, (n, k) in projections.items():
+            for p, (n, k) in projections(cfg).items():
                 w, ws = weights[p]
                 x = torch.zeros(m, k, dtype=torch.bfloat16)
                 xq, xs = torch.zeros(m, k, dtype=e4m3), torch.ones(m, 1)
