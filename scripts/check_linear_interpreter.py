@@ -1,7 +1,8 @@
 """``orthrus::fp8_linear``'s Triton GEMM on the CPU, under Triton's interpreter (no GPU needed): every tiling kind
 (the weight tile on either MMA side, split K or not, shapes that divide the tiles and shapes that do not, rows beyond
-one 32-row tile) against a float64 product, outputs poisoned first, each row bitwise equal to its run alone.
-fp32 and fp16 operands through ``linear``; e4m3 operands through the GEMM with torch's own quantization (the
+one 32-row tile) against a float64 product, outputs poisoned first, each row bitwise equal to its run alone; TMA
+tilings also bitwise equal to the same tiling without TMA. fp32 and fp16 operands through ``linear``; e4m3 operands
+through the GEMM with torch's own quantization (the
 interpreter's e4m3 conversion rounds some values differently from torch's, so the quantization kernel is checked on
 the GPU, ``tests/test_gpu.py``). Exit 1 on the first failure.
 
@@ -14,6 +15,7 @@ processors) OpenBLAS gives a row a result that depends on its place in the tile,
 the interpreter's arithmetic, not the kernel's; prefix ``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE`` there.
 """
 
+import dataclasses
 import sys
 
 import torch
@@ -21,7 +23,8 @@ import torch
 from orthrus_plugins.fp8_linear import _reference, kernel as fk, quantize_rows, quantize_weight
 
 CONFIGS = [fk.Config(64, 64, 1), fk.Config(64, 64, 3, swap=True), fk.Config(16, 32, 2), fk.Config(32, 64, 4),
-           fk.Config(64, 64, 1, swap=True, m_tile=64), fk.Config(32, 64, 2, m_tile=128)]  # wider row tiles
+           fk.Config(64, 64, 1, swap=True, m_tile=64), fk.Config(32, 64, 2, m_tile=128),  # wider row tiles
+           fk.Config(64, 64, 1, swap=True, tma=True), fk.Config(64, 256, 1, swap=True, tma=True)]  # TMA loads
 SHAPES = [(1, 96, 256), (40, 130, 320), (64, 128, 512)]  # (M, N, K): one row; ragged N, K; two row tiles
 TOLERANCE = {torch.float32: 1e-6, torch.float16: 2e-3, "e4m3": 1e-6}
 
@@ -60,6 +63,8 @@ def main() -> int:
             alone = torch.cat([fk._gemm(xq[i:i + 1], None if xs is None else xs[i:i + 1], w, ws, dtype, cfg)
                                for i in range(m)])
             ok = not torch.isnan(out).any() and err < TOLERANCE[kind] and torch.equal(alone, out)
+            if cfg.tma:  # the same tiles and K order as without TMA: the same bits
+                ok = ok and torch.equal(out, fk._gemm(xq, xs, w, ws, dtype, dataclasses.replace(cfg, tma=False)))
             worst = max(worst, err) if kind == torch.float32 else worst
             print(f"M {m:3d} N {n:3d} K {k:3d} {str(kind):14s} {cfg}: rel err {err:.1e}, rows alone equal "
                   f"{torch.equal(alone, out)} {'ok' if ok else 'FAILED'}", flush=True)

@@ -152,7 +152,8 @@ def wide_launches(name: str, rows: int):
 
 def kernel_launches(name: str, batches: list[int], context: int):
     """``(label, group, call)`` for every kernel launch of an engine of the model ``name`` at each batch size: the FP8
-    GEMM of each projection (its quantization too, as uncompiled engines run it), the BF16 head of an FP8 engine
+    GEMM of each projection (its quantization too, as uncompiled engines run it; the TMA tiling, kernel
+    ``triton-tma``, too), the BF16 head of an FP8 engine
     (``orthrus::invariant_linear``) and both attention modes, for decode steps (1 token a row) and draft/verify
     blocks (32 tokens a row)."""
     from orthrus_export.bench import qwen3_config
@@ -185,6 +186,10 @@ def kernel_launches(name: str, batches: list[int], context: int):
                 out.append((f"S={s} {step} {p} fp8_matmul [{m}, {k}] x [{n}, {k}]",
                             f"{p} fp8_matmul [M, {k}] x [{n}, {k}]",
                             lambda xq=xq, xs=xs, w=w, ws=ws: fk.fp8_matmul(xq, xs, w, ws, torch.bfloat16)))
+                out.append((f"S={s} {step} {p} fp8_matmul tma [{m}, {k}] x [{n}, {k}]",
+                            f"{p} fp8_matmul tma [M, {k}] x [{n}, {k}]",
+                            lambda xq=xq, xs=xs, w=w, ws=ws: fk.fp8_matmul(xq, xs, w, ws, torch.bfloat16,
+                                                                           tiling=fk.tma_config)))
             x = torch.zeros(m, hidden, dtype=torch.bfloat16)
             out.append((f"S={s} {step} head invariant_linear [{m}, {hidden}] x {list(head.shape)}",
                         f"head invariant_linear [M, {hidden}] x {list(head.shape)}", lambda x=x: fk.linear(x, head)))

@@ -87,8 +87,8 @@ def main() -> int:
     ap.add_argument("--precision", choices=["bf16", "fp8"], default="bf16",
                     help="fp8: e4m3 linear layers as an FP8 build makes them (the GEMM floor is then bytes only)")
     ap.add_argument("--fp8-kernel", default=None,
-                    help="with --precision fp8: the fp8_linear CUDA kernel (triton, triton-splitk, torch._scaled_mm); "
-                         "default: what the build's timing picks")
+                    help="with --precision fp8: the fp8_linear CUDA kernel (triton, triton-tma, triton-splitk, "
+                         "torch._scaled_mm); default: what the build's timing picks")
     ap.add_argument("--fp8-quant", choices=["fused", "kernel"], default="fused",
                     help="compiled FP8 programs: quantization fused by Inductor (the runtime's default) or the op's "
                          "own launch (the comparison)")

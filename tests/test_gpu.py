@@ -306,11 +306,13 @@ def test_fp8_linear_cuda_kernels_match_reference(m, n, k, monkeypatch):
         assert r["ok"], (name, r)
         # fp8_matmul (compiled programs: the rows quantized by Inductor) is the same kernel on the same rows
         assert torch.equal(torch.ops.orthrus.fp8_matmul(xq, xs, q, s, torch.bfloat16, name), out), name
-    for name in ("triton", "triton-splitk"):  # batch invariance: each row alone equals its row inside the block
-        if name in op.MATMUL_KERNELS:
+    for name in ("triton", "triton-splitk", "triton-tma"):  # batch invariance: each row alone equals its row
+        if name in op.MATMUL_KERNELS:                         # inside the block
             full = op.cuda_linear(x, q, s, name)
             rows = torch.cat([op.cuda_linear(x[i:i + 1], q, s, name) for i in range(m)])
             assert torch.equal(rows, full), name
+    if "triton-tma" in op.MATMUL_KERNELS:  # TMA loads, the same tiles, K order and MMAs: the same bits
+        assert torch.equal(op.cuda_linear(x, q, s, "triton-tma"), op.cuda_linear(x, q, s, "triton"))
 
 
 @pytest.mark.parametrize("m", [1, 32, 100])

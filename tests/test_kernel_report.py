@@ -33,7 +33,8 @@ def test_every_launch_compiles_for_hopper_without_spills(report):
     assert report["problems"] == [] and report["arch"] == 90
     # per batch size and step (decode, 32-token block): 4 projections x (quantization + GEMM), the head, attention
     kernels = {r["kernel"] for r in launches}
-    assert kernels == {"_quant_kernel", "_gemm_kernel", "_cache_write_kernel", "_split_kernel", "_merge_kernel"}
+    assert kernels == {"_quant_kernel", "_gemm_kernel", "_gemm_tma_kernel", "_cache_write_kernel", "_split_kernel",
+                       "_merge_kernel"}
     for r in launches:
         assert r["registers"] > 0 and r["local_bytes"] == 0 and r["ctas_per_sm"] >= 1, r
         assert r["shared_bytes"] <= kernel_report.SM90["shared_cta"], r
@@ -41,10 +42,13 @@ def test_every_launch_compiles_for_hopper_without_spills(report):
 
 def test_matrix_instructions_are_hoppers(report):
     """The FP8 GEMM runs e4m3 warpgroup MMAs (QGMMA) with its weight tile on the MMA's M side, the BF16 head bf16 ones
-    (HGMMA), both fed by asynchronous copies (a software-pipelined loop); attention's 32-token query tile (128 rows at
-    8B) runs warpgroup MMAs in decode steps as in verify blocks."""
+    (HGMMA), both fed by asynchronous copies (a software-pipelined loop; TMA loads in the ``triton-tma`` tiling);
+    attention's 32-token query tile (128 rows at 8B) runs warpgroup MMAs in decode steps as in verify blocks."""
     for r in report["launches"]:
-        if "fp8_matmul" in r["launch"] or r["launch"].startswith("wide "):
+        if "fp8_matmul tma" in r["launch"]:  # the 8B projections have no K split: every one takes TMA loads
+            assert r["kernel"] == "_gemm_tma_kernel" and set(r["mma"]) == {"QGMMA"}, r
+            assert r["async_copies"].get("UTMALDG", 0) > 0 and "LDGSTS" not in r["async_copies"], r
+        elif "fp8_matmul" in r["launch"] or r["launch"].startswith("wide "):
             assert set(r["mma"]) == {"QGMMA"} and r["async_copies"].get("LDGSTS", 0) > 0, r
         elif "invariant_linear" in r["launch"]:
             assert set(r["mma"]) == {"HGMMA"} and r["async_copies"].get("LDGSTS", 0) > 0, r

@@ -35,7 +35,8 @@ head's logits differently, and a near-tie then flips a token). Reference (every 
 Reference implementation (any device): the product-sum exactly, in float64 (see ``_matmul_reference``). CUDA kernels
 (GPUs with FP8): a Triton kernel (``kernel.py``) over tiles of 32 rows, any M, so each row runs the same instruction
 sequence whatever M is (fp32 accumulation, a tiling chosen from N and K only: batch-invariant, also in batched
-passes), in two tilings (``triton``: the swept one; ``triton-splitk``: the one before, split K and a reduce launch);
+passes), in three tilings (``triton``: the swept one; ``triton-tma``: the same with its tiles loaded by TMA, rows
+equal to ``triton``'s bit for bit; ``triton-splitk``: the one before, split K and a reduce launch);
 ``torch._scaled_mm`` with row-wise scales. The build times them and records the choice in the engine's manifest. No
 ONNX translation: the ONNX export refuses FP8 engines.
 """
@@ -154,6 +155,7 @@ try:
     from orthrus_plugins.fp8_linear import kernel as _triton_kernel
     MATMUL_KERNELS["triton"] = _triton_kernel.fp8_matmul
     MATMUL_KERNELS["triton-splitk"] = partial(_triton_kernel.fp8_matmul, tiling=_triton_kernel.splitk_config)
+    MATMUL_KERNELS["triton-tma"] = partial(_triton_kernel.fp8_matmul, tiling=_triton_kernel.tma_config)
     quantize_device = _triton_kernel.quantize
 except ImportError:  # no Triton: torch._scaled_mm or the reference
     pass

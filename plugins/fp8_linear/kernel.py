@@ -18,7 +18,7 @@ Orthrus output equal to its own AR output). The same GEMM without scales runs bf
 benchmarks against cuBLAS (``scripts/sweep_linear.py``).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -39,13 +39,14 @@ class Config:
     num_warps: int = 4
     num_stages: int = 4
     m_tile: int = M_TILE    # rows a program owns (32 in every tiling :func:`config` gives; larger ones are swept)
+    tma: bool = False       # tiles loaded by Hopper's tensor memory accelerator (no K split, swap only)
 
     def __post_init__(self):
         for v in (self.block_n, self.block_k, self.num_warps, self.m_tile):
             if v & (v - 1) or v <= 0:
                 raise ValueError(f"fp8_linear config sizes must be powers of two, got {self}")
         if (self.split_k < 1 or self.num_stages < 1 or self.block_k < 32 or self.block_n < 16
-                or not 16 <= self.m_tile <= 256):
+                or not 16 <= self.m_tile <= 256 or self.tma and (self.split_k > 1 or not self.swap)):
             raise ValueError(f"fp8_linear config out of range: {self}")
 
 
@@ -113,6 +114,26 @@ def _gemm_kernel(XQ, XS, W, WS, O, P, M, N, K, M_ALL, stride_q, stride_w, stride
 
 
 @triton.jit(do_not_specialize=["M"])
+def _gemm_tma_kernel(X_DESC, XS, W_DESC, WS, O, M, N, K, stride_o, M_TILE: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, SCALED: tl.constexpr):
+    """``_gemm_kernel``'s unsplit, swapped tiling with both tiles loaded by TMA (host-built descriptors; rows and K
+    past the tensors' ends arrive as zeros, so no masks): the same tiles, the same K order, the same MMAs."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    acc = tl.zeros((BLOCK_N, M_TILE), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = X_DESC.load([pid_m * M_TILE, k0])
+        w = W_DESC.load([pid_n * BLOCK_N, k0])
+        acc = tl.dot(w, tl.trans(a), acc)
+    om = (pid_m * M_TILE + tl.arange(0, M_TILE))[None, :]
+    on = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[:, None]
+    out = acc
+    if SCALED:
+        out = out * tl.load(XS + om, mask=om < M, other=0.0) * tl.load(WS + on, mask=on < N, other=0.0)
+    tl.store(O + om * stride_o + on, out.to(O.dtype.element_ty), mask=(om < M) & (on < N))
+
+
+@triton.jit(do_not_specialize=["M"])
 def _reduce_kernel(P, XS, WS, O, M, N, M_ALL, stride_o, M_TILE: tl.constexpr, BLOCK_N: tl.constexpr,
                    SPLIT_K: tl.constexpr, SCALED: tl.constexpr):
     pid = tl.program_id(0)
@@ -163,6 +184,16 @@ def bf16_config(n: int, k: int, sms: int) -> Config:
     return Config(64, 64, split, swap=True, num_warps=4, num_stages=6)
 
 
+def tma_config(n: int, k: int, sms: int) -> Config:
+    """:func:`config` with its tiles loaded by TMA (kernel ``triton-tma``) where it has no K split and K rows are
+    16-byte multiples (TMA's stride rule), else :func:`config` itself. Static reasons to try it
+    (``scripts/kernel_report.py``): the 8B GEMM drops from 64 to 42 registers a thread with the address arithmetic
+    of 72 cp.async copies gone; the same QGMMA sequence over the same tiles in the same K order, so its rows equal
+    the cp.async kernel's bit for bit (a GPU test checks it). The build times it against the others."""
+    cfg = config(n, k, sms)
+    return replace(cfg, tma=True) if cfg.split_k == 1 and k % 16 == 0 else cfg
+
+
 def splitk_config(n: int, k: int, sms: int) -> Config:
     """The tiling :func:`config` gave before the sweep (kernel ``triton-splitk``): 64 channels on the activation side,
     128-wide K steps, K split for about two programs per SM, then a reduce launch. Kept as a kernel the build times
@@ -179,6 +210,8 @@ def _gemm(xq, xs, weight, ws, out_dtype, cfg: Config):
     out = torch.empty(m, n, device=xq.device, dtype=out_dtype)
     if m == 0:
         return out
+    if cfg.tma:
+        return _gemm_tma(xq, xs, weight, ws, out, cfg)
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
     split = triton.cdiv(k, k_per_split)  # a slice count that leaves none empty
     even = n % cfg.block_n == 0 and k % k_per_split == 0
@@ -195,6 +228,24 @@ def _gemm(xq, xs, weight, ws, out_dtype, cfg: Config):
         _reduce_kernel[(triton.cdiv(n, 64), m_tiles)](partial, xs, ws, out, m, n, m_all, out.stride(0),
                                                      M_TILE=cfg.m_tile, BLOCK_N=64, SPLIT_K=split, SCALED=scaled,
                                                      num_warps=4)
+    return out
+
+
+def _gemm_tma(xq, xs, weight, ws, out, cfg: Config):
+    """``_gemm`` of a TMA tiling: descriptors of the [M, K] rows and the [N, K] weight (16-byte aligned bases and
+    rows; an unaligned row block is copied, whatever M, so every call runs this kernel)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    m, k = xq.shape
+    n = weight.shape[0]
+    if (k * xq.element_size()) % 16 or weight.data_ptr() % 16 or weight.stride(0) != k:
+        raise ValueError(f"a TMA tiling needs 16-byte aligned weight rows, got [{n}, {k}] {weight.dtype}")
+    xq = xq if xq.data_ptr() % 16 == 0 else xq.clone()
+    scaled = xs is not None
+    _gemm_tma_kernel[(triton.cdiv(m, cfg.m_tile), triton.cdiv(n, cfg.block_n))](
+        TensorDescriptor.from_tensor(xq, [cfg.m_tile, cfg.block_k]), xs if scaled else out,
+        TensorDescriptor.from_tensor(weight, [cfg.block_n, cfg.block_k]), ws if scaled else out, out, m, n, k,
+        out.stride(0), M_TILE=cfg.m_tile, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SCALED=scaled,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
