@@ -12,21 +12,10 @@ import torch
 import torch.nn.functional as F
 
 import orthrus_plugins  # noqa: F401  (registers torch.ops.orthrus.*)
+from orthrus_plugins.qk_norm_rope import rms_norm
 from orthrus_runtime.config import ModelConfig
 
 VIEWS = ("ar", "diff")
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
 
 
 def linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
@@ -60,11 +49,9 @@ def forward(cfg: ModelConfig, view: str, w: dict[str, torch.Tensor], tokens: tor
         p = f"layers.{n}."
         h = rms_norm(x, w[p + "attn_norm"], cfg.rms_norm_eps)
         qkv = linear(h, w, f"{p}{view}.qkv")
-        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        q = rms_norm(q.reshape(-1, cfg.num_heads, cfg.head_dim), w[f"{p}{view}.q_norm"], cfg.rms_norm_eps)
-        k = rms_norm(k.reshape(-1, cfg.num_kv_heads, cfg.head_dim), w[f"{p}{view}.k_norm"], cfg.rms_norm_eps)
-        v = v.reshape(-1, cfg.num_kv_heads, cfg.head_dim)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        q, k = torch.ops.orthrus.qk_norm_rope(qkv, w[f"{p}{view}.q_norm"], w[f"{p}{view}.k_norm"], cos, sin,
+                                              cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps)
+        v = qkv[:, cfg.q_size + cfg.kv_size:].reshape(-1, cfg.num_kv_heads, cfg.head_dim)
         if view == "ar":
             o = torch.ops.orthrus.cached_attention(q, k, v, k_cache, v_cache, start, n, scale, **extra)
         else:

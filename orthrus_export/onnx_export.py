@@ -36,6 +36,7 @@ except ImportError:  # pragma: no cover - the optional dependency
 
 from orthrus_plugins.cached_attention import onnx as cached_attention_onnx  # noqa: E402  (needs onnx)
 from orthrus_plugins.diffusion_attention import onnx as diffusion_attention_onnx  # noqa: E402
+from orthrus_plugins.qk_norm_rope import onnx as qk_norm_rope_onnx  # noqa: E402
 
 OPSET = 18
 DOMAIN = "orthrus"
@@ -289,6 +290,7 @@ CONVERTERS = {
     # the orthrus ops: each plugin folder's onnx.py
     cached_attention_onnx.TARGET: cached_attention_onnx.convert,
     diffusion_attention_onnx.TARGET: diffusion_attention_onnx.convert,
+    qk_norm_rope_onnx.TARGET: qk_norm_rope_onnx.convert,
 }
 
 

@@ -33,7 +33,7 @@ KINDS = ("gemm", "attention", "other")
 Rates = float | dict[int, float] | None  # a matmul rate (FLOP/s) for every operand, or one per element size
 VIEWS = {"verify": ("ar",), "decode": ("ar",), "draft": ("diff",), "cycle": ("diff", "ar")}  # passes of a step
 ATTENTION_KERNELS = ("_split_kernel", "_merge_kernel", "_cache_write_kernel")  # plugins/attention_common/kernel.py
-FP8_KERNELS = ("_quant_kernel", "_gemm_kernel", "_reduce_kernel")  # plugins/fp8_linear/kernel.py
+FP8_KERNELS = ("_quant_kernel", "_gemm_kernel", "_gemm_tma_kernel", "_reduce_kernel")  # plugins/fp8_linear/kernel.py
 GEMM_MARKS = ("nvjet", "gemm", "gemv", "cutlass", "xmma", "splitkreduce", "scaled_mm", "triton_tem_fused")
 # the CPU operators that do a matmul's work (``aten::linear`` and ``aten::matmul`` only dispatch to them: their
 # self time is dispatch overhead, kind "other")

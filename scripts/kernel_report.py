@@ -153,12 +153,13 @@ def wide_launches(name: str, rows: int):
 def kernel_launches(name: str, batches: list[int], context: int):
     """``(label, group, call)`` for every kernel launch of an engine of the model ``name`` at each batch size: the FP8
     GEMM of each projection (its quantization too, as uncompiled engines run it; the TMA tiling, kernel
-    ``triton-tma``, too), the BF16 head of an FP8 engine
+    ``triton-tma``, too), the q/k heads' norm and RoPE, the BF16 head of an FP8 engine
     (``orthrus::invariant_linear``) and both attention modes, for decode steps (1 token a row) and draft/verify
     blocks (32 tokens a row)."""
     from orthrus_export.bench import qwen3_config
     from orthrus_plugins.attention_common import kernel as attn
     from orthrus_plugins.fp8_linear import kernel as fk
+    from orthrus_plugins.qk_norm_rope import kernel as qkn_kernel
     cfg = qwen3_config(name)
     hidden, hq, hkv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     block = cfg.block_size
@@ -194,6 +195,9 @@ def kernel_launches(name: str, batches: list[int], context: int):
             out.append((f"S={s} {step} head invariant_linear [{m}, {hidden}] x {list(head.shape)}",
                         f"head invariant_linear [M, {hidden}] x {list(head.shape)}", lambda x=x: fk.linear(x, head)))
             qkv = torch.zeros(m, (hq + 2 * hkv) * d, dtype=torch.bfloat16)
+            qkn, cs = torch.ones(d, dtype=torch.bfloat16), torch.zeros(m, 1, d, dtype=torch.bfloat16)
+            out.append((f"S={s} {step} qk_norm_rope [{m}, {qkv.shape[1]}]", "qk_norm_rope",
+                        lambda qkv=qkv, cs=cs: qkn_kernel.qk_norm_rope(qkv, qkn, qkn, cs, cs, hq, hkv, 1e-6)))
             q = torch.zeros(m, hq, d, dtype=torch.bfloat16)   # after the norm and RoPE: new tensors
             k = torch.zeros(m, hkv, d, dtype=torch.bfloat16)
             v = qkv[:, (hq + hkv) * d:].reshape(m, hkv, d)    # a strided view, as model.py passes it

@@ -67,6 +67,15 @@ def main(argv=None) -> int:
     # rows of head_dim elements: Inductor autotunes among several row-per-program tilings for reductions this short
     # (torch 2.13's heuristics), and a decode step's program compiles apart from a verify block's
     check("q rms_norm (inductor, static shapes)", torch.compile(q_norm, dynamic=False), xq)
+    # what engines run since: the q/k heads' norm and RoPE as one op (one program per token and head on a GPU)
+    qkv, kn = r(b, (hq + 2 * hkv) * d), r(d, s=0.1) + 1
+    cos, sin = r(b, 1, d), r(b, 1, d)
+
+    def qk(rows):
+        q, k = torch.ops.orthrus.qk_norm_rope(qkv[rows], qn, kn, cos[rows], sin[rows], hq, hkv, 1e-6)
+        return torch.cat([q.reshape(q.shape[0], -1), k.reshape(k.shape[0], -1)], 1)
+    report("q/k norm + RoPE orthrus::qk_norm_rope", {}, qk(slice(0, b)),
+           torch.cat([qk(slice(i, i + 1)) for i in range(b)]))
     head = r(vocab, hidden, s=0.02)
     check("head F.linear (cuBLAS on a GPU)", lambda t: F.linear(t, head), x)
     check("head orthrus::invariant_linear", lambda t: torch.ops.orthrus.invariant_linear(t, head), x)

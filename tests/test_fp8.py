@@ -115,10 +115,10 @@ def test_row_invariance_script_on_the_cpu(tmp_path):
     results = json.loads(out.read_text())["results"]
     ops = {r["op"] for r in results}
     assert {"rms_norm (eager)", "head orthrus::invariant_linear", "gate_up orthrus::fp8_linear",
-            "cached attention"} <= ops
+            "cached attention", "q/k norm + RoPE orthrus::qk_norm_rope"} <= ops
     for r in results:
         assert r["rows"] == 32 and 0 <= r["rows_equal"] <= 32
-        if r["op"] in ("gate_up orthrus::fp8_linear", "cached attention"):
+        if r["op"] in ("gate_up orthrus::fp8_linear", "cached attention", "q/k norm + RoPE orthrus::qk_norm_rope"):
             assert r["rows_equal"] == 32 and r["max_abs_diff"] == 0, r
     assert len([r for r in results if r["op"] == "cached attention"]) == 3  # 100, 1,000 and 4,000 cached keys
 

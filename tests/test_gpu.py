@@ -333,6 +333,32 @@ def test_invariant_linear_matches_float64_and_rows_are_invariant(m, n, k, monkey
         assert torch.equal(torch.ops.orthrus.invariant_linear(x[i:i + 1], w), out[i:i + 1]), i
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (4, 2, 64)])  # 8B's heads, tiny's
+def test_qk_norm_rope_kernel_matches_reference_and_tokens_are_invariant(dtype, hq, hkv, d, monkeypatch):
+    """``orthrus::qk_norm_rope`` on the GPU (the Triton kernel): within a rounding of the reference at every element
+    (strided qkv rows, poisoned outputs), and each token alone bitwise equal to its row in a 32-token block — a
+    decode step's q/k heads equal a verify block's."""
+    from orthrus_plugins.qk_norm_rope import reference
+    poison_empty(monkeypatch)
+    g = torch.Generator(device="cuda").manual_seed(hq + d)
+    n, width = 32, (hq + 2 * hkv) * d
+    qkv = (torch.randn(n, width + 16, device="cuda", generator=g) * 3).to(dtype)[:, 8:8 + width]
+    qw = (torch.rand(d, device="cuda", generator=g) + 0.5).to(dtype)
+    kw = (torch.rand(d, device="cuda", generator=g) + 0.5).to(dtype)
+    ang = torch.rand(n, 1, d, device="cuda", generator=g) * 6
+    cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+    q, k = torch.ops.orthrus.qk_norm_rope(qkv, qw, kw, cos, sin, hq, hkv, 1e-6)
+    rq, rk = reference(qkv, qw, kw, cos, sin, hq, hkv, 1e-6)
+    ulp = 1e-6 if dtype == torch.float32 else 2 ** -7  # the last bit of bf16 at magnitude 1
+    for got, want in ((q, rq), (k, rk)):
+        assert got.shape == want.shape and got.dtype == dtype and torch.isfinite(got).all()
+        assert ((got.double() - want.double()).abs() <= 2 * ulp * (1 + want.double().abs())).all()
+    for i in (0, 13, 31):
+        qi, ki = torch.ops.orthrus.qk_norm_rope(qkv[i:i + 1], qw, kw, cos[i:i + 1], sin[i:i + 1], hq, hkv, 1e-6)
+        assert torch.equal(qi[0], q[i]) and torch.equal(ki[0], k[i]), i
+
+
 @pytest.mark.parametrize("n", [100, 1000, 4000])  # 1000: the block's key counts straddle 16 splits · 64-key tiles
 @pytest.mark.parametrize("splits,query_block", [(16, 0), (4, 16), (16, 32)])
 def test_cached_attention_verify_rows_equal_decode_steps(n, splits, query_block):

@@ -33,8 +33,8 @@ def test_every_launch_compiles_for_hopper_without_spills(report):
     assert report["problems"] == [] and report["arch"] == 90
     # per batch size and step (decode, 32-token block): 4 projections x (quantization + GEMM), the head, attention
     kernels = {r["kernel"] for r in launches}
-    assert kernels == {"_quant_kernel", "_gemm_kernel", "_gemm_tma_kernel", "_cache_write_kernel", "_split_kernel",
-                       "_merge_kernel"}
+    assert kernels == {"_quant_kernel", "_gemm_kernel", "_gemm_tma_kernel", "_qk_norm_rope_kernel",
+                       "_cache_write_kernel", "_split_kernel", "_merge_kernel"}
     for r in launches:
         assert r["registers"] > 0 and r["local_bytes"] == 0 and r["ctas_per_sm"] >= 1, r
         assert r["shared_bytes"] <= kernel_report.SM90["shared_cta"], r
@@ -70,7 +70,7 @@ def test_one_binary_per_kernel_whatever_the_row_count(report):
     count and the tokens per row are run-time arguments, never specializations."""
     binaries = report["binaries"]
     assert all(len(b) == 1 for b in binaries.values()), binaries
-    assert {"_split_kernel: cached attention", "_merge_kernel: cached attention",
+    assert {"_split_kernel: cached attention", "_merge_kernel: cached attention", "_qk_norm_rope_kernel: qk_norm_rope",
             "_gemm_kernel: down fp8_matmul [M, 12288] x [4096, 12288]"} <= set(binaries)
     decode = {r["binary"] for r in report["launches"] if r["launch"].endswith("decode attention (cached, 4096 keys)")}
     verify = {r["binary"] for r in report["launches"] if r["launch"].endswith("verify attention (cached, 4096 keys)")}

@@ -1,5 +1,5 @@
-"""The attention plugins against an independent float64 loop implementation; tracing keeps them as single nodes;
-importing the plugins loads no ONNX package."""
+"""The attention plugins and the q/k norm + RoPE op against independent float64 loop implementations; tracing keeps
+them as single nodes; importing the plugins loads no ONNX package."""
 
 import math
 import subprocess
@@ -127,3 +127,52 @@ def test_importing_the_plugins_imports_no_onnx():
             "('onnx', 'onnxruntime', 'onnxruntime_extensions') or m.endswith(('.onnx', '.onnxruntime'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def naive_qk_norm_rope(x, w, cos, sin, eps):
+    """One head row at a time in float64: ``w · x / sqrt(mean(x²) + eps)``, then ``y·cos + [-y₂, y₁]·sin``."""
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    d = x.shape[-1]
+    for t in range(x.shape[0]):
+        for h in range(x.shape[1]):
+            row = x[t, h].double()
+            y = w.double() * row / math.sqrt(float((row * row).mean()) + eps)
+            rot = torch.cat([-y[d // 2:], y[:d // 2]])
+            out[t, h] = y * cos[t, 0].double() + rot * sin[t, 0].double()
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qk_norm_rope_matches_naive_and_the_inline_spelling(dtype):
+    """``orthrus::qk_norm_rope`` (the reference, CPU): within rounding of a float64 loop; bitwise what the engines'
+    forward computed inline before the op (``rms_norm`` then ``rotate`` of the split heads), so CPU engines keep
+    their bits; tokens independent; one node when traced; bad shapes refused."""
+    from orthrus_plugins.qk_norm_rope import rms_norm, rotate
+    gen = torch.Generator().manual_seed(3)
+    n, hq, hkv, d = 6, 4, 2, 16
+    qkv = (torch.randn(n, (hq + 2 * hkv) * d, generator=gen) * 3).to(dtype)
+    qw, kw = (torch.rand(d, generator=gen) + 0.5).to(dtype), (torch.rand(d, generator=gen) + 0.5).to(dtype)
+    ang = torch.rand(n, 1, d, generator=gen) * 6
+    cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+    q, k = torch.ops.orthrus.qk_norm_rope(qkv, qw, kw, cos, sin, hq, hkv, 1e-6)
+    assert q.shape == (n, hq, d) and k.shape == (n, hkv, d) and q.dtype == k.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    heads = ((q, qkv[:, :hq * d].reshape(n, hq, d), qw), (k, qkv[:, hq * d:(hq + hkv) * d].reshape(n, hkv, d), kw))
+    for got, rows, w in heads:
+        want = naive_qk_norm_rope(rows.float(), w.float(), cos.float(), sin.float(), 1e-6)
+        assert ((got.double() - want).abs() <= tol * (1 + want.abs())).all()
+        assert torch.equal(got, rotate(rms_norm(rows, w, 1e-6), cos, sin))
+    for i in range(n):
+        qi, ki = torch.ops.orthrus.qk_norm_rope(qkv[i:i + 1], qw, kw, cos[i:i + 1], sin[i:i + 1], hq, hkv, 1e-6)
+        assert torch.equal(qi[0], q[i]) and torch.equal(ki[0], k[i])
+
+    class Heads(torch.nn.Module):
+        def forward(self, qkv, qw, kw, cos, sin):
+            return torch.ops.orthrus.qk_norm_rope(qkv, qw, kw, cos, sin, hq, hkv, 1e-6)
+    ep = torch.export.export(Heads(), (qkv, qw, kw, cos, sin), strict=False)
+    targets = [str(node.target) for node in ep.graph.nodes if node.op == "call_function"]
+    assert targets.count("orthrus.qk_norm_rope.default") == 1
+    with pytest.raises(ValueError, match="qkv"):
+        torch.ops.orthrus.qk_norm_rope(qkv[:, 1:], qw, kw, cos, sin, hq, hkv, 1e-6)
+    with pytest.raises(ValueError, match="cos/sin"):
+        torch.ops.orthrus.qk_norm_rope(qkv, qw, kw, cos[:, 0], sin[:, 0], hq, hkv, 1e-6)
