@@ -70,8 +70,8 @@ def test_build_writes_a_complete_engine(tiny_engine):
     assert set(m["files"]) == {"weights.safetensors", "programs/draft.json", "programs/verify.json",
                                "programs/decode.json", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json"}
     layers = m["model"]["config"]["num_layers"]
-    assert m["programs"]["draft"]["custom_op_nodes"] == {"diffusion_attention": layers}
-    assert m["programs"]["verify"]["custom_op_nodes"] == {"cached_attention": layers}
+    assert m["programs"]["draft"]["custom_op_nodes"] == {"diffusion_attention": layers, "qk_norm_rope": layers}
+    assert m["programs"]["verify"]["custom_op_nodes"] == {"cached_attention": layers, "qk_norm_rope": layers}
     assert all(r["ok"] for r in m["self_check"]["passes"].values())
     assert not list(tiny_engine.parent.glob(".*tmp*"))
     # the programs are plain JSON graphs: no pickles, no tensors
