@@ -2,9 +2,8 @@
 (the weight tile on either MMA side, split K or not, shapes that divide the tiles and shapes that do not, rows beyond
 one 32-row tile) against a float64 product, outputs poisoned first, each row bitwise equal to its run alone; TMA
 tilings also bitwise equal to the same tiling without TMA. fp32 and fp16 operands through ``linear``; e4m3 operands
-through the GEMM with torch's own quantization (the
-interpreter's e4m3 conversion rounds some values differently from torch's, so the quantization kernel is checked on
-the GPU, ``tests/test_gpu.py``). Exit 1 on the first failure.
+through the GEMM with torch's own quantization (the interpreter's e4m3 conversion rounds some values differently
+from torch's, so the quantization kernel is checked on the GPU, ``tests/test_gpu.py``). Exit 1 on the first failure.
 
     pip install --target /tmp/tritonpkg triton "numpy<2.3"  # not dependencies (the CPU wheels of torch need no
     # Triton); NumPy 2.3 on refuses the interpreter's size-1 loop bounds

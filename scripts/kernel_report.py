@@ -178,8 +178,8 @@ def kernel_launches(name: str, batches: list[int], context: int):
         for t in sorted({1, block}):
             m = s * t
             step = "decode" if t == 1 else "block"
-            for p, (n, k) in projections(cfg).items():
-                w, ws = weights[p]
+            for p, (w, ws) in weights.items():
+                n, k = w.shape
                 x = torch.zeros(m, k, dtype=torch.bfloat16)
                 xq, xs = torch.zeros(m, k, dtype=e4m3), torch.ones(m, 1)
                 out.append((f"S={s} {step} {p} quantize [{m}, {k}]", f"{p} quantize [M, {k}]",

@@ -28,8 +28,8 @@ def main(argv=None) -> int:
     import torch.nn.functional as F
 
     import orthrus_plugins  # noqa: F401  (registers the ops)
-    from orthrus_export.model import rms_norm
     from orthrus_plugins import fp8_linear as op
+    from orthrus_plugins.qk_norm_rope import rms_norm
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     ap.add_argument("--block", type=int, default=32)

@@ -350,10 +350,14 @@ def test_qk_norm_rope_kernel_matches_reference_and_tokens_are_invariant(dtype, h
     cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
     q, k = torch.ops.orthrus.qk_norm_rope(qkv, qw, kw, cos, sin, hq, hkv, 1e-6)
     rq, rk = reference(qkv, qw, kw, cos, sin, hq, hkv, 1e-6)
+    # the kernel rounds where the reference rounds; only the float32 sum and rsqrt may differ in their last bit,
+    # which can move the normalized row by one unit of the dtype — and the rotation's sum of two products can cancel,
+    # so the bound scales with the head row's largest value, not each element's
     ulp = 1e-6 if dtype == torch.float32 else 2 ** -7  # the last bit of bf16 at magnitude 1
     for got, want in ((q, rq), (k, rk)):
         assert got.shape == want.shape and got.dtype == dtype and torch.isfinite(got).all()
-        assert ((got.double() - want.double()).abs() <= 2 * ulp * (1 + want.double().abs())).all()
+        scale = want.double().abs().amax(-1, keepdim=True)
+        assert ((got.double() - want.double()).abs() <= 4 * ulp * (1 + scale)).all()
     for i in (0, 13, 31):
         qi, ki = torch.ops.orthrus.qk_norm_rope(qkv[i:i + 1], qw, kw, cos[i:i + 1], sin[i:i + 1], hq, hkv, 1e-6)
         assert torch.equal(qi[0], q[i]) and torch.equal(ki[0], k[i]), i
