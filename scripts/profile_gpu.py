@@ -47,6 +47,8 @@ def measure(a) -> dict:
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": a.shape,
               "precision": a.precision, "fp8_kernel": engine.options.fp8_kernel if a.precision == "fp8" else None,
               "fp8_quant": engine.options.fp8_quant if a.precision == "fp8" and a.compile == "inductor" else None,
+              # the build's timing of the FP8 kernels (fp8.choose_kernel: candidates, batch invariance, failures)
+              "fp8_choice": (engine.manifest.get("fp8") or {}).get("kernel") if a.precision == "fp8" else None,
               "context": a.context, "compile": a.compile, "copy_bandwidth_GBps": bw / 1e9,
               "matmul_TFLOPs": tflops,
               "steps": profile_engine(engine, [a.context], batches, a.steps.split(","), a.iters, bw, a.top,
