@@ -9,11 +9,12 @@ the SASS (``HGMMA``/``QGMMA``: Hopper's warpgroup MMA, bf16/fp8; ``HMMA``: the o
 copies (``LDGSTS``: cp.async, a software-pipelined main loop; ``UTMALDG``: TMA), CTAs per SM from those resources
 (H100/H200 limits) and the SMs the launch keeps busy. Then, per kernel and weight shape, the number of distinct
 binaries over the engine's row counts: one binary for a decode step, a verify block and a batched pass is part of
-batch invariance by construction (the same instructions for every row).
+batch invariance by construction (the same instructions for every row). The FP8 GEMM may take wider tiles from
+``WIDE_ROWS`` rows (a second binary): for it what must be one is each output element's K loop (``K_LOOP``).
 
 Static facts, not timings: ``sms_used`` below the SM count names a launch that leaves SMs idle, whatever its speed.
 ``--check`` exits 1 when a launch does not compile for the target, needs more shared memory than a CTA may have,
-spills, or a kernel compiles to more than one binary over row counts.
+spills, or a kernel compiles to more than one binary over row counts (the GEMM: more than one K loop).
 
     pip install --target /tmp/tritonpkg triton==3.6.0   # the GPU machine's Triton; not a dependency
     PYTHONPATH=/tmp/tritonpkg python scripts/kernel_report.py --shape 8b --batches 1,8 --out report.json --check
@@ -210,13 +211,25 @@ def kernel_launches(name: str, batches: list[int], context: int):
     return out
 
 
-def distinct_binaries(records: list[dict]) -> dict:
+# kernels whose tiles may follow the row count (plugins/fp8_linear/kernel.py, wide_config), and the constants that
+# fix each output element's arithmetic, which may not: the K steps, the K slices, the operand order
+K_LOOP = {"_gemm_kernel": ("BLOCK_K", "K_PER_SPLIT", "SPLIT_K", "SWAP", "SCALED")}
+
+
+def distinct_binaries(records: list[dict], what=lambda r: r["binary"]) -> dict:
     """Per kernel and group (one weight shape, or one attention mode: the launches whose rows must compute alike
-    whatever the row count), the binaries compiled over the row counts."""
+    whatever the row count), the binaries compiled over the row counts (``what``: another property of a launch)."""
     groups: dict[str, set] = {}
     for r in records:
-        groups.setdefault(f"{r['kernel']}: {r['group']}", set()).add(r["binary"])
+        groups.setdefault(f"{r['kernel']}: {r['group']}", set()).add(what(r))
     return {k: sorted(v) for k, v in sorted(groups.items())}
+
+
+def arithmetic(r: dict) -> str:
+    """What must not change over row counts in the launch ``r``: its binary, or for a kernel of ``K_LOOP`` the
+    constants of its K loop."""
+    keep = K_LOOP.get(r["kernel"])
+    return json.dumps({c: r["constants"].get(c) for c in keep}, sort_keys=True) if keep else r["binary"]
 
 
 def main(argv=None) -> int:
@@ -230,7 +243,8 @@ def main(argv=None) -> int:
                                                         "--wide times, at 32 rows a batch row of the largest batch")
     ap.add_argument("--out", help="write the report as JSON")
     ap.add_argument("--check", action="store_true", help="exit 1 on a failed compile, a spill, shared memory over "
-                                                         "the limit or a kernel with several binaries over row counts")
+                                                         "the limit or a kernel with several binaries (the GEMM: "
+                                                         "K loops) over row counts")
     a = ap.parse_args(argv)
     import triton
     from triton.runtime import driver
@@ -258,10 +272,11 @@ def main(argv=None) -> int:
         if r["local_bytes"] or r["ctas_per_sm"] == 0:
             problems.append(f"{r['launch']}: {r['kernel']} spills {r['local_bytes']} bytes / fits "
                             f"{r['ctas_per_sm']} CTAs per SM")
-    binaries = distinct_binaries(drv.records)
-    for group, hashes in binaries.items():
-        if len(hashes) > 1:
-            problems.append(f"{group}: {len(hashes)} binaries over row counts ({', '.join(hashes)})")
+    binaries, arithmetics = distinct_binaries(drv.records), distinct_binaries(drv.records, arithmetic)
+    for group, kinds in arithmetics.items():
+        if len(kinds) > 1:
+            what = "K loops" if group.split(":")[0] in K_LOOP else "binaries"
+            problems.append(f"{group}: {len(kinds)} {what} over row counts ({', '.join(kinds)})")
     for p in problems:
         print("PROBLEM", p)
     print(f"{len(drv.records)} launches compiled for sm_{a.arch} with Triton {triton.__version__}, "
@@ -269,7 +284,8 @@ def main(argv=None) -> int:
     if a.out:
         Path(a.out).write_text(json.dumps({"shape": a.shape, "batches": a.batches, "context": a.context,
                                            "arch": a.arch, "sms": a.sms, "triton": triton.__version__,
-                                           "launches": drv.records, "binaries": binaries, "problems": problems},
+                                           "launches": drv.records, "binaries": binaries,
+                                           "arithmetic": arithmetics, "problems": problems},
                                           indent=1) + "\n")
     return 1 if a.check and problems else 0
 

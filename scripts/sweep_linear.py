@@ -63,16 +63,12 @@ def candidates(n: int, k: int, sms: int, fp8: bool) -> list[tuple[str, fk.Config
     return unique
 
 
-SHARED_BUDGET = 220 * 1024  # of a Hopper CTA's 227 KB: the pipeline's stages must fit (the rest: Triton's own)
-
-
 def wide(cfg: fk.Config) -> list[fk.Config]:
-    """The default tiling with wider row tiles (the K loop, hence each element's summation order, unchanged), each
-    with as many of the default's pipeline stages as fit in shared memory (one e4m3 stage holds a row tile and a
-    weight tile of ``block_k`` bytes a row: six stages of 128 + 64 rows would need 288 KB; compiled for sm_90a by
-    ``scripts/kernel_report.py``'s driver, the six-stage wide tilings but one did not fit)."""
-    return [dataclasses.replace(cfg, m_tile=mt, block_n=bn, num_warps=w,
-                                num_stages=min(cfg.num_stages, SHARED_BUDGET // ((mt + bn) * cfg.block_k)))
+    """The 32-row tiling with wider row tiles (the K loop, hence each element's summation order, unchanged), each
+    with as many of its pipeline stages as fit in shared memory (``fk.stages_that_fit``; compiled for sm_90a by
+    ``scripts/kernel_report.py``'s driver, the six-stage wide tilings but one did not fit). Engines take
+    ``fk.wide_config``, one of these, from ``fk.WIDE_ROWS`` rows."""
+    return [dataclasses.replace(cfg, m_tile=mt, block_n=bn, num_warps=w, num_stages=fk.stages_that_fit(cfg, mt, bn))
             for mt in (64, 128) for bn in (64, 128) for w in (4, 8)]
 
 

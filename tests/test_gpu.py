@@ -286,7 +286,7 @@ def poison_empty(monkeypatch) -> None:
     monkeypatch.setattr(torch, "empty", poisoned_empty)
 
 
-@pytest.mark.parametrize("m", [1, 7, 32, 100])  # 100: four row tiles, as a batched pass (it was _scaled_mm's before)
+@pytest.mark.parametrize("m", [1, 7, 32, 100, 130, 256])  # 100: four 32-row tiles; 130, 256: the wide tiling's
 @pytest.mark.parametrize("n,k", [(512, 256), (6144, 4096), (301, 96), (4096, 12288)])
 def test_fp8_linear_cuda_kernels_match_reference(m, n, k, monkeypatch):
     from orthrus_export.parity import compare
@@ -387,10 +387,10 @@ def test_cached_attention_verify_rows_equal_decode_steps(n, splits, query_block)
 
 @pytest.mark.parametrize("m_tile", [64, 128])
 def test_fp8_gemm_wider_row_tiles_are_exact_and_row_invariant(m_tile, monkeypatch):
-    """The GEMM with wider row tiles (swept for batched passes by ``scripts/sweep_linear.py --wide``; no engine uses
-    them yet): exact against the float64 reference at 300 rows (ragged last tile), every output written (poisoned
-    buffers), each row alone equal to its row in the full call. Whether rows also equal the 32-row tiles' is the
-    sweep's measurement (``equal_to_default``)."""
+    """The GEMM with wider row tiles (swept for batched passes by ``scripts/sweep_linear.py --wide``; engines take
+    ``wide_config`` from 128 rows): exact against the float64 reference at 300 rows (ragged last tile), every output
+    written (poisoned buffers), each row alone (as a decode step computes it: the 32-row tiling) equal to its row in
+    the full call."""
     import dataclasses
     from orthrus_export.parity import compare
     from orthrus_plugins import fp8_linear as op
@@ -408,7 +408,7 @@ def test_fp8_gemm_wider_row_tiles_are_exact_and_row_invariant(m_tile, monkeypatc
     r = compare(out.float(), op._reference(x, q, s).float(), torch.bfloat16)
     assert r["ok"], r
     for i in (0, 37, m - 1):
-        assert torch.equal(fk.fp8_matmul(xq[i:i + 1], xs[i:i + 1], q, s, torch.bfloat16, cfg), out[i:i + 1]), i
+        assert torch.equal(fk.fp8_matmul(xq[i:i + 1], xs[i:i + 1], q, s, torch.bfloat16), out[i:i + 1]), i
 
 
 @pytest.mark.parametrize("compile", ["none", "inductor"])  # inductor: quantization fused, fp8_matmul (split_linear)

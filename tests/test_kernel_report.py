@@ -1,7 +1,7 @@
 """The engines' Triton kernels compiled for Hopper (sm_90a) on a machine without a GPU (``scripts/kernel_report.py``):
 every launch an 8B engine makes at batch 1 and 8 compiles with the Triton the GPU machine has, fits an SM without
-spilling, uses the matrix instructions it is meant to, and compiles to one binary whatever the row count; so do the
-wider FP8 tilings the GPU sweep tries.
+spilling, uses the matrix instructions it is meant to, and compiles to one binary whatever the row count (the FP8
+GEMM: one K loop, over wider tiles from 128 rows); so do the wider FP8 tilings the GPU sweep tries.
 
 Needs Triton, which the CPU wheels of torch do not bring: skipped without it. ``.ci/run`` installs ``triton==3.6.0``
 into a folder of its own and runs this file with it."""
@@ -67,22 +67,57 @@ def test_the_gpu_sweeps_wide_tilings_all_fit(report):
 
 def test_one_binary_per_kernel_whatever_the_row_count(report):
     """A decode step (1 token a row, batch 1 or 8) and a 32-token block run the same binary of each kernel: the row
-    count and the tokens per row are run-time arguments, never specializations."""
+    count and the tokens per row are run-time arguments, never specializations. The FP8 GEMM alone takes a second
+    binary at a batch of 8 (256 rows: 128-row tiles) with the same K loop as the first."""
     binaries = report["binaries"]
-    assert all(len(b) == 1 for b in binaries.values()), binaries
+    gemm = {g: b for g, b in binaries.items() if g.startswith("_gemm_kernel:") and "fp8_matmul" in g}
+    assert len(gemm) == 4 and all(len(b) == 2 for b in gemm.values()), gemm  # 32-row tiles, 128-row tiles
+    assert all(len(b) == 1 for g, b in binaries.items() if g not in gemm), binaries
+    assert all(len(k) == 1 for k in report["arithmetic"].values()), report["arithmetic"]
     assert {"_split_kernel: cached attention", "_merge_kernel: cached attention", "_qk_norm_rope_kernel: qk_norm_rope",
             "_gemm_kernel: down fp8_matmul [M, 12288] x [4096, 12288]"} <= set(binaries)
+    for r in report["launches"]:  # the wide tiling at 256 rows only (a batch of 8's blocks), 32-row tiles below
+        if r["kernel"] == "_gemm_kernel" and " fp8_matmul [" in r["launch"]:
+            rows = int(r["launch"].split("fp8_matmul [")[1].split(",")[0])
+            assert r["constants"]["M_TILE"] == (128 if rows >= 128 else 32), r
     decode = {r["binary"] for r in report["launches"] if r["launch"].endswith("decode attention (cached, 4096 keys)")}
     verify = {r["binary"] for r in report["launches"] if r["launch"].endswith("verify attention (cached, 4096 keys)")}
     assert decode == verify and len(decode) == 3  # cache write, split, merge
 
 
 def test_several_binaries_and_spills_are_problems():
-    """The checks can fail: two binaries in one group, a spill, an oversized CTA."""
+    """The checks can fail: two binaries in one group, two K loops of the GEMM in one group, a spill, an oversized
+    CTA."""
     records = [{"kernel": "k", "group": "g", "binary": "a"}, {"kernel": "k", "group": "g", "binary": "b"},
                {"kernel": "k", "group": "h", "binary": "a"}]
     assert kernel_report.distinct_binaries(records) == {"k: g": ["a", "b"], "k: h": ["a"]}
+    assert kernel_report.distinct_binaries(records, kernel_report.arithmetic) == {"k: g": ["a", "b"], "k: h": ["a"]}
+    loop = {"BLOCK_K": 256, "K_PER_SPLIT": 4096, "SPLIT_K": 1, "SWAP": True, "SCALED": True}
+    gemms = [{"kernel": "_gemm_kernel", "group": "g", "binary": b, "constants": {**loop, "M_TILE": m, **extra}}
+             for b, m, extra in (("a", 32, {}), ("b", 128, {}), ("c", 32, {"BLOCK_K": 128}))]
+    assert len(kernel_report.distinct_binaries(gemms[:2], kernel_report.arithmetic)["_gemm_kernel: g"]) == 1
+    assert len(kernel_report.distinct_binaries(gemms, kernel_report.arithmetic)["_gemm_kernel: g"]) == 2
     assert kernel_report.ctas_per_sm(4, 64, 147456) == 1  # the 8B FP8 GEMM: its 144 KB of stages
     assert kernel_report.ctas_per_sm(4, 32, 1024) == 16   # 128 threads: 2048 threads an SM
     assert kernel_report.ctas_per_sm(8, 255, 1024) == 1   # 255 registers x 256 threads: the whole register file
     assert kernel_report.ctas_per_sm(4, 64, 240000) == 0  # more shared memory than an SM has
+
+
+def test_wide_rows_keep_the_k_loop():
+    """From ``WIDE_ROWS`` rows the FP8 tiling changes its tiles, never its K loop (each element's summation order):
+    at every 8B and 1.7B projection; below, the 32-row tiling whatever M; a K-split tiling stays as it is."""
+    from orthrus_export.bench import qwen3_config
+    from orthrus_plugins.fp8_linear import kernel as fk
+    for shape in ("8b", "1.7b"):
+        for n, k in kernel_report.projections(qwen3_config(shape)).values():
+            narrow = fk.config(n, k, 132)
+            assert narrow.m_tile == 32 and all(fk.config(n, k, 132, m) == narrow for m in (1, 8, 32, 64, 127))
+            for m in (128, 256, 4096):
+                wide = fk.config(n, k, 132, m)
+                assert (wide.block_k, wide.split_k, wide.swap) == (narrow.block_k, narrow.split_k, narrow.swap)
+                if narrow.split_k == 1:
+                    assert wide.m_tile == 128 and wide.num_stages >= 3
+                    assert (128 + wide.block_n) * wide.block_k * wide.num_stages <= fk.SHARED_BUDGET
+                else:
+                    assert wide == narrow
+    assert fk.config(24576, 4096, 132, 256).block_n == 128 and fk.config(4096, 12288, 132, 256).block_n == 64

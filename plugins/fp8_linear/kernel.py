@@ -9,12 +9,16 @@ then the row and channel scales; with ``split_k`` > 1 the slices' float32 partia
 a third kernel. ``swap`` puts the weight tile on the MMA's M side (``[block_n, block_k] x [block_k, 32]``), so a
 64- or 128-channel weight tile can use Hopper's warpgroup MMA where a 32-row activation tile cannot.
 
-Batch invariance: every row tile runs the same instruction sequence, and the configuration (:class:`Config`) is a
-function of N, K and the GPU only (:func:`config`), never of M, nor is the binary: M is not specialized (Triton's JIT
-would otherwise compile M = 1, M divisible by 16 and other M as three programs — ``scripts/kernel_report.py`` counts
-them) — so a row's result is the same bit for bit whether it
-comes in a 32-row verify block, a 1-row decode step or a 256-row batched pass (the property that keeps an FP8 engine's
-Orthrus output equal to its own AR output). The same GEMM without scales runs bf16/fp16 operands (``linear``), for
+Batch invariance: an output element's arithmetic — its K loop (``block_k`` steps, ``split_k`` slices, in order)
+and the e4m3 MMAs of each step — is a function of N, K and the GPU only (:func:`config`), never of M; M is not
+specialized either (Triton's JIT would otherwise compile M = 1, M divisible by 16 and other M as three programs —
+``scripts/kernel_report.py`` counts them). What does depend on M, from ``WIDE_ROWS`` rows (batched passes), is which
+program computes an element: 128-row tiles, and at wide projections 128-channel weight tiles on 8 warps
+(:func:`wide_config`) — the same K loop over larger tiles. So a row's result is the same bit for bit whether it comes
+in a 32-row verify block, a 1-row decode step or a 256-row batched pass (the property that keeps an FP8 engine's
+Orthrus output equal to its own AR output; on the H100 every wide tiling's rows equalled the 32-row tiling's at all
+four 8B projections, ``benchmarks/h100-2026-12-07-linear-wide-rows-8b.json``, and the GPU tests compare each row
+alone with its row in 130- and 256-row calls). The same GEMM without scales runs bf16/fp16 operands (``linear``), for
 benchmarks against cuBLAS (``scripts/sweep_linear.py``).
 """
 
@@ -27,6 +31,8 @@ import triton.language as tl
 from orthrus_plugins.fp8_linear import E4M3_MAX, MIN_SCALE
 
 M_TILE = 32
+WIDE_ROWS = 128  # calls of at least this many rows (batched passes: 4+ rows of 32-token blocks) take wide_config
+SHARED_BUDGET = 220 * 1024  # of a Hopper CTA's 227 KB: a tiling's pipeline stages must fit (the rest: Triton's own)
 
 
 @dataclass(frozen=True)
@@ -38,7 +44,7 @@ class Config:
     swap: bool = False      # weight tile as the MMA's M operand
     num_warps: int = 4
     num_stages: int = 4
-    m_tile: int = M_TILE    # rows a program owns (32 in every tiling :func:`config` gives; larger ones are swept)
+    m_tile: int = M_TILE    # rows a program owns (32; 128 from WIDE_ROWS rows, :func:`wide_config`)
     tma: bool = False       # tiles loaded by Hopper's tensor memory accelerator (no K split, swap only)
 
     def __post_init__(self):
@@ -155,9 +161,10 @@ def split_for(tiles: int, steps: int, programs: int) -> int:
     return next((d for d in range(1, steps + 1) if steps % d == 0 and tiles * d >= programs), steps)
 
 
-def config(n: int, k: int, sms: int) -> Config:
-    """The GEMM's tiling for an [N, K] weight: 64-channel weight tiles on the MMA's M side, 256-wide K steps six
-    deep, K split only when N gives fewer than 48 tiles (then into the fewest slices that give 64 programs). A
+def config(n: int, k: int, sms: int, m: int = 1) -> Config:
+    """The GEMM's tiling for an [N, K] weight and M rows: 64-channel weight tiles on the MMA's M side, 256-wide K
+    steps six deep, K split only when N gives fewer than 48 tiles (then into the fewest slices that give 64
+    programs); from ``WIDE_ROWS`` rows, the same K loop over wider tiles (:func:`wide_config`). The K loop is a
     function of N, K and the GPU only — never of M — which is what keeps rows batch-invariant.
 
     From ``scripts/sweep_linear.py`` on an H100 (``benchmarks/h100-linear-sweep-8b.json``, M = 32, quantization
@@ -170,34 +177,61 @@ def config(n: int, k: int, sms: int) -> Config:
     split = 1
     if tiles < 48:
         split = split_for(tiles, steps, 64)
-    return Config(64, block_k, split, swap=True, num_warps=4, num_stages=6 if block_k == 256 else 4)
+    cfg = Config(64, block_k, split, swap=True, num_warps=4, num_stages=6 if block_k == 256 else 4)
+    return wide_config(cfg, n) if m >= WIDE_ROWS else cfg
 
 
-def bf16_config(n: int, k: int, sms: int) -> Config:
+def stages_that_fit(cfg: Config, m_tile: int, block_n: int) -> int:
+    """``cfg``'s pipeline depth, or as many stages as fit ``SHARED_BUDGET`` with ``m_tile``-row and ``block_n``-channel
+    tiles (one e4m3 stage: both tiles, ``block_k`` bytes a row; six stages of 128 + 64 rows would need 288 KB)."""
+    return min(cfg.num_stages, SHARED_BUDGET // ((m_tile + block_n) * cfg.block_k))
+
+
+def wide_config(cfg: Config, n: int) -> Config:
+    """``cfg`` for batched passes (M ≥ ``WIDE_ROWS``): 128-row tiles, and where N gives at least 48 tiles of 128
+    channels (8B: qkv, gate_up) 128-channel weight tiles on 8 warps, with as many stages as fit. The K loop
+    (``block_k``, ``split_k``) is ``cfg``'s, so every element sums in the same order. A tiling with a K split keeps
+    its 32-row tiles (its reduce launch is untested wider).
+
+    From ``scripts/sweep_linear.py --wide`` on an H100 at M = 256 (``benchmarks/h100-2026-12-07-linear-wide-rows-8b
+    .json``, quantization excluded; the fastest of the eight wide tilings in brackets): qkv 21.4 µs (21.4), o 15.1
+    (15.1), gate_up 62.1 (62.1), down 38.1 (37.6), against 38.9 / 26.6 / 135.5 / 59.6 for the 32-row tiling — the
+    32-row tiles re-read each weight tile eight times and spread 256 rows over eight times the programs."""
+    if cfg.split_k > 1 or cfg.tma:
+        return cfg
+    m_tile = 128
+    block_n, warps = (128, 8) if triton.cdiv(n, 128) >= 48 else (64, 4)
+    return replace(cfg, m_tile=m_tile, block_n=block_n, num_warps=warps,
+                   num_stages=stages_that_fit(cfg, m_tile, block_n))
+
+
+def bf16_config(n: int, k: int, sms: int, m: int = 1) -> Config:
     """The tiling of the same GEMM on two-byte operands (``orthrus::invariant_linear``, an FP8 engine's BF16 head): as
     :func:`config` with 64-wide K steps (the bytes of a 128-wide one-byte step). A function of N, K and the GPU
     only. From ``benchmarks/h100-linear-sweep-8b.json`` (bf16, M = 1): 64-channel tiles on the MMA's M side, 64-wide
-    K steps six deep and no split came within 0.3% of cuBLAS at the widest projection (gate_up: 72.2 vs 72.4 µs)."""
+    K steps six deep and no split came within 0.3% of cuBLAS at the widest projection (gate_up: 72.2 vs 72.4 µs).
+    ``m`` is unused: 32-row tiles at any M (wider ones are unmeasured for two-byte operands)."""
     steps = triton.cdiv(k, 64)
     tiles = triton.cdiv(n, 64)
     split = split_for(tiles, steps, 64) if tiles < 48 else 1
     return Config(64, 64, split, swap=True, num_warps=4, num_stages=6)
 
 
-def tma_config(n: int, k: int, sms: int) -> Config:
+def tma_config(n: int, k: int, sms: int, m: int = 1) -> Config:
     """:func:`config` with its tiles loaded by TMA (kernel ``triton-tma``) where it has no K split and K rows are
     16-byte multiples (TMA's stride rule), else :func:`config` itself. Static reasons to try it
     (``scripts/kernel_report.py``): the 8B GEMM drops from 64 to 42 registers a thread with the address arithmetic
     of 72 cp.async copies gone; the same QGMMA sequence over the same tiles in the same K order, so its rows equal
-    the cp.async kernel's bit for bit (a GPU test checks it). The build times it against the others."""
+    the cp.async kernel's bit for bit (a GPU test checks it). The build times it against the others. ``m`` is
+    unused: 32-row tiles at any M (a wide TMA tiling is unmeasured)."""
     cfg = config(n, k, sms)
     return replace(cfg, tma=True) if cfg.split_k == 1 and k % 16 == 0 else cfg
 
 
-def splitk_config(n: int, k: int, sms: int) -> Config:
+def splitk_config(n: int, k: int, sms: int, m: int = 1) -> Config:
     """The tiling :func:`config` gave before the sweep (kernel ``triton-splitk``): 64 channels on the activation side,
     128-wide K steps, K split for about two programs per SM, then a reduce launch. Kept as a kernel the build times
-    (another GPU may prefer it) and as the baseline of end-to-end comparisons in one run."""
+    (another GPU may prefer it) and as the baseline of end-to-end comparisons in one run. ``m`` is unused."""
     blocks = triton.cdiv(n, 64)
     return Config(64, 128, max(1, min(triton.cdiv(2 * sms, blocks), triton.cdiv(k, 512))), swap=False)
 
@@ -267,10 +301,10 @@ def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def fp8_matmul(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out_dtype,
                cfg: Config | None = None, tiling=config) -> torch.Tensor:
-    """``orthrus::fp8_matmul``'s Triton implementation (``cfg``: a tiling to try; else ``tiling(N, K, SMs)``,
+    """``orthrus::fp8_matmul``'s Triton implementation (``cfg``: a tiling to try; else ``tiling(N, K, SMs, M)``,
     :func:`config`)."""
     n, k = weight.shape
-    cfg = cfg or tiling(n, k, _sms(xq.device))
+    cfg = cfg or tiling(n, k, _sms(xq.device), xq.shape[0])
     return _gemm(xq.contiguous(), xs.contiguous(), weight, weight_scale.float(), out_dtype, cfg)
 
 
@@ -286,4 +320,4 @@ def linear(x: torch.Tensor, weight: torch.Tensor, cfg: Config | None = None, til
     SMs)``, :func:`bf16_config`)."""
     x = x.contiguous()
     n, k = weight.shape
-    return _gemm(x, None, weight, None, x.dtype, cfg or tiling(n, k, _sms(x.device)))
+    return _gemm(x, None, weight, None, x.dtype, cfg or tiling(n, k, _sms(x.device), x.shape[0]))
