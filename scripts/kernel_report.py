@@ -10,7 +10,8 @@ copies (``LDGSTS``: cp.async, a software-pipelined main loop; ``UTMALDG``: TMA),
 (H100/H200 limits) and the SMs the launch keeps busy. Then, per kernel and weight shape, the number of distinct
 binaries over the engine's row counts: one binary for a decode step, a verify block and a batched pass is part of
 batch invariance by construction (the same instructions for every row). The FP8 GEMM may take wider tiles from
-``WIDE_ROWS`` rows (a second binary): for it what must be one is each output element's K loop (``K_LOOP``).
+``WIDE_ROWS`` rows (a second binary): for it what must be one is each output element's K loop (``K_LOOP``) and
+its matrix instructions' M and K (``arithmetic``).
 
 Static facts, not timings: ``sms_used`` below the SM count names a launch that leaves SMs idle, whatever its speed.
 ``--check`` exits 1 when a launch does not compile for the target, needs more shared memory than a CTA may have,
@@ -53,10 +54,15 @@ def resources(cubin: bytes) -> dict:
         usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
         sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
     fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
-    opcode = r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)"  # "/*0120*/  @!P0 LDGSTS.E ..."
-    ops = Counter(m.split(".")[0] for m in re.findall(opcode, sass))
+    opcode = r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)"  # "/*0120*/  @!P0 LDGSTS.E ..."
+    full = Counter(re.findall(opcode, sass))
+    ops = Counter()
+    for m, c in full.items():
+        ops[m.split(".")[0]] += c
     return {"registers": int(fields["REG"]), "local_bytes": int(fields["LOCAL"]), "stack_bytes": int(fields["STACK"]),
             "static_shared": int(fields["SHARED"]), "mma": {k: ops[k] for k in MMA if ops[k]},
+            # with their shapes and types ("QGMMA.64x32x32.F32.E4M3.E4M3": m64 n32 k32, e4m3 into fp32)
+            "mma_shapes": {m: c for m, c in sorted(full.items()) if m.split(".")[0] in MMA},
             "async_copies": {k: ops[k] for k in COPIES if ops[k]}}
 
 
@@ -227,9 +233,13 @@ def distinct_binaries(records: list[dict], what=lambda r: r["binary"]) -> dict:
 
 def arithmetic(r: dict) -> str:
     """What must not change over row counts in the launch ``r``: its binary, or for a kernel of ``K_LOOP`` the
-    constants of its K loop."""
+    constants of its K loop and its matrix instructions but for their N (``QGMMA.64x32x32`` and ``QGMMA.64x128x32``
+    both sum 32 e4m3 products into an fp32 element; N is the row tile, with the weight tile on the MMA's M side)."""
     keep = K_LOOP.get(r["kernel"])
-    return json.dumps({c: r["constants"].get(c) for c in keep}, sort_keys=True) if keep else r["binary"]
+    if not keep:
+        return r["binary"]
+    mma = sorted({re.sub(r"^(\w+\.\d+)x\d+x", r"\1xNx", m) for m in r.get("mma_shapes", {})})
+    return json.dumps({**{c: r["constants"].get(c) for c in keep}, "mma": mma}, sort_keys=True)
 
 
 def main(argv=None) -> int:

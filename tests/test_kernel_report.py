@@ -76,10 +76,12 @@ def test_one_binary_per_kernel_whatever_the_row_count(report):
     assert all(len(k) == 1 for k in report["arithmetic"].values()), report["arithmetic"]
     assert {"_split_kernel: cached attention", "_merge_kernel: cached attention", "_qk_norm_rope_kernel: qk_norm_rope",
             "_gemm_kernel: down fp8_matmul [M, 12288] x [4096, 12288]"} <= set(binaries)
-    for r in report["launches"]:  # the wide tiling at 256 rows only (a batch of 8's blocks), 32-row tiles below
-        if r["kernel"] == "_gemm_kernel" and " fp8_matmul [" in r["launch"]:
+    for r in report["launches"]:  # the wide tiling at 256 rows only (a batch of 8's blocks), 32-row tiles below:
+        if r["kernel"] == "_gemm_kernel" and " fp8_matmul [" in r["launch"]:  # the same k32 e4m3 MMAs, n 128 or 32
             rows = int(r["launch"].split("fp8_matmul [")[1].split(",")[0])
-            assert r["constants"]["M_TILE"] == (128 if rows >= 128 else 32), r
+            tile = 128 if rows >= 128 else 32
+            assert r["constants"]["M_TILE"] == tile, r
+            assert set(r["mma_shapes"]) == {f"QGMMA.64x{tile}x32.F32.E4M3.E4M3"}, r
     decode = {r["binary"] for r in report["launches"] if r["launch"].endswith("decode attention (cached, 4096 keys)")}
     verify = {r["binary"] for r in report["launches"] if r["launch"].endswith("verify attention (cached, 4096 keys)")}
     assert decode == verify and len(decode) == 3  # cache write, split, merge
@@ -93,10 +95,13 @@ def test_several_binaries_and_spills_are_problems():
     assert kernel_report.distinct_binaries(records) == {"k: g": ["a", "b"], "k: h": ["a"]}
     assert kernel_report.distinct_binaries(records, kernel_report.arithmetic) == {"k: g": ["a", "b"], "k: h": ["a"]}
     loop = {"BLOCK_K": 256, "K_PER_SPLIT": 4096, "SPLIT_K": 1, "SWAP": True, "SCALED": True}
-    gemms = [{"kernel": "_gemm_kernel", "group": "g", "binary": b, "constants": {**loop, "M_TILE": m, **extra}}
-             for b, m, extra in (("a", 32, {}), ("b", 128, {}), ("c", 32, {"BLOCK_K": 128}))]
+    gemms = [{"kernel": "_gemm_kernel", "group": "g", "binary": b, "constants": {**loop, "M_TILE": m, **extra},
+              "mma_shapes": {f"QGMMA.64x{m}x{k}.F32.E4M3.E4M3": 8}}
+             for b, m, k, extra in (("a", 32, 32, {}), ("b", 128, 32, {}), ("c", 32, 32, {"BLOCK_K": 128}),
+                                    ("d", 32, 16, {}))]
+    arith = kernel_report.distinct_binaries(gemms, kernel_report.arithmetic)["_gemm_kernel: g"]
     assert len(kernel_report.distinct_binaries(gemms[:2], kernel_report.arithmetic)["_gemm_kernel: g"]) == 1
-    assert len(kernel_report.distinct_binaries(gemms, kernel_report.arithmetic)["_gemm_kernel: g"]) == 2
+    assert len(arith) == 3 and '"mma": ["QGMMA.64xNx32.F32.E4M3.E4M3"]' in arith[0] + arith[1] + arith[2]
     assert kernel_report.ctas_per_sm(4, 64, 147456) == 1  # the 8B FP8 GEMM: its 144 KB of stages
     assert kernel_report.ctas_per_sm(4, 32, 1024) == 16   # 128 threads: 2048 threads an SM
     assert kernel_report.ctas_per_sm(8, 255, 1024) == 1   # 255 registers x 256 threads: the whole register file
