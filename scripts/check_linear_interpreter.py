@@ -1,9 +1,11 @@
 """``orthrus::fp8_linear``'s Triton GEMM on the CPU, under Triton's interpreter (no GPU needed): every tiling kind
 (the weight tile on either MMA side, split K or not, shapes that divide the tiles and shapes that do not, rows beyond
 one 32-row tile) against a float64 product, outputs poisoned first, each row bitwise equal to its run alone; TMA
-tilings also bitwise equal to the same tiling without TMA. fp32 and fp16 operands through ``linear``; e4m3 operands
-through the GEMM with torch's own quantization (the interpreter's e4m3 conversion rounds some values differently
-from torch's, so the quantization kernel is checked on the GPU, ``tests/test_gpu.py``). Exit 1 on the first failure.
+tilings also bitwise equal to the same tiling without TMA; and the engines' rule (``config`` by M): a 130-row call
+on the wide tiling, its rows bitwise equal to rows computed alone on the 32-row tiling. fp32 and fp16 operands
+through ``linear``; e4m3 operands through the GEMM with torch's own quantization (the interpreter's e4m3 conversion
+rounds some values differently from torch's, so the quantization kernel is checked on the GPU,
+``tests/test_gpu.py``). Exit 1 on the first failure.
 
     pip install --target /tmp/tritonpkg triton "numpy<2.3"  # not dependencies (the CPU wheels of torch need no
     # Triton); NumPy 2.3 on refuses the interpreter's size-1 loop bounds
@@ -69,6 +71,33 @@ def main() -> int:
                   f"{torch.equal(alone, out)} {'ok' if ok else 'FAILED'}", flush=True)
             if not ok:
                 return 1
+    # the engines' rule: a call of WIDE_ROWS rows or more takes the wide tiling (128-row tiles, the same K loop), a
+    # decode step the 32-row one: each row alone equals its row in the wide call
+    m, n, k = fk.WIDE_ROWS + 2, 3072, 512  # 48 tiles of 64 channels: no K split, so the wide tiling applies
+    wide, narrow = fk.config(n, k, 132, m), fk.config(n, k, 132, 1)
+    assert wide.m_tile == 128 and narrow.m_tile == 32 and (wide.block_k, wide.split_k) == (narrow.block_k, 1)
+    for kind in (torch.float32, torch.float16, "e4m3"):
+        if kind == "e4m3":
+            x = torch.randn(m, k, generator=g).half()
+            w, ws = quantize_weight(torch.randn(n, k, generator=g) * 0.05)
+            xq, xs = quantize_rows(x)
+            xs = xs.reshape(-1)
+            ref, dtype = _reference(x.float(), w, ws).double(), torch.float32
+        else:
+            xq = torch.randn(m, k, generator=g).to(kind)
+            w, ws, xs, dtype = torch.randn(n, k, generator=g).to(kind), None, None, kind
+            ref = xq.double() @ w.double().t()
+        out = poisoned_gemm(xq, xs, w, ws, dtype, wide)
+        err = float((out.double() - ref).norm() / ref.norm())
+        rows = [0, 1, 63, 64, 127, 128, m - 1]
+        alone = torch.cat([fk._gemm(xq[i:i + 1], None if xs is None else xs[i:i + 1], w, ws, dtype, narrow)
+                           for i in rows])
+        ok = not torch.isnan(out).any() and err < TOLERANCE[kind] and torch.equal(alone, out[rows])
+        worst = max(worst, err) if kind == torch.float32 else worst
+        print(f"M {m:3d} N {n} K {k} {str(kind):14s} engine rule {wide} vs rows alone on {narrow}: rel err "
+              f"{err:.1e}, rows alone equal {torch.equal(alone, out[rows])} {'ok' if ok else 'FAILED'}", flush=True)
+        if not ok:
+            return 1
     print(f"all passed (fp32 worst relative error {worst:.1e})")
     return 0
 

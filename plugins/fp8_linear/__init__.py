@@ -35,10 +35,10 @@ head's logits differently, and a near-tie then flips a token). Reference (every 
 Reference implementation (any device): the product-sum exactly, in float64 (see ``_matmul_reference``). CUDA kernels
 (GPUs with FP8): a Triton kernel (``kernel.py``) over tiles of 32 rows (128 from 128 rows), any M, each row's K loop
 and matrix instructions the same whatever M is (fp32 accumulation, a K loop chosen from N and K only:
-batch-invariant, also in batched passes), in three tilings (``triton``: the swept one; ``triton-tma``: the same with its tiles loaded by TMA, rows
-equal to ``triton``'s bit for bit; ``triton-splitk``: the one before, split K and a reduce launch);
-``torch._scaled_mm`` with row-wise scales. The build times them and records the choice in the engine's manifest. No
-ONNX translation: the ONNX export refuses FP8 engines.
+batch-invariant, also in batched passes), in three tilings (``triton``: the swept one; ``triton-tma``: the same with
+its tiles loaded by TMA, rows equal to ``triton``'s bit for bit; ``triton-splitk``: the one before, split K and a
+reduce launch); ``torch._scaled_mm`` with row-wise scales. The build times them and records the choice in the
+engine's manifest. No ONNX translation: the ONNX export refuses FP8 engines.
 """
 
 import torch
