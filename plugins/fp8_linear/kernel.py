@@ -194,7 +194,7 @@ def wide_config(cfg: Config, n: int) -> Config:
     its 32-row tiles (its reduce launch is untested wider).
 
     From ``scripts/sweep_linear.py --wide`` on an H100 at M = 256 (``benchmarks/h100-2026-12-07-linear-wide-rows-8b
-    .json``, quantization excluded; the fastest of the eight wide tilings in brackets): qkv 21.4 µs (21.4), o 15.1
+    .json``, quantization included; the fastest of the eight wide tilings in brackets): qkv 21.4 µs (21.4), o 15.1
     (15.1), gate_up 62.1 (62.1), down 38.1 (37.6), against 38.9 / 26.6 / 135.5 / 59.6 for the 32-row tiling — the
     32-row tiles re-read each weight tile eight times and spread 256 rows over eight times the programs."""
     if cfg.split_k > 1 or cfg.tma:
