@@ -44,21 +44,24 @@ def poisoned_gemm(xq, xs, w, ws, dtype, cfg):
         torch.empty = real_empty
 
 
+def operands(kind, m: int, n: int, k: int, g):
+    """``(xq, xs, w, ws, out dtype, float64 reference)`` of an [m, k] x [n, k] GEMM: e4m3 operands with their scales
+    (torch's quantization), or fp32/fp16 ones without."""
+    if kind == "e4m3":
+        x = torch.randn(m, k, generator=g).half()
+        w, ws = quantize_weight(torch.randn(n, k, generator=g) * 0.05)
+        xq, xs = quantize_rows(x)
+        return xq, xs.reshape(-1), w, ws, torch.float32, _reference(x.float(), w, ws).double()
+    xq, w = torch.randn(m, k, generator=g).to(kind), torch.randn(n, k, generator=g).to(kind)
+    return xq, None, w, None, kind, xq.double() @ w.double().t()
+
+
 def main() -> int:
     g = torch.Generator().manual_seed(0)
     worst = 0.0
     for (m, n, k), cfg in [(s, c) for s in SHAPES for c in CONFIGS + [fk.config(s[1], s[2], 132)]]:
         for kind in (torch.float32, torch.float16, "e4m3"):
-            if kind == "e4m3":
-                x = torch.randn(m, k, generator=g).half()
-                w, ws = quantize_weight(torch.randn(n, k, generator=g) * 0.05)
-                xq, xs = quantize_rows(x)
-                xs = xs.reshape(-1)
-                ref, dtype = _reference(x.float(), w, ws).double(), torch.float32
-            else:
-                xq = torch.randn(m, k, generator=g).to(kind)
-                w, ws, xs, dtype = torch.randn(n, k, generator=g).to(kind), None, None, kind
-                ref = xq.double() @ w.double().t()
+            xq, xs, w, ws, dtype, ref = operands(kind, m, n, k, g)
             out = poisoned_gemm(xq, xs, w, ws, dtype, cfg)
             err = float((out.double() - ref).norm() / ref.norm())
             alone = torch.cat([fk._gemm(xq[i:i + 1], None if xs is None else xs[i:i + 1], w, ws, dtype, cfg)
@@ -77,16 +80,7 @@ def main() -> int:
     wide, narrow = fk.config(n, k, 132, m), fk.config(n, k, 132, 1)
     assert wide.m_tile == 128 and narrow.m_tile == 32 and (wide.block_k, wide.split_k) == (narrow.block_k, 1)
     for kind in (torch.float32, torch.float16, "e4m3"):
-        if kind == "e4m3":
-            x = torch.randn(m, k, generator=g).half()
-            w, ws = quantize_weight(torch.randn(n, k, generator=g) * 0.05)
-            xq, xs = quantize_rows(x)
-            xs = xs.reshape(-1)
-            ref, dtype = _reference(x.float(), w, ws).double(), torch.float32
-        else:
-            xq = torch.randn(m, k, generator=g).to(kind)
-            w, ws, xs, dtype = torch.randn(n, k, generator=g).to(kind), None, None, kind
-            ref = xq.double() @ w.double().t()
+        xq, xs, w, ws, dtype, ref = operands(kind, m, n, k, g)
         out = poisoned_gemm(xq, xs, w, ws, dtype, wide)
         err = float((out.double() - ref).norm() / ref.norm())
         rows = [0, 1, 63, 64, 127, 128, m - 1]
