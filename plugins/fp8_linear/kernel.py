@@ -191,7 +191,7 @@ def wide_config(cfg: Config, n: int) -> Config:
     """``cfg`` for batched passes (M ≥ ``WIDE_ROWS``): 128-row tiles, and where N gives at least 48 tiles of 128
     channels (8B: qkv, gate_up) 128-channel weight tiles on 8 warps, with as many stages as fit. The K loop
     (``block_k``, ``split_k``) is ``cfg``'s, so every element sums in the same order. A tiling with a K split keeps
-    its 32-row tiles (its reduce launch is untested wider).
+    its 32-row tiles (its reduce launch is untested wider), and so does a TMA tiling (unmeasured wider).
 
     From ``scripts/sweep_linear.py --wide`` on an H100 at M = 256 (``benchmarks/h100-2026-12-07-linear-wide-rows-8b
     .json``, quantization included; the fastest of the eight wide tilings in brackets): qkv 21.4 µs (21.4), o 15.1
