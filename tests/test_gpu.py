@@ -365,7 +365,7 @@ def test_qk_norm_rope_kernel_matches_reference_and_tokens_are_invariant(dtype, h
 
 
 @pytest.mark.parametrize("n", [100, 1000, 4000])  # 1000: the block's key counts straddle 16 splits · 64-key tiles
-@pytest.mark.parametrize("splits,query_block", [(16, 0), (4, 16), (16, 32)])
+@pytest.mark.parametrize("splits,query_block", [(16, 0), (4, 16), (16, 32), (16, 64), (4, 64)])
 def test_cached_attention_verify_rows_equal_decode_steps(n, splits, query_block):
     """A verify block of 32 tokens at cache length n against 32 one-token decode steps at n, n + 1, ...: each query
     row's output bitwise equal (each query splits and tiles its own keys as its decode step does) — what Orthrus ==
