@@ -11,6 +11,7 @@ Each call is captured as a CUDA graph and timed by its replays (as the runtime r
     python scripts/bench_attention_splits.py --out $OUT/attention-splits.json [--query-blocks 0,16,32,64]
     python scripts/bench_attention_splits.py --smoke      # tiny shapes (CPU: TRITON_INTERPRET=1)
     python scripts/bench_attention_splits.py --tokens 1 --rows 1,8 --query-blocks 0,16   # decode steps
+    python scripts/bench_attention_splits.py --rows 1,8 --partials bf16,fp32   # the split outputs' stored dtype
 
 ``--tokens 1``: one-token decode steps (cached mode only). Their query rows are padded to a 32-token block's (the
 tile a verify block uses: one binary for both); query block 16 is the tile a decode step had before (16 rows, warp
@@ -21,12 +22,16 @@ import argparse
 import json
 import statistics
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from orthrus_plugins.attention_common.kernel import QUERY_BLOCK_CHOICES, SPLIT_CHOICES, attention  # noqa: E402
+from orthrus_plugins.attention_common.kernel import (DEFAULT_LAUNCH, QUERY_BLOCK_CHOICES,  # noqa: E402
+                                                     SPLIT_CHOICES, attention)
+
+PARTIALS = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def timed(fn, reps, warm=3, inner=20):
@@ -90,6 +95,8 @@ def main():
     ap.add_argument("--query-blocks", default="0", help="comma-separated, of " + str(QUERY_BLOCK_CHOICES))
     ap.add_argument("--smoke", action="store_true", help="small shapes, for a check on the CPU")
     ap.add_argument("--tokens", type=int, help="tokens per row (default: a block, 32; 1: decode steps, cached mode)")
+    ap.add_argument("--partials", default="", help="comma-separated, of " + ",".join(PARTIALS) + " (the split outputs' "
+                    "stored dtype, Launch.partials; default: the kernel's, the inputs')")
     a = ap.parse_args()
     dev, dtype, shape, g, header = setup(a.smoke, a.keys, a.tokens)
     hq, hkv, d, blk, keys = shape
@@ -108,24 +115,30 @@ def main():
             kv_bytes = rows * hkv * keys * d * 2 * kc.element_size()
             floor_us = kv_bytes / bw * 1e6
             ref = None
-            for splits, qb in [(s, b) for s in SPLIT_CHOICES for b in map(int, a.query_blocks.split(","))]:
+            partials = [PARTIALS[p] for p in a.partials.split(",")] if a.partials else [None]
+            for splits, qb, pdt in [(s, b, p) for s in SPLIT_CHOICES for b in map(int, a.query_blocks.split(","))
+                                    for p in partials]:
                 if a.smoke and splits > 8:
                     continue
+                launch = replace(DEFAULT_LAUNCH, partials=pdt)
                 run = lambda: attention(q, k, v, kc, vc, lens, 0, d ** -0.5, causal, splits=splits,  # noqa: E731
-                                        slots=slots, query_block=qb)
+                                        slots=slots, query_block=qb, launch=launch)
                 us = timed(run, a.reps)
                 o = run()
                 ref = o if ref is None else ref
                 query_rows = blk * hq // hkv  # a row's query rows of one KV head (the kernel stores no padding)
-                partial_bytes = 2 * rows * hkv * (splits + 1) * query_rows * (d + 2) * 4  # written, read by merge
+                stored = torch.empty(0, dtype=pdt or dtype).element_size()  # written, read back by the merge:
+                partial_bytes = 2 * rows * hkv * (splits + 1) * query_rows * (d * stored + 2 * 4)  # out, max, sum
                 mode = ("decode" if blk == 1 else "verify") if causal else "draft"
                 row = {"rows": rows, "mode": mode, "splits": splits, "query_block": qb,
+                       "partials": str(pdt or dtype).removeprefix("torch."),
                        "us": us,
                        "kv_floor_us": floor_us, "x_floor": us / floor_us, "partial_MB": partial_bytes / 1e6,
                        "kv_MB": kv_bytes / 1e6,
                        "max_abs_diff_vs_fewest_splits": float((o.float() - ref.float()).abs().max())}
                 results["rows"].append(row)
-                print(f"rows {rows:2d} {row['mode']:6s} splits {splits:2d} query block {qb:3d}: {us:8.1f} us  ({row['x_floor']:.2f}x the "
+                print(f"rows {rows:2d} {row['mode']:6s} splits {splits:2d} query block {qb:3d} "
+                      f"{row['partials']:8s}: {us:8.1f} us  ({row['x_floor']:.2f}x the "
                       f"K/V floor {floor_us:.1f} us; partials {row['partial_MB']:.1f} MB vs K/V {row['kv_MB']:.1f} "
                       f"MB)  diff {row['max_abs_diff_vs_fewest_splits']:.2e}", flush=True)
     if a.out:

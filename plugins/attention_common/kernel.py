@@ -13,7 +13,8 @@ assignment of rows to slots.
   mode, whose block keys are already in the cache. Smaller query blocks give a row more programs over the same key
   slice (fewer splits for the same parallelism, so fewer fp32 partials to write and merge), at the price of reading
   each K/V tile once per query block (from L2 when they run together).
-- a second kernel merges the splits' partial (max, sum, accumulator) with the usual log-sum-exp rescaling;
+- a second kernel merges the splits' partial (max, sum, output normalised by that sum) with the usual log-sum-exp
+  rescaling (the outputs stored in the inputs' dtype, ``Launch.partials``; max and sum in fp32);
 - in cached mode a first, copy-only kernel writes every row's K/V into the cache (one launch; it was two
   ``index_put_`` calls and their index arithmetic, ~12 µs of a 37 µs batch-1 8B verify call on the H200).
 
@@ -57,6 +58,12 @@ class Launch:
     # query rows per merge program: one program a head serialised 36 us a layer on an H100; 16 rows gave 27.7 us
     # at batch 1 (verify, 16 splits), 4 rows 24.4 us, bitwise the same output (benchmarks/h100-attention-launch.json)
     merge_rows: int = 4
+    # the dtype of the split partials' outputs (each split's attention output, normalised by its own sum) as stored
+    # for the merge; None: the inputs' (bf16 engines bf16, fp32 engines fp32), as vLLM's split attention stores
+    # them. In fp32, at 16 splits, they were as many bytes as the K/V they summarise (a program's 128 query rows of
+    # 128 values against its 256 keys' K and V in bf16); bf16 halves that traffic for one rounding of each split's
+    # output, the same in a row's decode step and verify block. Maxima and sums stay fp32.
+    partials: torch.dtype | None = None
 
 
 DEFAULT_LAUNCH = Launch()
@@ -145,7 +152,9 @@ def _split_kernel(Q, KC, VC, KB, VB, LEN, SLOT, ACC, MS, LS, layer_off, scale,
     slot = (r * tl.num_programs(0) + h) * (SPLITS + 1) + split
     tl.store(MS + slot * M_PAD + rows, m_i, mask=row_ok)  # the query rows only: a decode step's tile is mostly
     tl.store(LS + slot * M_PAD + rows, l_i, mask=row_ok)  # padding
-    tl.store(ACC + (slot * M_PAD + rows[:, None]) * D + d[None, :], acc, mask=row_ok[:, None])
+    acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # normalised: at most the largest |v| (fp16 cannot overflow)
+    tl.store(ACC + (slot * M_PAD + rows[:, None]) * D + d[None, :], acc.to(ACC.dtype.element_ty),
+             mask=row_ok[:, None])
 
 
 @triton.jit(do_not_specialize=["B", "M_PAD"])
@@ -166,10 +175,11 @@ def _merge_kernel(ACC, MS, LS, O, so_b, so_h, B, M_PAD,
     for sp in range(SPLITS + 1):
         slot = first + sp
         ms = tl.load(MS + slot * M_PAD + rows, mask=row_ok, other=float("-inf"))
-        w = tl.where(ms == float("-inf"), 0.0, tl.exp(ms - m))
-        l_tot += w * tl.load(LS + slot * M_PAD + rows, mask=row_ok, other=0.0)
+        w = tl.where(ms == float("-inf"), 0.0, tl.exp(ms - m)) * tl.load(LS + slot * M_PAD + rows, mask=row_ok,
+                                                                          other=0.0)
+        l_tot += w
         acc += w[:, None] * tl.load(ACC + (slot * M_PAD + rows[:, None]) * D + d[None, :], mask=row_ok[:, None],
-                                    other=0.0)
+                                    other=0.0).to(tl.float32)
     out = acc / l_tot[:, None]
     i = rows // G
     qh = h * G + rows % G
@@ -215,7 +225,7 @@ def attention(q, k, v, k_cache, v_cache, cache_len, layer: int, scale: float, ca
     m_block = m_block if query_block == 0 else min(query_block, m_block)
     m_pad = triton.cdiv(b * g, m_block) * m_block  # a row's query rows, padded to whole tiles
     parts = rows * hkv * (splits + 1)
-    acc = torch.empty(parts, m_pad, d, device=q.device, dtype=torch.float32)
+    acc = torch.empty(parts, m_pad, d, device=q.device, dtype=launch.partials or q.dtype)
     ms = torch.empty(parts, m_pad, device=q.device, dtype=torch.float32)
     ls = torch.empty(parts, m_pad, device=q.device, dtype=torch.float32)
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype) if out is None else out  # contiguous, as the fake
