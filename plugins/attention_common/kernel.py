@@ -11,7 +11,7 @@ assignment of rows to slots.
   group), and one slice of the row's
   key range; the last split index handles the diffusion block's own keys (diffusion mode) and is idle in cached
   mode, whose block keys are already in the cache. Smaller query blocks give a row more programs over the same key
-  slice (fewer splits for the same parallelism, so fewer fp32 partials to write and merge), at the price of reading
+  slice (fewer splits for the same parallelism, so fewer partials to write and merge), at the price of reading
   each K/V tile once per query block (from L2 when they run together).
 - a second kernel merges the splits' partial (max, sum, output normalised by that sum) with the usual log-sum-exp
   rescaling (the outputs stored in the inputs' dtype, ``Launch.partials``; max and sum in fp32);
@@ -29,7 +29,7 @@ instructions on the same tile shapes (``scripts/kernel_report.py`` checks it: at
 one-token step had 16-row tiles and warp MMAs where a verify block had 128-row tiles and warpgroup MMAs).
 
 Contracts are those of the ops (see their packages, which register :func:`attention` as their CUDA
-implementations). Accumulation in float32; inputs fp32/bf16/fp16.
+implementations). Accumulation in float32, each split's output stored in the inputs' dtype; inputs fp32/bf16/fp16.
 """
 
 from dataclasses import dataclass, replace
@@ -49,7 +49,8 @@ CAUSAL_BLOCK_TOKENS = 32  # cached mode, query_block 0: a program's query tile h
 @dataclass(frozen=True)
 class Launch:
     """How the kernels are launched (not what they compute: every choice gives the same function, each its own
-    summation order; a row's result never depends on the other rows for any of them). ``None``: the default
+    summation order — and ``partials`` its own rounding of each split's output; a row's result never depends on the
+    other rows for any of them). ``None``: the default
     (``num_warps`` 8 for a [M_BLOCK, D] accumulator of at least 128×64 elements, else 4; ``num_stages`` Triton's).
     ``scripts/sweep_attention_launch.py`` times the alternatives on a GPU."""
     block_n: int = DEFAULT_BLOCK_N  # keys per loop iteration of the split kernel

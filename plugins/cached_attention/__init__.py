@@ -25,7 +25,8 @@ query_block=0, block_n=64) -> out``
 - ``out``: ``[B, Hq, D]``, q's dtype. Query ``i`` attends to cache positions ``[0, cache_len + i]`` (causal).
 
 Rejected speculative K/V are not erased: the caller simply passes a smaller ``cache_len`` next time and the
-stale positions are overwritten. Dtypes: float32, bfloat16, float16; accumulation in float32.
+stale positions are overwritten. Dtypes: float32, bfloat16, float16; accumulation in float32 (the GPU kernel rounds
+each key split's output to the input dtype before merging them in float32).
 
 Implementations: the reference (below, any device); on CUDA the split-K Triton kernel shared with
 ``orthrus::diffusion_attention`` (:mod:`orthrus_plugins.attention_common.kernel`). ONNX (``onnx.py``): an

@@ -25,7 +25,8 @@ query_block=0, block_n=64) -> out``
 - ``out``: ``[B, Hq, D]``, q's dtype. Every query attends to cache positions ``[0, cache_len)`` and to all B block
   keys — **no causal mask**. The block's K/V are never written to the cache.
 
-Dtypes: float32, bfloat16, float16 (cache in the same dtype as q). Accumulation in float32.
+Dtypes: float32, bfloat16, float16 (cache in the same dtype as q). Accumulation in float32 (the GPU kernel rounds each
+key split's output to the input dtype before merging them in float32).
 
 Implementations: the reference (below, any device); on CUDA the split-K Triton kernel shared with
 ``orthrus::cached_attention`` (:mod:`orthrus_plugins.attention_common.kernel`). ONNX (``onnx.py``): an
