@@ -127,8 +127,8 @@ def main():
                 o = run()
                 ref = o if ref is None else ref
                 query_rows = blk * hq // hkv  # a row's query rows of one KV head (the kernel stores no padding)
-                stored = torch.empty(0, dtype=pdt or dtype).element_size()  # written, read back by the merge:
-                partial_bytes = 2 * rows * hkv * (splits + 1) * query_rows * (d * stored + 2 * 4)  # out, max, sum
+                stored = (pdt or dtype).itemsize  # written, read back by the merge: out, max, sum
+                partial_bytes = 2 * rows * hkv * (splits + 1) * query_rows * (d * stored + 2 * 4)
                 mode = ("decode" if blk == 1 else "verify") if causal else "draft"
                 row = {"rows": rows, "mode": mode, "splits": splits, "query_block": qb,
                        "partials": str(pdt or dtype).removeprefix("torch."),
