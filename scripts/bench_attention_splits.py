@@ -12,13 +12,20 @@ Each call is captured as a CUDA graph and timed by its replays (as the runtime r
     python scripts/bench_attention_splits.py --smoke      # tiny shapes (CPU: TRITON_INTERPRET=1)
     python scripts/bench_attention_splits.py --tokens 1 --rows 1,8 --query-blocks 0,16   # decode steps
     python scripts/bench_attention_splits.py --rows 1,8 --partials bf16,fp32   # the split outputs' stored dtype
+    git show REV:plugins/attention_common/kernel.py > old_kernel.py   # a kernel to compare with, in the same run:
+    python scripts/bench_attention_splits.py --rows 1,8 --splits 16 --baseline old_kernel.py
 
 ``--tokens 1``: one-token decode steps (cached mode only). Their query rows are padded to a 32-token block's (the
 tile a verify block uses: one binary for both); query block 16 is the tile a decode step had before (16 rows, warp
 MMAs), so ``--query-blocks 0,16`` compares the two in one run.
+
+``--baseline FILE``: another version of ``plugins/attention_common/kernel.py`` (its ``attention`` function), timed
+at every setting right after the current one, on the same inputs, with the largest difference between the two
+outputs (0 where they compute the same function).
 """
 
 import argparse
+import importlib.util
 import json
 import statistics
 import sys
@@ -86,6 +93,15 @@ def inputs(rows: int, dev, dtype, shape, g):
     return q, k, v, kc, vc, torch.arange(rows, device=dev, dtype=torch.int64)
 
 
+def load_kernel(path: str):
+    """The ``attention`` function of the kernel module at ``path`` (a file, not a package: its imports of
+    ``orthrus_plugins`` resolve to the installed package)."""
+    spec = importlib.util.spec_from_file_location("baseline_attention_kernel", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.attention
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
@@ -97,7 +113,11 @@ def main():
     ap.add_argument("--tokens", type=int, help="tokens per row (default: a block, 32; 1: decode steps, cached mode)")
     ap.add_argument("--partials", default="", help="comma-separated, of " + ",".join(PARTIALS) + " (the split outputs' "
                     "stored dtype, Launch.partials; default: the kernel's, the inputs')")
+    ap.add_argument("--splits", default=",".join(map(str, SPLIT_CHOICES)), help="comma-separated, of "
+                    + str(SPLIT_CHOICES))
+    ap.add_argument("--baseline", help="another kernel.py, timed beside the current one at every setting")
     a = ap.parse_args()
+    kernels = {"current": attention, **({"baseline": load_kernel(a.baseline)} if a.baseline else {})}
     dev, dtype, shape, g, header = setup(a.smoke, a.keys, a.tokens)
     hq, hkv, d, blk, keys = shape
     # bandwidth: a large device-to-device copy (read + write)
@@ -116,31 +136,37 @@ def main():
             floor_us = kv_bytes / bw * 1e6
             ref = None
             partials = [PARTIALS[p] for p in a.partials.split(",")] if a.partials else [None]
-            for splits, qb, pdt in [(s, b, p) for s in SPLIT_CHOICES for b in map(int, a.query_blocks.split(","))
-                                    for p in partials]:
+            for splits, qb, pdt, name in [(s, b, p, kn) for s in map(int, a.splits.split(","))
+                                          for b in map(int, a.query_blocks.split(",")) for p in partials
+                                          for kn in kernels]:
                 if a.smoke and splits > 8:
                     continue
                 launch = replace(DEFAULT_LAUNCH, partials=pdt)
-                run = lambda: attention(q, k, v, kc, vc, lens, 0, d ** -0.5, causal, splits=splits,  # noqa: E731
-                                        slots=slots, query_block=qb, launch=launch)
+                run = lambda: kernels[name](q, k, v, kc, vc, lens, 0, d ** -0.5, causal,  # noqa: E731
+                                            splits=splits, slots=slots, query_block=qb, launch=launch)
                 us = timed(run, a.reps)
                 o = run()
                 ref = o if ref is None else ref
+                if name == "current":
+                    current = o
                 query_rows = blk * hq // hkv  # a row's query rows of one KV head (the kernel stores no padding)
                 stored = (pdt or dtype).itemsize  # written, read back by the merge: out, max, sum
-                partial_bytes = 2 * rows * hkv * (splits + 1) * query_rows * (d * stored + 2 * 4)
+                partial_bytes = 2 * rows * hkv * splits * query_rows * (d * stored + 2 * 4)  # the current kernel's
                 mode = ("decode" if blk == 1 else "verify") if causal else "draft"
-                row = {"rows": rows, "mode": mode, "splits": splits, "query_block": qb,
+                row = {"rows": rows, "mode": mode, "kernel": name, "splits": splits, "query_block": qb,
                        "partials": str(pdt or dtype).removeprefix("torch."),
                        "us": us,
                        "kv_floor_us": floor_us, "x_floor": us / floor_us, "partial_MB": partial_bytes / 1e6,
                        "kv_MB": kv_bytes / 1e6,
                        "max_abs_diff_vs_fewest_splits": float((o.float() - ref.float()).abs().max())}
+                if name == "baseline":
+                    row["max_abs_diff_vs_current"] = float((o.float() - current.float()).abs().max())
                 results["rows"].append(row)
-                print(f"rows {rows:2d} {row['mode']:6s} splits {splits:2d} query block {qb:3d} "
+                vs = f"  vs current {row['max_abs_diff_vs_current']:.2e}" if name == "baseline" else ""
+                print(f"rows {rows:2d} {row['mode']:6s} {name:8s} splits {splits:2d} query block {qb:3d} "
                       f"{row['partials']:8s}: {us:8.1f} us  ({row['x_floor']:.2f}x the "
                       f"K/V floor {floor_us:.1f} us; partials {row['partial_MB']:.1f} MB vs K/V {row['kv_MB']:.1f} "
-                      f"MB)  diff {row['max_abs_diff_vs_fewest_splits']:.2e}", flush=True)
+                      f"MB)  diff {row['max_abs_diff_vs_fewest_splits']:.2e}{vs}", flush=True)
     if a.out:
         Path(a.out).write_text(json.dumps(results, indent=1))
 

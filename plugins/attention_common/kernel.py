@@ -5,12 +5,13 @@ chunks of one prompt; b = 1 is a single sequence). Each row's cache length and s
 inside the kernel, so one launch configuration — and one captured CUDA graph — serves every length and every
 assignment of rows to slots.
 
-- grid ``(Hkv, (SPLITS + 1) · MB, b)``: each program takes one row, one KV head and a tile of ``M_BLOCK`` of its
+- grid ``(Hkv, SPLITS · MB, b)``: each program takes one row, one KV head and a tile of ``M_BLOCK`` of its
   ``M = B·G`` query rows (``G = Hq / Hkv`` query heads for each of the row's B block positions; ``MB = M_PAD /
   M_BLOCK`` query blocks, ``M_PAD`` the rows padded to whole tiles; 1 by default: then each K/V tile is read once per
-  group), and one slice of the row's
-  key range; the last split index handles the diffusion block's own keys (diffusion mode) and is idle in cached
-  mode, whose block keys are already in the cache. Smaller query blocks give a row more programs over the same key
+  group), and one slice of the row's key range; in diffusion mode the last slice's program also takes the block's
+  own keys, after its cache keys (cached mode's block keys are already in the cache). This kernel holds one program
+  per SM (224 registers a thread on 8 warps at 8B shapes): a spare program for the block keys made 8B's 16 splits
+  136 programs for 132 H100 SMs, a second wave for four of them at batch 1. Smaller query blocks give a row more programs over the same key
   slice (fewer splits for the same parallelism, so fewer partials to write and merge), at the price of reading
   each K/V tile once per query block (from L2 when they run together).
 - a second kernel merges the splits' partial (max, sum, output normalised by that sum) with the usual log-sum-exp
@@ -113,44 +114,45 @@ def _split_kernel(Q, KC, VC, KB, VB, LEN, SLOT, ACC, MS, LS, layer_off, scale,
     l_i = tl.zeros([M_BLOCK], tl.float32)
     acc = tl.zeros([M_BLOCK, D], tl.float32)
     cols = tl.arange(0, BLOCK_N)
-    if split < SPLITS:
-        # each query row splits its own visible keys (causal: n + i + 1) into SPLITS chunks of whole BLOCK_N tiles
-        # at absolute key positions, so a verify block's row i is split, tiled and summed exactly as the one-token
-        # decode step of that token (its n + 1 keys) is; rows of one program differ in chunk size only where their
-        # key counts straddle a multiple of SPLITS·BLOCK_N, and the program walks the union of their ranges
-        total = n + i + 1 if CAUSAL else n + i * 0
-        chunk = tl.cdiv(total, SPLITS * BLOCK_N) * BLOCK_N
-        start = split * chunk
-        end = tl.minimum(start + chunk, total)
-        lo = tl.min(tl.where(row_ok, start, 2147483647), 0)
-        hi = tl.max(tl.where(row_ok, end, 0), 0)
-        base = KC + layer_off + slot_off + h * sc_h
-        vbase = VC + layer_off + slot_off + h * sc_h
-        for s0 in range(lo, hi, BLOCK_N):
-            kidx = s0 + cols
-            kok = kidx < hi
-            k = tl.load(base + kidx[:, None] * sc_s + d[None, :], mask=kok[:, None], other=0.0)
-            v = tl.load(vbase + kidx[:, None] * sc_s + d[None, :], mask=kok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * scale
-            ok = (kidx[None, :] >= start[:, None]) & (kidx[None, :] < end[:, None])  # the causal mask within
-            s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.where(m_new == float("-inf"), 1.0, tl.exp(m_i - m_new))
-            p = tl.where(ok, tl.exp(s - m_new[:, None]), 0.0)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC).to(tl.float32)
-            m_i = m_new
-    elif not CAUSAL:  # the diffusion block's own keys, all visible
+    # each query row splits its own visible keys (causal: n + i + 1) into SPLITS chunks of whole BLOCK_N tiles
+    # at absolute key positions, so a verify block's row i is split, tiled and summed exactly as the one-token
+    # decode step of that token (its n + 1 keys) is; rows of one program differ in chunk size only where their
+    # key counts straddle a multiple of SPLITS·BLOCK_N, and the program walks the union of their ranges
+    total = n + i + 1 if CAUSAL else n + i * 0
+    chunk = tl.cdiv(total, SPLITS * BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, total)
+    lo = tl.min(tl.where(row_ok, start, 2147483647), 0)
+    hi = tl.max(tl.where(row_ok, end, 0), 0)
+    base = KC + layer_off + slot_off + h * sc_h
+    vbase = VC + layer_off + slot_off + h * sc_h
+    for s0 in range(lo, hi, BLOCK_N):
+        kidx = s0 + cols
+        kok = kidx < hi
+        k = tl.load(base + kidx[:, None] * sc_s + d[None, :], mask=kok[:, None], other=0.0)
+        v = tl.load(vbase + kidx[:, None] * sc_s + d[None, :], mask=kok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * scale
+        ok = (kidx[None, :] >= start[:, None]) & (kidx[None, :] < end[:, None])  # the causal mask within
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.where(m_new == float("-inf"), 1.0, tl.exp(m_i - m_new))
+        p = tl.where(ok, tl.exp(s - m_new[:, None]), 0.0)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC).to(tl.float32)
+        m_i = m_new
+    if not CAUSAL and split == SPLITS - 1:  # the diffusion block's own keys, all visible, after the cache's
         kok = cols < B
         k = tl.load(KB + cols[:, None] * sb_b + h * sb_h + d[None, :], mask=kok[:, None], other=0.0)
         v = tl.load(VB + cols[:, None] * svb_b + h * svb_h + d[None, :], mask=kok[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * scale
         s = tl.where(kok[None, :], s, float("-inf"))
-        m_i = tl.max(s, 1)
-        p = tl.where(kok[None, :], tl.exp(s - m_i[:, None]), 0.0)
-        l_i = tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, input_precision=PREC).to(tl.float32)
-    slot = (r * tl.num_programs(0) + h) * (SPLITS + 1) + split
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every row sees the block's B >= 1 keys
+        alpha = tl.exp(m_i - m_new)
+        p = tl.where(kok[None, :], tl.exp(s - m_new[:, None]), 0.0)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC).to(tl.float32)
+        m_i = m_new
+    slot = (r * tl.num_programs(0) + h) * SPLITS + split
     tl.store(MS + slot * M_PAD + rows, m_i, mask=row_ok)  # the query rows only: a decode step's tile is mostly
     tl.store(LS + slot * M_PAD + rows, l_i, mask=row_ok)  # padding
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # normalised: at most the largest |v| (fp16 cannot overflow)
@@ -166,14 +168,14 @@ def _merge_kernel(ACC, MS, LS, O, so_b, so_h, B, M_PAD,
     row_ok = rows < B * G
     r = tl.program_id(2)
     O += r * B * so_b
-    first = (r * tl.num_programs(0) + h) * (SPLITS + 1)
+    first = (r * tl.num_programs(0) + h) * SPLITS
     d = tl.arange(0, D)
     m = tl.full([ROWS], float("-inf"), tl.float32)
-    for sp in range(SPLITS + 1):
+    for sp in range(SPLITS):
         m = tl.maximum(m, tl.load(MS + (first + sp) * M_PAD + rows, mask=row_ok, other=float("-inf")))
     l_tot = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, D], tl.float32)
-    for sp in range(SPLITS + 1):
+    for sp in range(SPLITS):
         slot = first + sp
         ms = tl.load(MS + slot * M_PAD + rows, mask=row_ok, other=float("-inf"))
         w = tl.where(ms == float("-inf"), 0.0, tl.exp(ms - m)) * tl.load(LS + slot * M_PAD + rows, mask=row_ok,
@@ -225,12 +227,12 @@ def attention(q, k, v, k_cache, v_cache, cache_len, layer: int, scale: float, ca
     m_block = max(16, triton.next_power_of_2((CAUSAL_BLOCK_TOKENS if causal else b) * g))
     m_block = m_block if query_block == 0 else min(query_block, m_block)
     m_pad = triton.cdiv(b * g, m_block) * m_block  # a row's query rows, padded to whole tiles
-    parts = rows * hkv * (splits + 1)
+    parts = rows * hkv * splits
     acc = torch.empty(parts, m_pad, d, device=q.device, dtype=launch.partials or q.dtype)
     ms = torch.empty(parts, m_pad, device=q.device, dtype=torch.float32)
     ls = torch.empty(parts, m_pad, device=q.device, dtype=torch.float32)
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype) if out is None else out  # contiguous, as the fake
-    _split_kernel[(hkv, (splits + 1) * (m_pad // m_block), rows)](
+    _split_kernel[(hkv, splits * (m_pad // m_block), rows)](
         # the layer's offset computed here: past 2**31 elements (35 layers of an 8B cache with 17 slots of 4k
         # positions) Triton passes it as a 64-bit integer, where an in-kernel layer * stride would overflow int32
         q, k_cache, v_cache, k, v, lens, slots, acc, ms, ls, layer * k_cache.stride(0), scale,
