@@ -74,6 +74,16 @@ def _quant_kernel(X, XQ, XS, stride_x, stride_q, K: tl.constexpr, QMAX: tl.const
     tl.store(XS + row, scale)
 
 
+@triton.jit
+def _store_output(acc, XS, WS, O, om, on, M, N, stride_o, SCALED: tl.constexpr):
+    """The unsplit GEMMs' epilogue: ``acc`` (times the row scales ``XS[om]`` and channel scales ``WS[on]`` when
+    ``SCALED``) cast to O's dtype and stored at ``O[om, on]`` (``om``, ``on`` broadcastable index tiles)."""
+    out = acc
+    if SCALED:
+        out = out * tl.load(XS + om, mask=om < M, other=0.0) * tl.load(WS + on, mask=on < N, other=0.0)
+    tl.store(O + om * stride_o + on, out.to(O.dtype.element_ty), mask=(om < M) & (on < N))
+
+
 @triton.jit(do_not_specialize=["M"])  # the row count a run-time value: one binary for every M (see below)
 def _gemm_kernel(XQ, XS, W, WS, O, P, M, N, K, M_ALL, stride_q, stride_w, stride_o, K_PER_SPLIT: tl.constexpr,
                  M_TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -109,14 +119,10 @@ def _gemm_kernel(XQ, XS, W, WS, O, P, M, N, K, M_ALL, stride_q, stride_w, stride
     else:
         om = offs_m[:, None]
         on = offs_n[None, :]
-    mask = (om < M) & (on < N)
     if SPLIT_K == 1:
-        out = acc
-        if SCALED:
-            out = out * tl.load(XS + om, mask=om < M, other=0.0) * tl.load(WS + on, mask=on < N, other=0.0)
-        tl.store(O + om * stride_o + on, out.to(O.dtype.element_ty), mask=mask)
+        _store_output(acc, XS, WS, O, om, on, M, N, stride_o, SCALED)
     else:  # float32 partial sums of this K slice; _reduce_kernel adds the slices in a fixed order
-        tl.store(P + (split * M_ALL + om) * N + on, acc, mask=mask)
+        tl.store(P + (split * M_ALL + om) * N + on, acc, mask=(om < M) & (on < N))
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -133,10 +139,7 @@ def _gemm_tma_kernel(X_DESC, XS, W_DESC, WS, O, M, N, K, stride_o, M_TILE: tl.co
         acc = tl.dot(w, tl.trans(a), acc)
     om = (pid_m * M_TILE + tl.arange(0, M_TILE))[None, :]
     on = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[:, None]
-    out = acc
-    if SCALED:
-        out = out * tl.load(XS + om, mask=om < M, other=0.0) * tl.load(WS + on, mask=on < N, other=0.0)
-    tl.store(O + om * stride_o + on, out.to(O.dtype.element_ty), mask=(om < M) & (on < N))
+    _store_output(acc, XS, WS, O, om, on, M, N, stride_o, SCALED)
 
 
 @triton.jit(do_not_specialize=["M"])
