@@ -11,7 +11,7 @@ import sys
 import torch
 
 from orthrus_plugins.qk_norm_rope import kernel as qk
-from orthrus_plugins.qk_norm_rope import reference
+from orthrus_plugins.qk_norm_rope import random_inputs, reference
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
 
@@ -20,11 +20,7 @@ def main() -> int:
     g = torch.Generator().manual_seed(0)
     for dtype in TOLERANCE:
         for n, hq, hkv, d in [(5, 4, 2, 16), (33, 32, 8, 128)]:
-            width = (hq + 2 * hkv) * d
-            qkv = (torch.randn(n, width + 24, generator=g) * 3).to(dtype)[:, 8:8 + width]  # strided rows
-            qw, kw = (torch.rand(d, generator=g) + 0.5).to(dtype), (torch.rand(d, generator=g) + 0.5).to(dtype)
-            ang = torch.rand(n, 1, d, generator=g) * 6
-            cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+            qkv, qw, kw, cos, sin = random_inputs(n, hq, hkv, d, dtype, g, pad=8)  # strided rows
             q, k = qk.qk_norm_rope(qkv, qw, kw, cos, sin, hq, hkv, 1e-6)
             rq, rk = reference(qkv, qw, kw, cos, sin, hq, hkv, 1e-6)
             err = max((q.double() - rq.double()).abs().max().item(), (k.double() - rk.double()).abs().max().item())

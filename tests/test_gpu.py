@@ -340,15 +340,10 @@ def test_qk_norm_rope_kernel_matches_reference_and_tokens_are_invariant(dtype, h
     """``orthrus::qk_norm_rope`` on the GPU (the Triton kernel): within a rounding of the reference at every element
     (strided qkv rows, poisoned outputs), and each token alone bitwise equal to its row in a 32-token block — a
     decode step's q/k heads equal a verify block's."""
-    from orthrus_plugins.qk_norm_rope import reference
+    from orthrus_plugins.qk_norm_rope import random_inputs, reference
     poison_empty(monkeypatch)
-    g = torch.Generator(device="cuda").manual_seed(hq + d)
-    n, width = 32, (hq + 2 * hkv) * d
-    qkv = (torch.randn(n, width + 16, device="cuda", generator=g) * 3).to(dtype)[:, 8:8 + width]
-    qw = (torch.rand(d, device="cuda", generator=g) + 0.5).to(dtype)
-    kw = (torch.rand(d, device="cuda", generator=g) + 0.5).to(dtype)
-    ang = torch.rand(n, 1, d, device="cuda", generator=g) * 6
-    cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+    qkv, qw, kw, cos, sin = random_inputs(32, hq, hkv, d, dtype, torch.Generator(device="cuda").manual_seed(hq + d),
+                                          pad=8)
     q, k = torch.ops.orthrus.qk_norm_rope(qkv, qw, kw, cos, sin, hq, hkv, 1e-6)
     rq, rk = reference(qkv, qw, kw, cos, sin, hq, hkv, 1e-6)
     # the kernel rounds where the reference rounds; only the float32 sum and rsqrt may differ in their last bit,

@@ -147,13 +147,9 @@ def test_qk_norm_rope_matches_naive_and_the_inline_spelling(dtype):
     """``orthrus::qk_norm_rope`` (the reference, CPU): within rounding of a float64 loop; bitwise what the engines'
     forward computed inline before the op (``rms_norm`` then ``rotate`` of the split heads), so CPU engines keep
     their bits; tokens independent; one node when traced; bad shapes refused."""
-    from orthrus_plugins.qk_norm_rope import rms_norm, rotate
-    gen = torch.Generator().manual_seed(3)
+    from orthrus_plugins.qk_norm_rope import random_inputs, rms_norm, rotate
     n, hq, hkv, d = 6, 4, 2, 16
-    qkv = (torch.randn(n, (hq + 2 * hkv) * d, generator=gen) * 3).to(dtype)
-    qw, kw = (torch.rand(d, generator=gen) + 0.5).to(dtype), (torch.rand(d, generator=gen) + 0.5).to(dtype)
-    ang = torch.rand(n, 1, d, generator=gen) * 6
-    cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+    qkv, qw, kw, cos, sin = random_inputs(n, hq, hkv, d, dtype, torch.Generator().manual_seed(3))
     q, k = torch.ops.orthrus.qk_norm_rope(qkv, qw, kw, cos, sin, hq, hkv, 1e-6)
     assert q.shape == (n, hq, d) and k.shape == (n, hkv, d) and q.dtype == k.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 3e-2

@@ -50,6 +50,21 @@ def reference(qkv, q_weight, k_weight, cos, sin, num_heads: int, num_kv_heads: i
             rotate(rms_norm(k, k_weight, eps), cos, sin).contiguous())
 
 
+def random_inputs(n: int, num_heads: int, num_kv_heads: int, d: int, dtype: torch.dtype,
+                  generator: torch.Generator, pad: int = 0):
+    """A random case of the op for tests and checks: ``(qkv, q_weight, k_weight, cos, sin)`` on the generator's
+    device — ``n`` rows of ``qkv`` (values of a few units) as a view with ``pad`` columns of a wider buffer on each
+    side when ``pad`` (strided rows, as a fused projection's output can be), weights in [0.5, 1.5), angles in
+    [0, 6)."""
+    dev = generator.device
+    width = (num_heads + 2 * num_kv_heads) * d
+    qkv = (torch.randn(n, width + 2 * pad, device=dev, generator=generator) * 3).to(dtype)[:, pad:pad + width]
+    q_weight = (torch.rand(d, device=dev, generator=generator) + 0.5).to(dtype)
+    k_weight = (torch.rand(d, device=dev, generator=generator) + 0.5).to(dtype)
+    ang = torch.rand(n, 1, d, device=dev, generator=generator) * 6
+    return qkv, q_weight, k_weight, ang.cos().to(dtype), ang.sin().to(dtype)
+
+
 def check(qkv, q_weight, k_weight, cos, sin, num_heads: int, num_kv_heads: int) -> None:
     d = q_weight.shape[0]
     if qkv.dim() != 2 or qkv.shape[1] != (num_heads + 2 * num_kv_heads) * d or d % 2:
