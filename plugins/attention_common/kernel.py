@@ -5,15 +5,13 @@ chunks of one prompt; b = 1 is a single sequence). Each row's cache length and s
 inside the kernel, so one launch configuration — and one captured CUDA graph — serves every length and every
 assignment of rows to slots.
 
-- grid ``(Hkv, SPLITS · MB, b)``: each program takes one row, one KV head and a tile of ``M_BLOCK`` of its
+- grid ``(Hkv, PARTS · MB, b)``: each program takes one row, one KV head and a tile of ``M_BLOCK`` of its
   ``M = B·G`` query rows (``G = Hq / Hkv`` query heads for each of the row's B block positions; ``MB = M_PAD /
   M_BLOCK`` query blocks, ``M_PAD`` the rows padded to whole tiles; 1 by default: then each K/V tile is read once per
-  group), and one slice of the row's key range; in diffusion mode the last slice's program also takes the block's
-  own keys, after its cache keys (cached mode's block keys are already in the cache). This kernel holds one program
-  per SM (224 registers a thread on 8 warps at 8B shapes): a spare program for the block keys made 8B's 16 splits
-  136 programs for 132 H100 SMs, a second wave for four of them at batch 1. Smaller query blocks give a row more programs over the same key
-  slice (fewer splits for the same parallelism, so fewer partials to write and merge), at the price of reading
-  each K/V tile once per query block (from L2 when they run together).
+  group), and one slice of the row's key range (``PARTS = SPLITS`` in cached mode, whose block keys are already in
+  the cache; ``SPLITS + 1`` in diffusion mode, the last program taking the block's own keys). Smaller query blocks
+  give a row more programs over the same key slice (fewer splits for the same parallelism, so fewer partials to
+  write and merge), at the price of reading each K/V tile once per query block (from L2 when they run together).
 - a second kernel merges the splits' partial (max, sum, output normalised by that sum) with the usual log-sum-exp
   rescaling (the outputs stored in the inputs' dtype, ``Launch.partials``; max and sum in fp32);
 - in cached mode a first, copy-only kernel writes every row's K/V into the cache (one launch; it was two
@@ -92,7 +90,7 @@ def _cache_write_kernel(K, V, KC, VC, LEN, SLOT, layer_off, sk_t, sk_h, sv_t, sv
 def _split_kernel(Q, KC, VC, KB, VB, LEN, SLOT, ACC, MS, LS, layer_off, scale,
                   sq_b, sq_h, sc_slot, sc_h, sc_s, sb_b, sb_h, svb_b, svb_h, s_len, s_slot, B, M_PAD,
                   G: tl.constexpr, D: tl.constexpr, M_BLOCK: tl.constexpr,
-                  BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, CAUSAL: tl.constexpr,
+                  BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PARTS: tl.constexpr, CAUSAL: tl.constexpr,
                   PREC: tl.constexpr):
     h = tl.program_id(0)
     split = tl.program_id(1) // (M_PAD // M_BLOCK)
@@ -114,45 +112,44 @@ def _split_kernel(Q, KC, VC, KB, VB, LEN, SLOT, ACC, MS, LS, layer_off, scale,
     l_i = tl.zeros([M_BLOCK], tl.float32)
     acc = tl.zeros([M_BLOCK, D], tl.float32)
     cols = tl.arange(0, BLOCK_N)
-    # each query row splits its own visible keys (causal: n + i + 1) into SPLITS chunks of whole BLOCK_N tiles
-    # at absolute key positions, so a verify block's row i is split, tiled and summed exactly as the one-token
-    # decode step of that token (its n + 1 keys) is; rows of one program differ in chunk size only where their
-    # key counts straddle a multiple of SPLITS·BLOCK_N, and the program walks the union of their ranges
-    total = n + i + 1 if CAUSAL else n + i * 0
-    chunk = tl.cdiv(total, SPLITS * BLOCK_N) * BLOCK_N
-    start = split * chunk
-    end = tl.minimum(start + chunk, total)
-    lo = tl.min(tl.where(row_ok, start, 2147483647), 0)
-    hi = tl.max(tl.where(row_ok, end, 0), 0)
-    base = KC + layer_off + slot_off + h * sc_h
-    vbase = VC + layer_off + slot_off + h * sc_h
-    for s0 in range(lo, hi, BLOCK_N):
-        kidx = s0 + cols
-        kok = kidx < hi
-        k = tl.load(base + kidx[:, None] * sc_s + d[None, :], mask=kok[:, None], other=0.0)
-        v = tl.load(vbase + kidx[:, None] * sc_s + d[None, :], mask=kok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * scale
-        ok = (kidx[None, :] >= start[:, None]) & (kidx[None, :] < end[:, None])  # the causal mask within
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.where(m_new == float("-inf"), 1.0, tl.exp(m_i - m_new))
-        p = tl.where(ok, tl.exp(s - m_new[:, None]), 0.0)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC).to(tl.float32)
-        m_i = m_new
-    if not CAUSAL and split == SPLITS - 1:  # the diffusion block's own keys, all visible, after the cache's
+    if split < SPLITS:
+        # each query row splits its own visible keys (causal: n + i + 1) into SPLITS chunks of whole BLOCK_N tiles
+        # at absolute key positions, so a verify block's row i is split, tiled and summed exactly as the one-token
+        # decode step of that token (its n + 1 keys) is; rows of one program differ in chunk size only where their
+        # key counts straddle a multiple of SPLITS·BLOCK_N, and the program walks the union of their ranges
+        total = n + i + 1 if CAUSAL else n + i * 0
+        chunk = tl.cdiv(total, SPLITS * BLOCK_N) * BLOCK_N
+        start = split * chunk
+        end = tl.minimum(start + chunk, total)
+        lo = tl.min(tl.where(row_ok, start, 2147483647), 0)
+        hi = tl.max(tl.where(row_ok, end, 0), 0)
+        base = KC + layer_off + slot_off + h * sc_h
+        vbase = VC + layer_off + slot_off + h * sc_h
+        for s0 in range(lo, hi, BLOCK_N):
+            kidx = s0 + cols
+            kok = kidx < hi
+            k = tl.load(base + kidx[:, None] * sc_s + d[None, :], mask=kok[:, None], other=0.0)
+            v = tl.load(vbase + kidx[:, None] * sc_s + d[None, :], mask=kok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * scale
+            ok = (kidx[None, :] >= start[:, None]) & (kidx[None, :] < end[:, None])  # the causal mask within
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.where(m_new == float("-inf"), 1.0, tl.exp(m_i - m_new))
+            p = tl.where(ok, tl.exp(s - m_new[:, None]), 0.0)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC).to(tl.float32)
+            m_i = m_new
+    elif not CAUSAL:  # the diffusion block's own keys, all visible
         kok = cols < B
         k = tl.load(KB + cols[:, None] * sb_b + h * sb_h + d[None, :], mask=kok[:, None], other=0.0)
         v = tl.load(VB + cols[:, None] * svb_b + h * svb_h + d[None, :], mask=kok[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * scale
         s = tl.where(kok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every row sees the block's B >= 1 keys
-        alpha = tl.exp(m_i - m_new)
-        p = tl.where(kok[None, :], tl.exp(s - m_new[:, None]), 0.0)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC).to(tl.float32)
-        m_i = m_new
-    slot = (r * tl.num_programs(0) + h) * SPLITS + split
+        m_i = tl.max(s, 1)
+        p = tl.where(kok[None, :], tl.exp(s - m_i[:, None]), 0.0)
+        l_i = tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, input_precision=PREC).to(tl.float32)
+    slot = (r * tl.num_programs(0) + h) * PARTS + split
     tl.store(MS + slot * M_PAD + rows, m_i, mask=row_ok)  # the query rows only: a decode step's tile is mostly
     tl.store(LS + slot * M_PAD + rows, l_i, mask=row_ok)  # padding
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # normalised: at most the largest |v| (fp16 cannot overflow)
@@ -162,20 +159,20 @@ def _split_kernel(Q, KC, VC, KB, VB, LEN, SLOT, ACC, MS, LS, layer_off, scale,
 
 @triton.jit(do_not_specialize=["B", "M_PAD"])
 def _merge_kernel(ACC, MS, LS, O, so_b, so_h, B, M_PAD,
-                  G: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, ROWS: tl.constexpr):
+                  G: tl.constexpr, D: tl.constexpr, PARTS: tl.constexpr, ROWS: tl.constexpr):
     h = tl.program_id(0)
     rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < B * G
     r = tl.program_id(2)
     O += r * B * so_b
-    first = (r * tl.num_programs(0) + h) * SPLITS
+    first = (r * tl.num_programs(0) + h) * PARTS
     d = tl.arange(0, D)
     m = tl.full([ROWS], float("-inf"), tl.float32)
-    for sp in range(SPLITS):
+    for sp in range(PARTS):
         m = tl.maximum(m, tl.load(MS + (first + sp) * M_PAD + rows, mask=row_ok, other=float("-inf")))
     l_tot = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, D], tl.float32)
-    for sp in range(SPLITS):
+    for sp in range(PARTS):
         slot = first + sp
         ms = tl.load(MS + slot * M_PAD + rows, mask=row_ok, other=float("-inf"))
         w = tl.where(ms == float("-inf"), 0.0, tl.exp(ms - m)) * tl.load(LS + slot * M_PAD + rows, mask=row_ok,
@@ -227,25 +224,29 @@ def attention(q, k, v, k_cache, v_cache, cache_len, layer: int, scale: float, ca
     m_block = max(16, triton.next_power_of_2((CAUSAL_BLOCK_TOKENS if causal else b) * g))
     m_block = m_block if query_block == 0 else min(query_block, m_block)
     m_pad = triton.cdiv(b * g, m_block) * m_block  # a row's query rows, padded to whole tiles
-    parts = rows * hkv * splits
-    acc = torch.empty(parts, m_pad, d, device=q.device, dtype=launch.partials or q.dtype)
-    ms = torch.empty(parts, m_pad, device=q.device, dtype=torch.float32)
-    ls = torch.empty(parts, m_pad, device=q.device, dtype=torch.float32)
+    # partial results per row and KV head: one per key-range split, and in diffusion mode one for the block's own
+    # keys (cached mode once launched an idle program for it too: 136 programs for 8B's 16 splits at batch 1 on an
+    # H100's 132 SMs; without it verify took 26.2 -> 25.5 us at batch 1 and 128.8 -> 125.1 at batch 8, bitwise the
+    # same output: benchmarks/h100-2026-12-07-late-attention-verify-draft.log)
+    parts = splits + (0 if causal else 1)
+    acc = torch.empty(rows * hkv * parts, m_pad, d, device=q.device, dtype=launch.partials or q.dtype)
+    ms = torch.empty(rows * hkv * parts, m_pad, device=q.device, dtype=torch.float32)
+    ls = torch.empty(rows * hkv * parts, m_pad, device=q.device, dtype=torch.float32)
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype) if out is None else out  # contiguous, as the fake
-    _split_kernel[(hkv, splits * (m_pad // m_block), rows)](
+    _split_kernel[(hkv, parts * (m_pad // m_block), rows)](
         # the layer's offset computed here: past 2**31 elements (35 layers of an 8B cache with 17 slots of 4k
         # positions) Triton passes it as a 64-bit integer, where an in-kernel layer * stride would overflow int32
         q, k_cache, v_cache, k, v, lens, slots, acc, ms, ls, layer * k_cache.stride(0), scale,
         q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), lens.stride(0), slots.stride(0), b, m_pad,
-        G=g, D=d, M_BLOCK=m_block, BLOCK_N=launch.block_n, SPLITS=splits, CAUSAL=causal,
+        G=g, D=d, M_BLOCK=m_block, BLOCK_N=launch.block_n, SPLITS=splits, PARTS=parts, CAUSAL=causal,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 engines stay exact
         # a [M_BLOCK, D] fp32 accumulator: spread it over 8 warps
         num_warps=launch.num_warps or (8 if m_block * d >= 128 * 64 else 4),
         **({} if launch.num_stages is None else {"num_stages": launch.num_stages}))
     merge_rows = launch.merge_rows  # programs over the query rows only, not the padding
     _merge_kernel[(hkv, triton.cdiv(b * g, merge_rows), rows)](acc, ms, ls, out, out.stride(0), out.stride(1), b,
-                                                               m_pad, G=g, D=d, SPLITS=splits, ROWS=merge_rows,
+                                                               m_pad, G=g, D=d, PARTS=parts, ROWS=merge_rows,
                                                                num_warps=4)
     return out
 
