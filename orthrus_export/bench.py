@@ -232,7 +232,8 @@ def build_random(name, dtype, max_ctx, compile=False, autotune_contexts=None, lo
     fp8 = None
     if precision == "fp8":  # e4m3 linear layers with per-channel scales, as an FP8 build makes them (head bf16)
         from orthrus_export.fp8 import quantize_engine_weights
-        weights, fp8 = quantize_engine_weights(cfg, weights, False, torch.device("cuda"), keep_on_device=True)
+        weights, fp8 = quantize_engine_weights(cfg, weights, False, torch.device("cuda"), keep_on_device=True,
+                                               max_batch_size=max_batch_size)
     max_seq_len = max_ctx + 2 * cfg.block_size
     capacity = max_seq_len + cfg.block_size
     full = program_weights(cfg, weights, capacity)

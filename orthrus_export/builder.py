@@ -156,7 +156,7 @@ def _build_into(tmp: Path, name: str, ckpt, profile, precision, device, max_seq_
     fp8 = None
     if precision == "fp8":
         from orthrus_export.fp8 import quantize_engine_weights
-        weights, fp8 = quantize_engine_weights(cfg, weights, fp8_lm_head, device)
+        weights, fp8 = quantize_engine_weights(cfg, weights, fp8_lm_head, device, max_batch_size=max_batch_size)
     save_file(weights, str(tmp / WEIGHTS), metadata={"format": "orthrus-engine"})
     weights = program_weights(cfg, {k: v.to(device) for k, v in weights.items()}, capacity)
     done("pack weights")

@@ -16,7 +16,9 @@ LINEAR_SUFFIXES = (".qkv", ".o", ".gate_up", ".down")
 
 
 def quantize_engine_weights(cfg, weights: dict, fp8_lm_head: bool, device: torch.device,
-                            keep_on_device: bool = False) -> tuple[dict, dict]:
+                            keep_on_device: bool = False, max_batch_size: int = 1) -> tuple[dict, dict]:
+    """The engine's weights with the linear layers quantized, and the manifest's ``fp8`` record (the GPU kernel
+    chosen by :func:`choose_kernel` for an engine whose passes hold up to ``max_batch_size`` blocks)."""
     out = {}
     home = (lambda t: t) if keep_on_device else (lambda t: t.cpu())
     for name, t in weights.items():
@@ -33,23 +35,29 @@ def quantize_engine_weights(cfg, weights: dict, fp8_lm_head: bool, device: torch
               "activations": "float8_e4m3fn, per-token absmax scales, on the fly",
               "quantized": [s.lstrip(".") for s in LINEAR_SUFFIXES] + (["lm_head"] if fp8_lm_head else []),
               "lm_head": "fp8" if fp8_lm_head else "bf16", "calibration": None,
-              "kernel": choose_kernel(cfg, device) if device.type == "cuda" else
+              "kernel": choose_kernel(cfg, device, max_rows=max_batch_size * cfg.block_size)
+              if device.type == "cuda" else
               {"name": "reference", "note": "float32 arithmetic on the CPU (emulated FP8 engine)"}}
     return out, record
 
 
-def choose_kernel(cfg, device, iters: int = 30) -> dict:
-    """Time the CUDA kernels of ``orthrus::fp8_linear`` at M = 1 and M = 32 on the model's largest projection
-    (gate_up), in CUDA graphs as an engine runs them, and pick the faster (sum of both) of those that are
-    batch-invariant (the rows of an M = 32 call equal, bit for bit, the same rows computed one at a time): a verify
-    block and a decode step must compute the same logits for Orthrus output to equal the engine's own AR output
-    (DESIGN.md §2). Only when none is invariant the fastest of all, recorded as ``"exact_ar": False``."""
+def choose_kernel(cfg, device, iters: int = 30, max_rows: int = 32) -> dict:
+    """Time the CUDA kernels of ``orthrus::fp8_linear`` on the model's largest projection (gate_up) at M = 1 (a
+    decode step), M = ``cfg.block_size`` (a batch-1 pass) and, for a batched engine, M = ``max_rows`` (its largest
+    pass: max batch size × block), in CUDA graphs as an engine runs them, and pick the fastest (sum over those M) of
+    the kernels that are batch-invariant (the rows of the largest call equal, bit for bit, the same rows computed one
+    at a time): a verify block and a decode step must compute the same logits for Orthrus output to equal the
+    engine's own AR output (DESIGN.md §2). Only when none is invariant the fastest of all, recorded as
+    ``"exact_ar": False``. Timing batch-1 shapes only picked ``triton-splitk`` for an 8B batch-8 engine on the
+    H100 (0.4% ahead at M = 1 and 32; its 32-row tiles made the batch-8 GEMMs 2.5× slower than ``triton``'s wide
+    tiles: benchmarks/h100-2026-12-07-late-profile-8b-fp8-picked-b1-8-inductor.json)."""
     from orthrus_runtime.cycle import graph_time
     n, k = 2 * cfg.intermediate_size, cfg.hidden_size
     g = torch.Generator(device=device).manual_seed(0)
     w = torch.randn(n, k, device=device, generator=g).to(torch.bfloat16) * 0.02
     q, s = op.quantize_weight(w)
-    x32 = torch.randn(32, k, device=device, generator=g).to(torch.bfloat16)
+    ms = sorted({1, cfg.block_size, max(max_rows, cfg.block_size)})
+    xs = torch.randn(ms[-1], k, device=device, generator=g).to(torch.bfloat16)
     timings, invariant, failed = {}, {}, {}
     for name in op.MATMUL_KERNELS:
         if name == "reference":
@@ -57,11 +65,11 @@ def choose_kernel(cfg, device, iters: int = 30) -> dict:
         fn = partial(op.cuda_linear, kernel=name)
         try:
             times = {}
-            for m in (1, 32):
-                x = x32[:m].contiguous()
+            for m in ms:
+                x = xs[:m].contiguous()
                 times[f"M={m}"] = round(graph_time(lambda i: fn(x, q, s), 1, 20, iters), 5)
-            rows = torch.cat([fn(x32[i:i + 1].contiguous(), q, s) for i in range(32)])
-            invariant[name] = bool(torch.equal(rows, fn(x32, q, s)))
+            rows = torch.cat([fn(xs[i:i + 1].contiguous(), q, s) for i in range(ms[-1])])
+            invariant[name] = bool(torch.equal(rows, fn(xs, q, s)))
         except Exception as e:  # noqa: BLE001  (a kernel this GPU or Triton cannot run is not a candidate)
             failed[name] = f"{type(e).__name__}: {str(e)[:200]}"
             continue

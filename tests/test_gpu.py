@@ -419,6 +419,9 @@ def test_fp8_gpu_engine_orthrus_equals_its_own_ar(tmp_path, compile):
     m = json.loads((path / "manifest.json").read_text())
     print("fp8 kernel choice:", json.dumps(m["fp8"]["kernel"]))
     assert m["fp8"]["kernel"]["name"] in set(op.MATMUL_KERNELS) - {"reference"}
+    # timed at a decode step, a batch-1 block and the engine's largest pass (default max batch size: 8 blocks)
+    rows = {1, 32, 32 * m["build"]["max_batch_size"]}
+    assert all(set(t) == {f"M={r}" for r in rows} for t in m["fp8"]["kernel"]["candidates_ms"].values())
     engine = Engine.load(path)
     prompts = heldout(20)
     same = cycles = tokens = 0
