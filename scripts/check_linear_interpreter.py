@@ -74,16 +74,19 @@ def main() -> int:
                   f"{torch.equal(alone, out)} {'ok' if ok else 'FAILED'}", flush=True)
             if not ok:
                 return 1
-    # the engines' rule: a call of WIDE_ROWS rows or more takes the wide tiling (128-row tiles, the same K loop), a
-    # decode step the 32-row one: each row alone equals its row in the wide call
-    m, n, k = fk.WIDE_ROWS + 2, 3072, 512  # 48 tiles of 64 channels: no K split, so the wide tiling applies
-    wide, narrow = fk.config(n, k, 132, m), fk.config(n, k, 132, 1)
-    assert wide.m_tile == 128 and narrow.m_tile == 32 and (wide.block_k, wide.split_k) == (narrow.block_k, 1)
-    for kind in (torch.float32, torch.float16, "e4m3"):
+    # the engines' rule: a call of WIDE_ROWS rows or more takes a wide tiling (64-row tiles below 256 rows at this
+    # narrow N, 128-row tiles from 256; the same K loop), a decode step the 32-row one: each row alone equals its row
+    # in the wide call
+    n, k = 3072, 512  # 48 tiles of 64 channels: no K split, so the wide tiling applies
+    for m, kind in [(fk.WIDE_ROWS + 2, kind) for kind in (torch.float32, torch.float16, "e4m3")] + [
+            (2 * fk.WIDE_ROWS + 2, torch.float32)]:
+        wide, narrow = fk.config(n, k, 132, m), fk.config(n, k, 132, 1)
+        assert wide.m_tile == (64 if m < 2 * fk.WIDE_ROWS else 128) and narrow.m_tile == 32
+        assert (wide.block_k, wide.split_k) == (narrow.block_k, 1)
         xq, xs, w, ws, dtype, ref = operands(kind, m, n, k, g)
         out = poisoned_gemm(xq, xs, w, ws, dtype, wide)
         err = float((out.double() - ref).norm() / ref.norm())
-        rows = [0, 1, 63, 64, 127, 128, m - 1]
+        rows = [0, 1, 63, 64, 127, 128, 129, m - 1]
         alone = torch.cat([fk._gemm(xq[i:i + 1], None if xs is None else xs[i:i + 1], w, ws, dtype, narrow)
                            for i in rows])
         ok = not torch.isnan(out).any() and err < TOLERANCE[kind] and torch.equal(alone, out[rows])

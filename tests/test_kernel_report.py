@@ -121,8 +121,11 @@ def test_wide_rows_keep_the_k_loop():
                 wide = fk.config(n, k, 132, m)
                 assert (wide.block_k, wide.split_k, wide.swap) == (narrow.block_k, narrow.split_k, narrow.swap)
                 if narrow.split_k == 1:
-                    assert wide.m_tile == 128 and wide.num_stages >= 3
-                    assert (128 + wide.block_n) * wide.block_k * wide.num_stages <= fk.SHARED_BUDGET
+                    assert wide.m_tile in (64, 128) and wide.num_stages >= 3 and (m < 256 or wide.m_tile == 128)
+                    assert (wide.m_tile + wide.block_n) * wide.block_k * wide.num_stages <= fk.SHARED_BUDGET
                 else:
                     assert wide == narrow
     assert fk.config(24576, 4096, 132, 256).block_n == 128 and fk.config(4096, 12288, 132, 256).block_n == 64
+    # 128-255 rows (a batch of 4): 64-channel tiles, 64-row tiles for the narrow projections (the M = 128 sweep)
+    assert (fk.config(24576, 4096, 132, 128).block_n, fk.config(24576, 4096, 132, 128).m_tile) == (64, 128)
+    assert (fk.config(4096, 12288, 132, 128).block_n, fk.config(4096, 12288, 132, 128).m_tile) == (64, 64)

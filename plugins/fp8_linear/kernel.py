@@ -13,8 +13,8 @@ Batch invariance: an output element's arithmetic — its K loop (``block_k`` ste
 and the e4m3 MMAs of each step — is a function of N, K and the GPU only (:func:`config`), never of M; M is not
 specialized either (Triton's JIT would otherwise compile M = 1, M divisible by 16 and other M as three programs —
 ``scripts/kernel_report.py`` counts them). What does depend on M, from ``WIDE_ROWS`` rows (batched passes), is which
-program computes an element: 128-row tiles, and at wide projections 128-channel weight tiles on 8 warps
-(:func:`wide_config`) — the same K loop over larger tiles. So a row's result is the same bit for bit whether it comes
+program computes an element: 64- or 128-row tiles, and from 256 rows at wide projections 128-channel weight tiles
+on 8 warps (:func:`wide_config`) — the same K loop over larger tiles. So a row's result is the same bit for bit whether it comes
 in a 32-row verify block, a 1-row decode step or a 256-row batched pass (the property that keeps an FP8 engine's
 Orthrus output equal to its own AR output; on the H100 every wide tiling's rows equalled the 32-row tiling's at all
 four 8B projections, ``benchmarks/h100-2026-12-07-linear-wide-rows-8b.json``, and the GPU tests compare each row
@@ -44,7 +44,7 @@ class Config:
     swap: bool = False      # weight tile as the MMA's M operand
     num_warps: int = 4
     num_stages: int = 4
-    m_tile: int = M_TILE    # rows a program owns (32; 128 from WIDE_ROWS rows, :func:`wide_config`)
+    m_tile: int = M_TILE    # rows a program owns (32; 64 or 128 from WIDE_ROWS rows, :func:`wide_config`)
     tma: bool = False       # tiles loaded by Hopper's tensor memory accelerator (no K split, swap only)
 
     def __post_init__(self):
@@ -181,7 +181,7 @@ def config(n: int, k: int, sms: int, m: int = 1) -> Config:
     if tiles < 48:
         split = split_for(tiles, steps, 64)
     cfg = Config(64, block_k, split, swap=True, num_warps=4, num_stages=6 if block_k == 256 else 4)
-    return wide_config(cfg, n) if m >= WIDE_ROWS else cfg
+    return wide_config(cfg, n, m) if m >= WIDE_ROWS else cfg
 
 
 def stages_that_fit(cfg: Config, m_tile: int, block_n: int) -> int:
@@ -190,20 +190,26 @@ def stages_that_fit(cfg: Config, m_tile: int, block_n: int) -> int:
     return min(cfg.num_stages, SHARED_BUDGET // ((m_tile + block_n) * cfg.block_k))
 
 
-def wide_config(cfg: Config, n: int) -> Config:
-    """``cfg`` for batched passes (M ≥ ``WIDE_ROWS``): 128-row tiles, and where N gives at least 48 tiles of 128
-    channels (8B: qkv, gate_up) 128-channel weight tiles on 8 warps, with as many stages as fit. The K loop
+def wide_config(cfg: Config, n: int, m: int = 2 * WIDE_ROWS) -> Config:
+    """``cfg`` for batched passes of ``m`` ≥ ``WIDE_ROWS`` rows, with as many stages as fit. The K loop
     (``block_k``, ``split_k``) is ``cfg``'s, so every element sums in the same order. A tiling with a K split keeps
-    its 32-row tiles (its reduce launch is untested wider), and so does a TMA tiling (unmeasured wider).
+    its 32-row tiles (its reduce launch is untested wider), and so does a TMA tiling (unmeasured wider). Where N gives
+    at least 48 tiles of 128 channels (8B: qkv, gate_up), 128-row tiles, from 256 rows with 128-channel weight tiles
+    on 8 warps; narrower N (8B: o, down): 128-row tiles from 256 rows, 64-row tiles below; else 64-channel weight
+    tiles on 4 warps.
 
-    From ``scripts/sweep_linear.py --wide`` on an H100 at M = 256 (``benchmarks/h100-2026-12-07-linear-wide-rows-8b
-    .json``, quantization included; the fastest of the eight wide tilings in brackets): qkv 21.4 µs (21.4), o 15.1
+    From ``scripts/sweep_linear.py --wide`` on an H100, quantization included, µs (the fastest of the eight wide
+    tilings in brackets). At M = 256 (``benchmarks/h100-2026-12-07-linear-wide-rows-8b.json``): qkv 21.4 (21.4), o 15.1
     (15.1), gate_up 62.1 (62.1), down 38.1 (37.6), against 38.9 / 26.6 / 135.5 / 59.6 for the 32-row tiling — the
-    32-row tiles re-read each weight tile eight times and spread 256 rows over eight times the programs."""
+    32-row tiles re-read each weight tile eight times and spread 256 rows over eight times the programs. At M = 128
+    (``benchmarks/h100-2026-12-07-eve-linear-wide-rows-8b.json``, a batch of 4), the M = 256 rule gave 20.9 / 14.9 /
+    51.3 / 35.2 (122.3 a layer) and this one's tilings were the fastest: 16.8 / 12.9 / 49.8 / 30.3 (109.8); the 32-row
+    tiling 22.2 / 15.9 / 76.4 / 36.3. Every wide tiling's rows equalled the 32-row tiling's, bit for bit."""
     if cfg.split_k > 1 or cfg.tma:
         return cfg
-    m_tile = 128
-    block_n, warps = (128, 8) if triton.cdiv(n, 128) >= 48 else (64, 4)
+    wide_n = triton.cdiv(n, 128) >= 48
+    m_tile = 128 if wide_n or m >= 2 * WIDE_ROWS else 64
+    block_n, warps = (128, 8) if wide_n and m >= 2 * WIDE_ROWS else (64, 4)
     return replace(cfg, m_tile=m_tile, block_n=block_n, num_warps=warps,
                    num_stages=stages_that_fit(cfg, m_tile, block_n))
 
