@@ -14,11 +14,11 @@ and the e4m3 MMAs of each step — is a function of N, K and the GPU only (:func
 specialized either (Triton's JIT would otherwise compile M = 1, M divisible by 16 and other M as three programs —
 ``scripts/kernel_report.py`` counts them). What does depend on M, from ``WIDE_ROWS`` rows (batched passes), is which
 program computes an element: 64- or 128-row tiles, and from 256 rows at wide projections 128-channel weight tiles
-on 8 warps (:func:`wide_config`) — the same K loop over larger tiles. So a row's result is the same bit for bit whether it comes
-in a 32-row verify block, a 1-row decode step or a 256-row batched pass (the property that keeps an FP8 engine's
-Orthrus output equal to its own AR output; on the H100 every wide tiling's rows equalled the 32-row tiling's at all
-four 8B projections, ``benchmarks/h100-2026-12-07-linear-wide-rows-8b.json``, and the GPU tests compare each row
-alone with its row in 130- and 256-row calls). The same GEMM without scales runs bf16/fp16 operands (``linear``), for
+on 8 warps (:func:`wide_config`) — the same K loop over larger tiles. So a row's result is the same bit for bit
+whether it comes in a 32-row verify block, a 1-row decode step or a 256-row batched pass (the property that keeps
+an FP8 engine's Orthrus output equal to its own AR output; on the H100 every wide tiling's rows equalled the 32-row
+tiling's at all four 8B projections, ``benchmarks/h100-2026-12-07-linear-wide-rows-8b.json``, and the GPU tests
+compare each row alone with its row in 130- and 256-row calls). The same GEMM without scales runs bf16/fp16 operands (``linear``), for
 benchmarks against cuBLAS (``scripts/sweep_linear.py``).
 """
 
