@@ -18,8 +18,8 @@ on 8 warps (:func:`wide_config`) — the same K loop over larger tiles. So a row
 whether it comes in a 32-row verify block, a 1-row decode step or a 256-row batched pass (the property that keeps
 an FP8 engine's Orthrus output equal to its own AR output; on the H100 every wide tiling's rows equalled the 32-row
 tiling's at all four 8B projections, ``benchmarks/h100-2026-12-07-linear-wide-rows-8b.json``, and the GPU tests
-compare each row alone with its row in 130- and 256-row calls). The same GEMM without scales runs bf16/fp16 operands (``linear``), for
-benchmarks against cuBLAS (``scripts/sweep_linear.py``).
+compare each row alone with its row in 130- and 256-row calls). The same GEMM without scales runs bf16/fp16
+operands (``linear``), for benchmarks against cuBLAS (``scripts/sweep_linear.py``).
 """
 
 from dataclasses import dataclass, replace
