@@ -182,8 +182,9 @@ def _merge_kernel(ACC, MS, LS, O, so_b, so_h, B, M_PAD,
     for c in range(0, PARTS, CHUNK):
         ok = ((c + sp) < PARTS)[:, None] & row_ok[None, :]
         idx = (first + c + sp)[:, None] * M_PAD + rows[None, :]
-        ms = tl.load(MS + idx, mask=ok, other=float("-inf"))
-        w = tl.where(ms == float("-inf"), 0.0, tl.exp(ms - m[None, :])) * tl.load(LS + idx, mask=ok, other=0.0)
+        ms = tl.load(MS + idx, mask=ok, other=float("-inf"))  # each part's max, sum and normalised output
+        ls = tl.load(LS + idx, mask=ok, other=0.0)
+        w = tl.where(ms == float("-inf"), 0.0, tl.exp(ms - m[None, :])) * ls  # an empty part (max -inf) weighs 0
         part = tl.load(ACC + idx[:, :, None] * D + d[None, None, :], mask=ok[:, :, None], other=0.0)
         l_tot += tl.sum(w, 0)
         acc += tl.sum(w[:, :, None] * part.to(tl.float32), 0)
