@@ -14,6 +14,7 @@ Each call is captured as a CUDA graph and timed by its replays (as the runtime r
     python scripts/bench_attention_splits.py --rows 1,8 --partials bf16,fp32   # the split outputs' stored dtype
     git show REV:plugins/attention_common/kernel.py > old_kernel.py   # a kernel to compare with, in the same run:
     python scripts/bench_attention_splits.py --rows 1,8 --splits 16 --baseline old_kernel.py
+    python scripts/bench_attention_splits.py --rows 1,8 --splits 16 --launches "default;num_stages=2,max_registers=128"
 
 ``--tokens 1``: one-token decode steps (cached mode only). Their query rows are padded to a 32-token block's (the
 tile a verify block uses: one binary for both); query block 16 is the tile a decode step had before (16 rows, warp
@@ -22,6 +23,10 @@ MMAs), so ``--query-blocks 0,16`` compares the two in one run.
 ``--baseline FILE``: another version of ``plugins/attention_common/kernel.py`` (its ``attention`` function), timed
 at every setting right after the current one, on the same inputs, with the largest difference between the two
 outputs (0 where they compute the same function).
+
+``--launches``: ``;``-separated kernel launches (``Launch.from_spec``: ``field=value,...`` over the defaults, e.g.
+``num_stages=2,max_registers=128``), each timed at every setting (the baseline at the default launch only: its
+``Launch`` may lack the fields); a launch's ``partials`` is overridden by ``--partials`` where that is given.
 """
 
 import argparse
@@ -35,8 +40,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from orthrus_plugins.attention_common.kernel import (DEFAULT_LAUNCH, QUERY_BLOCK_CHOICES,  # noqa: E402
-                                                     SPLIT_CHOICES, attention)
+from orthrus_plugins.attention_common.kernel import (QUERY_BLOCK_CHOICES, SPLIT_CHOICES,  # noqa: E402
+                                                     Launch, attention)
 
 PARTIALS = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -116,6 +121,8 @@ def main():
     ap.add_argument("--splits", default=",".join(map(str, SPLIT_CHOICES)), help="comma-separated, of "
                     + str(SPLIT_CHOICES))
     ap.add_argument("--baseline", help="another kernel.py, timed beside the current one at every setting")
+    ap.add_argument("--launches", default="default", help="';'-separated launches (field=value,... over the "
+                    "defaults: Launch.from_spec), each timed at every setting")
     a = ap.parse_args()
     kernels = {"current": attention, **({"baseline": load_kernel(a.baseline)} if a.baseline else {})}
     dev, dtype, shape, g, header = setup(a.smoke, a.keys, a.tokens)
@@ -136,12 +143,14 @@ def main():
             floor_us = kv_bytes / bw * 1e6
             ref = None
             partials = [PARTIALS[p] for p in a.partials.split(",")] if a.partials else [None]
-            for splits, qb, pdt, name in [(s, b, p, kn) for s in map(int, a.splits.split(","))
-                                          for b in map(int, a.query_blocks.split(",")) for p in partials
-                                          for kn in kernels]:
+            for splits, qb, pdt, spec, name in [(s, b, p, ls, kn) for s in map(int, a.splits.split(","))
+                                                for b in map(int, a.query_blocks.split(",")) for p in partials
+                                                for ls in a.launches.split(";") for kn in kernels
+                                                if kn == "current" or ls in ("", "default")]:  # the baseline: its own
                 if a.smoke and splits > 8:
                     continue
-                launch = replace(DEFAULT_LAUNCH, partials=pdt)
+                launch = Launch.from_spec(spec)
+                launch = replace(launch, partials=pdt) if pdt is not None else launch
                 run = lambda: kernels[name](q, k, v, kc, vc, lens, 0, d ** -0.5, causal,  # noqa: E731
                                             splits=splits, slots=slots, query_block=qb, launch=launch)
                 us = timed(run, a.reps)
@@ -150,11 +159,11 @@ def main():
                 if name == "current":
                     current = o
                 query_rows = blk * hq // hkv  # a row's query rows of one KV head (the kernel stores no padding)
-                stored = (pdt or dtype).itemsize  # written, read back by the merge: out, max, sum
+                stored = (launch.partials or dtype).itemsize  # written, read back by the merge: out, max, sum
                 partial_bytes = 2 * rows * hkv * splits * query_rows * (d * stored + 2 * 4)  # the current kernel's
                 mode = ("decode" if blk == 1 else "verify") if causal else "draft"
-                row = {"rows": rows, "mode": mode, "kernel": name, "splits": splits, "query_block": qb,
-                       "partials": str(pdt or dtype).removeprefix("torch."),
+                row = {"rows": rows, "mode": mode, "kernel": name, "launch": spec, "splits": splits, "query_block": qb,
+                       "partials": str(launch.partials or dtype).removeprefix("torch."),
                        "us": us,
                        "kv_floor_us": floor_us, "x_floor": us / floor_us, "partial_MB": partial_bytes / 1e6,
                        "kv_MB": kv_bytes / 1e6,
@@ -163,7 +172,8 @@ def main():
                     row["max_abs_diff_vs_current"] = float((o.float() - current.float()).abs().max())
                 results["rows"].append(row)
                 vs = f"  vs current {row['max_abs_diff_vs_current']:.2e}" if name == "baseline" else ""
-                print(f"rows {rows:2d} {row['mode']:6s} {name:8s} splits {splits:2d} query block {qb:3d} "
+                print(f"rows {rows:2d} {row['mode']:6s} {name:8s} {spec if len(a.launches.split(';')) > 1 else ''} "
+                      f"splits {splits:2d} query block {qb:3d} "
                       f"{row['partials']:8s}: {us:8.1f} us  ({row['x_floor']:.2f}x the "
                       f"K/V floor {floor_us:.1f} us; partials {row['partial_MB']:.1f} MB vs K/V {row['kv_MB']:.1f} "
                       f"MB)  diff {row['max_abs_diff_vs_fewest_splits']:.2e}{vs}", flush=True)

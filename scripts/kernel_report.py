@@ -157,14 +157,15 @@ def wide_launches(name: str, rows: int):
     return out
 
 
-def kernel_launches(name: str, batches: list[int], context: int):
+def kernel_launches(name: str, batches: list[int], context: int, attention_launch=None):
     """``(label, group, call)`` for every kernel launch of an engine of the model ``name`` at each batch size: the FP8
     GEMM of each projection (its quantization too, as uncompiled engines run it; the TMA tiling, kernel
     ``triton-tma``, too), the q/k heads' norm and RoPE, the BF16 head of an FP8 engine
     (``orthrus::invariant_linear``) and both attention modes, for decode steps (1 token a row) and draft/verify
-    blocks (32 tokens a row)."""
+    blocks (32 tokens a row); ``attention_launch``: the attention kernels' ``Launch`` (default: theirs)."""
     from orthrus_export.bench import qwen3_config
     from orthrus_plugins.attention_common import kernel as attn
+    attention_launch = attention_launch or attn.DEFAULT_LAUNCH
     from orthrus_plugins.fp8_linear import kernel as fk
     from orthrus_plugins.qk_norm_rope import kernel as qkn_kernel
     cfg = qwen3_config(name)
@@ -213,7 +214,8 @@ def kernel_launches(name: str, batches: list[int], context: int):
                 kind = "cached" if causal else "diffusion"
                 out.append((f"S={s} {mode} attention ({kind}, {context} keys)", f"{kind} attention",
                             lambda q=q, k=k, v=v, kc=k_cache, vc=v_cache, ln=lens, sl=slots, c=causal:
-                            attn.attention(q, k, v, kc, vc, ln, 1, d ** -0.5, causal=c, slots=sl)))
+                            attn.attention(q, k, v, kc, vc, ln, 1, d ** -0.5, causal=c, slots=sl,
+                                           launch=attention_launch)))
     return out
 
 
@@ -251,6 +253,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sms", type=int, default=132)
     ap.add_argument("--wide", action="store_true", help="also the wider-row FP8 tilings scripts/sweep_linear.py "
                                                         "--wide times, at 32 rows a batch row of the largest batch")
+    ap.add_argument("--attention-launch", default="", help="the attention kernels' launch as field=value,... "
+                    "(Launch.from_spec, e.g. num_stages=2,max_registers=128; default: the kernels' own)")
     ap.add_argument("--out", help="write the report as JSON")
     ap.add_argument("--check", action="store_true", help="exit 1 on a failed compile, a spill, shared memory over "
                                                          "the limit or a kernel with several binaries (the GEMM: "
@@ -264,8 +268,9 @@ def main(argv=None) -> int:
     driver.set_active(drv)
     problems = []  # (the driver stays active: without a GPU Triton has no default one to go back to)
     batches = [int(b) for b in a.batches.split(",")]
-    launches = kernel_launches(a.shape, batches, a.context) + (wide_launches(a.shape, 32 * max(batches)) if a.wide
-                                                               else [])
+    from orthrus_plugins.attention_common.kernel import Launch
+    launches = kernel_launches(a.shape, batches, a.context, Launch.from_spec(a.attention_launch))
+    launches += wide_launches(a.shape, 32 * max(batches)) if a.wide else []
     for label, group, call in launches:
         drv.label, drv.group = label, group
         try:

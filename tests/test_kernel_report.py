@@ -129,3 +129,20 @@ def test_wide_rows_keep_the_k_loop():
     # 128-255 rows (a batch of 4): 64-channel tiles, 64-row tiles for the narrow projections (the M = 128 sweep)
     assert (fk.config(24576, 4096, 132, 128).block_n, fk.config(24576, 4096, 132, 128).m_tile) == (64, 128)
     assert (fk.config(4096, 12288, 132, 128).block_n, fk.config(4096, 12288, 132, 128).m_tile) == (64, 64)
+
+
+def test_attention_launch_with_capped_registers_fits_two_programs_an_sm(tmp_path):
+    """``Launch(num_stages=2, max_registers=128)`` (``--attention-launch``, ``Launch.from_spec``): the attention split
+    kernel at 8B shapes compiles in 128 registers without spilling, two programs an SM (the default: 224 registers,
+    one); a misspelt field is refused."""
+    from orthrus_plugins.attention_common.kernel import Launch
+    out = tmp_path / "capped.json"
+    p = subprocess.run([sys.executable, SCRIPT, "--shape", "8b", "--batches", "1", "--check", "--out", out,
+                        "--attention-launch", "num_stages=2,max_registers=128"], capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    split = [r for r in json.loads(out.read_text())["launches"] if r["kernel"] == "_split_kernel"]
+    assert len(split) == 3 and all(r["registers"] <= 128 and r["local_bytes"] == 0 and r["ctas_per_sm"] == 2
+                                   and r["num_stages"] == 2 for r in split), split
+    with pytest.raises(ValueError, match="not field=value"):
+        Launch.from_spec("stages=2")

@@ -64,6 +64,24 @@ class Launch:
     # 128 values against its 256 keys' K and V in bf16); bf16 halves that traffic for one rounding of each split's
     # output, the same in a row's decode step and verify block. Maxima and sums stay fp32.
     partials: torch.dtype | None = None
+    # a cap on the split kernel's registers a thread (Triton's maxnreg), None: the compiler's choice. Statically
+    # (scripts/kernel_report.py --attention-launch): at 128 every 8B and 1.7B split launch compiles without spills,
+    # where the compiler's choice is 174-224 at 8 warps, one program an SM; with num_stages 2 (96 KB of shared
+    # memory at 8B) two programs then fit an SM. Unmeasured on a GPU: an option, not the default.
+    max_registers: int | None = None
+
+    @classmethod
+    def from_spec(cls, spec: str) -> "Launch":
+        """A launch from ``"field=value,..."`` over the defaults (``"default"`` or ``""``: the defaults), e.g.
+        ``"num_stages=2,max_registers=128"`` or ``"partials=float32"`` (for benchmarks and reports)."""
+        fields = {}
+        for item in filter(None, spec.replace("default", "").split(",")):
+            name, _, value = item.partition("=")
+            if name not in cls.__dataclass_fields__ or not value:
+                raise ValueError(f"attention launch spec {spec!r}: {item!r} is not field=value of "
+                                 f"{', '.join(cls.__dataclass_fields__)}")
+            fields[name] = getattr(torch, value) if name == "partials" else int(value)
+        return cls(**fields)
 
 
 DEFAULT_LAUNCH = Launch()
@@ -251,7 +269,8 @@ def attention(q, k, v, k_cache, v_cache, cache_len, layer: int, scale: float, ca
         PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 engines stay exact
         # a [M_BLOCK, D] fp32 accumulator: spread it over 8 warps
         num_warps=launch.num_warps or (8 if m_block * d >= 128 * 64 else 4),
-        **({} if launch.num_stages is None else {"num_stages": launch.num_stages}))
+        **({} if launch.num_stages is None else {"num_stages": launch.num_stages}),
+        **({} if launch.max_registers is None else {"maxnreg": launch.max_registers}))
     merge_rows = launch.merge_rows  # programs over the query rows only, not the padding
     _merge_kernel[(hkv, triton.cdiv(b * g, merge_rows), rows)](acc, ms, ls, out, out.stride(0), out.stride(1), b,
                                                                m_pad, G=g, D=d, PARTS=parts, ROWS=merge_rows,
