@@ -77,10 +77,12 @@ class Launch:
         fields = {}
         for item in filter(None, spec.replace("default", "").split(",")):
             name, _, value = item.partition("=")
-            if name not in cls.__dataclass_fields__ or not value:
+            dtype = getattr(torch, value, None) if name == "partials" else None
+            if name not in cls.__dataclass_fields__ or not (isinstance(dtype, torch.dtype) if name == "partials"
+                                                            else value.isdigit()):
                 raise ValueError(f"attention launch spec {spec!r}: {item!r} is not field=value of "
-                                 f"{', '.join(cls.__dataclass_fields__)}")
-            fields[name] = getattr(torch, value) if name == "partials" else int(value)
+                                 f"{', '.join(cls.__dataclass_fields__)} (an integer, or a torch dtype for partials)")
+            fields[name] = dtype if name == "partials" else int(value)
         return cls(**fields)
 
 
