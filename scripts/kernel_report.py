@@ -165,9 +165,9 @@ def kernel_launches(name: str, batches: list[int], context: int, attention_launc
     blocks (32 tokens a row); ``attention_launch``: the attention kernels' ``Launch`` (default: theirs)."""
     from orthrus_export.bench import qwen3_config
     from orthrus_plugins.attention_common import kernel as attn
-    attention_launch = attention_launch or attn.DEFAULT_LAUNCH
     from orthrus_plugins.fp8_linear import kernel as fk
     from orthrus_plugins.qk_norm_rope import kernel as qkn_kernel
+    attention_launch = attention_launch or attn.DEFAULT_LAUNCH
     cfg = qwen3_config(name)
     hidden, hq, hkv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     block = cfg.block_size
@@ -269,7 +269,11 @@ def main(argv=None) -> int:
     problems = []  # (the driver stays active: without a GPU Triton has no default one to go back to)
     batches = [int(b) for b in a.batches.split(",")]
     from orthrus_plugins.attention_common.kernel import Launch
-    launches = kernel_launches(a.shape, batches, a.context, Launch.from_spec(a.attention_launch))
+    try:
+        attention_launch = Launch.from_spec(a.attention_launch)
+    except ValueError as e:
+        ap.error(str(e))
+    launches = kernel_launches(a.shape, batches, a.context, attention_launch)
     launches += wide_launches(a.shape, 32 * max(batches)) if a.wide else []
     for label, group, call in launches:
         drv.label, drv.group = label, group
