@@ -41,6 +41,12 @@ def quantize_engine_weights(cfg, weights: dict, fp8_lm_head: bool, device: torch
     return out, record
 
 
+def timed_rows(block_size: int, max_rows: int) -> list[int]:
+    """The row counts :func:`choose_kernel` times the kernels at: a decode step (1), a batch-1 pass (a block) and an
+    engine's largest pass (``max_rows``: max batch size × block), ascending."""
+    return sorted({1, block_size, max(max_rows, block_size)})
+
+
 def choose_kernel(cfg, device, iters: int = 30, max_rows: int = 32) -> dict:
     """Time the CUDA kernels of ``orthrus::fp8_linear`` on the model's largest projection (gate_up) at M = 1 (a
     decode step), M = ``cfg.block_size`` (a batch-1 pass) and, for a batched engine, M = ``max_rows`` (its largest
@@ -56,7 +62,7 @@ def choose_kernel(cfg, device, iters: int = 30, max_rows: int = 32) -> dict:
     g = torch.Generator(device=device).manual_seed(0)
     w = torch.randn(n, k, device=device, generator=g).to(torch.bfloat16) * 0.02
     q, s = op.quantize_weight(w)
-    ms = sorted({1, cfg.block_size, max(max_rows, cfg.block_size)})
+    ms = timed_rows(cfg.block_size, max_rows)
     xs = torch.randn(ms[-1], k, device=device, generator=g).to(torch.bfloat16)
     timings, invariant, failed = {}, {}, {}
     for name in op.MATMUL_KERNELS:

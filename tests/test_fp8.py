@@ -100,6 +100,15 @@ def test_fp8_engine_head_is_the_batch_invariant_linear(fp8_tiny, models):
         torch.ops.orthrus.invariant_linear(x, w.float())
 
 
+def test_gpu_kernel_choice_times_the_engines_largest_pass():
+    """The build's FP8 kernel choice (``fp8.choose_kernel``, GPU only) times a decode step, a batch-1 block and a
+    batched engine's largest pass: timed at batch-1 shapes only, it once picked a kernel whose 32-row tiles ran the
+    8B batch-8 cycle 1.7x slower."""
+    from orthrus_export.fp8 import timed_rows
+    assert timed_rows(32, 8 * 32) == [1, 32, 256]
+    assert timed_rows(32, 32) == timed_rows(32, 1) == [1, 32]
+
+
 def test_row_invariance_script_on_the_cpu(tmp_path):
     """``scripts/row_invariance.py`` (op by op: a 32-token block vs 32 single-token calls) runs on the CPU: the ops
     whose CPU implementations are row-invariant by construction — the exact float64 FP8 product and the reference
