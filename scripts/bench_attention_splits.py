@@ -160,7 +160,8 @@ def main():
                     current = o
                 query_rows = blk * hq // hkv  # a row's query rows of one KV head (the kernel stores no padding)
                 stored = (launch.partials or dtype).itemsize  # written, read back by the merge: out, max, sum
-                partial_bytes = 2 * rows * hkv * splits * query_rows * (d * stored + 2 * 4)  # the current kernel's
+                parts = splits + (0 if causal else 1)  # the current kernel's: draft's block keys are one more part
+                partial_bytes = 2 * rows * hkv * parts * query_rows * (d * stored + 2 * 4)
                 mode = ("decode" if blk == 1 else "verify") if causal else "draft"
                 row = {"rows": rows, "mode": mode, "kernel": name, "launch": spec, "splits": splits, "query_block": qb,
                        "partials": str(launch.partials or dtype).removeprefix("torch."),

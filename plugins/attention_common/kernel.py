@@ -258,8 +258,8 @@ def attention(q, k, v, k_cache, v_cache, cache_len, layer: int, scale: float, ca
     # same output: benchmarks/h100-2026-12-07-late-attention-verify-draft.log)
     parts = splits + (0 if causal else 1)
     acc = torch.empty(rows * hkv * parts, m_pad, d, device=q.device, dtype=launch.partials or q.dtype)
-    ms = torch.empty(rows * hkv * parts, m_pad, device=q.device, dtype=torch.float32)
-    ls = torch.empty(rows * hkv * parts, m_pad, device=q.device, dtype=torch.float32)
+    ms = torch.empty(acc.shape[:2], device=q.device, dtype=torch.float32)
+    ls = torch.empty(acc.shape[:2], device=q.device, dtype=torch.float32)
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype) if out is None else out  # contiguous, as the fake
     _split_kernel[(hkv, parts * (m_pad // m_block), rows)](
         # the layer's offset computed here: past 2**31 elements (35 layers of an 8B cache with 17 slots of 4k
