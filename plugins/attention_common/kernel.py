@@ -179,11 +179,11 @@ def _split_kernel(Q, KC, VC, KB, VB, LEN, SLOT, ACC, MS, LS, layer_off, scale,
 
 @triton.jit(do_not_specialize=["B", "M_PAD"])
 def _merge_kernel(ACC, MS, LS, O, so_b, so_h, B, M_PAD,
-                  G: tl.constexpr, D: tl.constexpr, PARTS: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr):
-    """Each of ``ROWS`` query rows' ``PARTS`` partial results merged: the largest max ``m``, each part's output
-    weighed by ``exp(max - m) · sum``, divided by the weights' total. The parts are loaded ``CHUNK`` at a time as one
-    [CHUNK, ROWS(, D)] tile and summed along the parts (one loop iteration for 16 splits): part by part, the merge
-    was a chain of 2 × PARTS dependent loads."""
+                  G: tl.constexpr, D: tl.constexpr, PARTS: tl.constexpr, ROWS: tl.constexpr):
+    """Each of ``ROWS`` query rows' ``PARTS`` partial results merged, part by part: the largest max ``m``, each
+    part's output weighed by ``exp(max - m) · sum``, divided by the weights' total. (Loading the parts as one
+    [parts, rows, D] tile summed along the parts was slower for verify and draft on the H100: 8B batch-8 verify
+    ~125 -> 159 us, draft ~125 -> 194 us; benchmarks/h100-2026-12-07-night-attention-verify-draft.log.)"""
     h = tl.program_id(0)
     rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < B * G
@@ -191,23 +191,19 @@ def _merge_kernel(ACC, MS, LS, O, so_b, so_h, B, M_PAD,
     O += r * B * so_b
     first = (r * tl.num_programs(0) + h) * PARTS
     d = tl.arange(0, D)
-    sp = tl.arange(0, CHUNK)
     m = tl.full([ROWS], float("-inf"), tl.float32)
-    for c in range(0, PARTS, CHUNK):
-        ok = ((c + sp) < PARTS)[:, None] & row_ok[None, :]  # [CHUNK, ROWS]
-        idx = (first + c + sp)[:, None] * M_PAD + rows[None, :]
-        m = tl.maximum(m, tl.max(tl.load(MS + idx, mask=ok, other=float("-inf")), 0))
+    for sp in range(PARTS):
+        m = tl.maximum(m, tl.load(MS + (first + sp) * M_PAD + rows, mask=row_ok, other=float("-inf")))
     l_tot = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, D], tl.float32)
-    for c in range(0, PARTS, CHUNK):
-        ok = ((c + sp) < PARTS)[:, None] & row_ok[None, :]
-        idx = (first + c + sp)[:, None] * M_PAD + rows[None, :]
-        ms = tl.load(MS + idx, mask=ok, other=float("-inf"))  # each part's max, sum and normalised output
-        ls = tl.load(LS + idx, mask=ok, other=0.0)
-        w = tl.where(ms == float("-inf"), 0.0, tl.exp(ms - m[None, :])) * ls  # an empty part (max -inf) weighs 0
-        part = tl.load(ACC + idx[:, :, None] * D + d[None, None, :], mask=ok[:, :, None], other=0.0)
-        l_tot += tl.sum(w, 0)
-        acc += tl.sum(w[:, :, None] * part.to(tl.float32), 0)
+    for sp in range(PARTS):
+        slot = first + sp
+        ms = tl.load(MS + slot * M_PAD + rows, mask=row_ok, other=float("-inf"))  # the part's max, sum and output
+        ls = tl.load(LS + slot * M_PAD + rows, mask=row_ok, other=0.0)
+        w = tl.where(ms == float("-inf"), 0.0, tl.exp(ms - m)) * ls  # an empty part (max -inf) weighs 0
+        l_tot += w
+        acc += w[:, None] * tl.load(ACC + (slot * M_PAD + rows[:, None]) * D + d[None, :], mask=row_ok[:, None],
+                                    other=0.0).to(tl.float32)
     out = acc / l_tot[:, None]
     i = rows // G
     qh = h * G + rows % G
@@ -276,8 +272,7 @@ def attention(q, k, v, k_cache, v_cache, cache_len, layer: int, scale: float, ca
     merge_rows = launch.merge_rows  # programs over the query rows only, not the padding
     _merge_kernel[(hkv, triton.cdiv(b * g, merge_rows), rows)](acc, ms, ls, out, out.stride(0), out.stride(1), b,
                                                                m_pad, G=g, D=d, PARTS=parts, ROWS=merge_rows,
-                                                               CHUNK=min(16, triton.next_power_of_2(parts)),
-                                                               num_warps=4, num_stages=1)
+                                                               num_warps=4)
     return out
 
 
