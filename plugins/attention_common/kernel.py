@@ -67,7 +67,10 @@ class Launch:
     # a cap on the split kernel's registers a thread (Triton's maxnreg), None: the compiler's choice. Statically
     # (scripts/kernel_report.py --attention-launch): at 128 every 8B and 1.7B split launch compiles without spills,
     # where the compiler's choice is 174-224 at 8 warps, one program an SM; with num_stages 2 (96 KB of shared
-    # memory at 8B) two programs then fit an SM. Unmeasured on a GPU: an option, not the default.
+    # memory at 8B) two programs then fit an SM. Measured on the H100 (8B, 16 splits; the one-tile merge then, the
+    # same in every launch): the cap alone slower (verify 25.0 -> 27.3 us at batch 1, 159 -> 172 at batch 8); with two
+    # stages slower at batch 1 (27.9) and 6-12 us faster at batch 8 (verify 150, draft 182 vs 194, decode 101 vs 107;
+    # benchmarks/h100-2026-12-07-night-attention-*.log): an option, not the default.
     max_registers: int | None = None
 
     @classmethod
