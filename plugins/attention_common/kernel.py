@@ -215,7 +215,8 @@ def _merge_kernel(ACC, MS, LS, O, so_b, so_h, B, M_PAD,
 
 
 def attention(q, k, v, k_cache, v_cache, cache_len, layer: int, scale: float, causal: bool,
-              splits: int = DEFAULT_SPLITS, slots=None, out=None, query_block: int = 0, launch: Launch = DEFAULT_LAUNCH):
+              splits: int = DEFAULT_SPLITS, slots=None, out=None, query_block: int = 0,
+              launch: Launch = DEFAULT_LAUNCH):
     """Launch both kernels, either layout (:mod:`orthrus_plugins.attention_common`). Cached mode (``causal``) first
     writes every row's K/V at its slot and ``cache_len`` (device indices, no host read). ``splits``: key-range splits
     (one of SPLIT_CHOICES). ``query_block``: query rows per program (one of QUERY_BLOCK_CHOICES; 0, or more than a
