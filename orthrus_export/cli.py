@@ -238,7 +238,7 @@ def _attention_options(d: dict) -> str:
     """The attention kernel settings of a manifest's options or tuning record, in words (older engines lack some:
     they ran all of a row's query rows in one program and 64-key tiles; no plugin import, which would load torch)."""
     return (f"attention splits {d['attention_splits']}, query block {d.get('attention_query_block', 0) or 'all'}, "
-            f"key tile {d.get('attention_block_n', 64)}")
+            f"key tile {d.get('attention_block_n', 64)}, launch {d.get('attention_launch') or 'default'}")
 
 
 def _tuning_points(tuning: dict) -> str:

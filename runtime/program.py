@@ -14,7 +14,7 @@ from torch._export.serde import serialize as serde
 
 import orthrus_plugins
 from orthrus_plugins import fp8_linear
-from orthrus_plugins.attention_common import DEFAULT_BLOCK_N
+from orthrus_plugins.attention_common import DEFAULT_BLOCK_N, Launch
 from orthrus_runtime.config import ModelConfig
 from orthrus_runtime.errors import OrthrusError
 
@@ -27,6 +27,7 @@ class KernelOptions:
     attention_splits: int = orthrus_plugins.DEFAULT_ATTENTION_SPLITS
     attention_query_block: int = 0         # query rows per attention program (0: all of a row's; the kernel's doc)
     attention_block_n: int = DEFAULT_BLOCK_N  # keys per loop iteration of the attention kernel (64 or 32)
+    attention_launch: str = ""             # the attention kernels' other launch fields (Launch.from_spec; "": defaults)
     fp8_kernel: str = "auto"               # orthrus::fp8_linear's (and fp8_matmul's) CUDA kernel (FP8 engines)
     fp8_quant: str = "fused"               # compiled FP8 programs: "fused" (split_fp8_linear) or "kernel" (the op's)
     compute_dtype: str = "float32"
@@ -110,7 +111,8 @@ _ATTENTION = ("cached_attention", "diffusion_attention")
 
 def specialize(module: torch.fx.GraphModule, options: KernelOptions) -> torch.fx.GraphModule:
     """Write the engine's kernel options into the program's custom-op nodes (attention ``splits`` and
-    ``query_block``, ``block_n``, the FP8 ``kernel``), in place; returns the module."""
+    ``query_block``, ``block_n``, ``launch``, the FP8 ``kernel``), in place; returns the module."""
+    check_attention_launch(options.attention_launch)
     for node in module.graph.nodes:
         if node.op != "call_function" or not str(node.target).startswith("orthrus."):
             continue
@@ -121,6 +123,8 @@ def specialize(module: torch.fx.GraphModule, options: KernelOptions) -> torch.fx
                 _set_argument(node, "query_block", options.attention_query_block)  # stay those of older builds
             if options.attention_block_n != DEFAULT_BLOCK_N:  # likewise
                 _set_argument(node, "block_n", options.attention_block_n)
+            if options.attention_launch:  # likewise
+                _set_argument(node, "launch", options.attention_launch)
         elif op == "fp8_linear":
             if options.fp8_kernel == "auto" and options.backend == "inductor" and options.fp8_quant == "kernel":
                 # Inductor's custom-op fallback takes the op as its own `kernel` argument and fails on this one at
@@ -148,6 +152,18 @@ def split_fp8_linear(module: torch.fx.GraphModule) -> int:
     return found
 
 
+def check_attention_launch(spec: str) -> None:
+    """OrthrusError (one line) unless ``spec`` is a launch spec the attention ops take (``block_n`` is its own
+    option, ``attention_block_n``)."""
+    try:
+        launch = Launch.from_spec(spec)
+    except ValueError as e:
+        raise OrthrusError(f"engine option attention_launch: {e}: rebuild the engine") from None
+    if launch.block_n != DEFAULT_BLOCK_N or "block_n" in spec:
+        raise OrthrusError(f"engine option attention_launch {spec!r} sets block_n, which is its own option "
+                           "(attention_block_n): rebuild the engine")
+
+
 def _set_argument(node: torch.fx.Node, name: str, value) -> None:
     """Set the op argument ``name`` of ``node`` whether the graph passes it by position or by keyword."""
     names = [a.name for a in node.target._schema.arguments]
@@ -167,7 +183,7 @@ def kernel_attributes(module: torch.fx.GraphModule) -> dict[str, set]:
             names = [a.name for a in node.target._schema.arguments]
             given = {**dict(zip(names, node.args)), **node.kwargs}
             out.setdefault(op, set()).update((k, v) for k, v in given.items()
-                                             if k in ("splits", "query_block", "block_n", "kernel"))
+                                             if k in ("splits", "query_block", "block_n", "launch", "kernel"))
     return out
 
 
@@ -175,10 +191,11 @@ def runnable(ep: torch.export.ExportedProgram, options: KernelOptions):
     """The callable the runtime runs for one program: the graph module with the options written in, compiled by
     Inductor (``torch.compile(fullgraph=True)`` of *this* graph, compiled on the first call) when the options say so.
 
-    Meant to compile a program twice, whatever the number of batch buckets (not instrumented): called first with one row (the runtime
-    warms the buckets up in ascending order), it specialises that graph to one row; the second row count makes
-    torch's automatic dynamic shapes recompile it once with a symbolic row count, which every larger bucket reuses.
-    Batch 1 keeps its static graph; a build with 7 buckets costs two compiles per program, not seven."""
+    Meant to compile a program twice, whatever the number of batch buckets (not instrumented): called first with
+    one row (the runtime warms the buckets up in ascending order), it specialises that graph to one row; the second
+    row count makes torch's automatic dynamic shapes recompile it once with a symbolic row count, which every larger
+    bucket reuses. Batch 1 keeps its static graph; a build with 7 buckets costs two compiles per program, not
+    seven."""
     module = specialize(ep.module(), options)
     if options.fp8_quant not in ("fused", "kernel"):
         raise OrthrusError(f"unknown fp8_quant {options.fp8_quant!r} in the engine's options: rebuild the engine")

@@ -190,12 +190,44 @@ def test_two_engines_with_different_kernel_options_run_their_own(models):
     from orthrus_runtime.program import kernel_attributes
     a = Engine.load(models.engine_path("tiny", max_seq_len=256))
     b = Engine.load(models.engine_path("tiny", max_seq_len=256))
-    b.with_options(b.options.replace(attention_splits=8, attention_query_block=32, attention_block_n=32))
+    b.with_options(b.options.replace(attention_splits=8, attention_query_block=32, attention_block_n=32,
+                                     attention_launch="num_stages=2,max_registers=128"))
     assert kernel_attributes(a.programs["verify"])["cached_attention"] == {("splits", a.options.attention_splits)}
-    assert kernel_attributes(b.programs["draft"])["diffusion_attention"] == {("splits", 8), ("query_block", 32),
-                                                                             ("block_n", 32)}
+    assert kernel_attributes(b.programs["draft"])["diffusion_attention"] == {
+        ("splits", 8), ("query_block", 32), ("block_n", 32), ("launch", "num_stages=2,max_registers=128")}
     assert a.options.attention_splits == 16
     assert a.generate("def f(", max_new_tokens=20).output_ids == b.generate("def f(", max_new_tokens=20).output_ids
+
+
+@pytest.mark.parametrize("spec, problem", [("stages=2", "not field=value"), ("partials=int8", "not field=value"),
+                                           ("merge_rows=3", "not field=value"), ("block_n=32", "its own option")])
+def test_a_bad_attention_launch_option_is_one_clear_error(models, spec, problem):
+    """An engine's ``attention_launch`` option is checked where it is written into the programs, on any machine (a
+    launch the GPU kernels would refuse, or ``block_n``, which has its own option): one line naming the option; the
+    engine keeps its options and still runs."""
+    from orthrus_runtime import Engine
+    from orthrus_runtime.errors import OrthrusError
+    e = Engine.load(models.engine_path("tiny", max_seq_len=256))
+    try:
+        before = e.options
+        with pytest.raises(OrthrusError, match=f"attention_launch.*{problem}") as info:
+            e.with_options(e.options.replace(attention_launch=spec))
+        assert "\n" not in str(info.value)
+        assert e.options == before and e.generate("def f(", max_new_tokens=4).output_ids
+    finally:
+        e.close()
+
+
+def test_attention_launch_specs_round_trip():
+    """``Launch.spec()`` writes what ``Launch.from_spec`` reads: the fields that differ from the defaults; the
+    autotuner's candidates are valid specs, the default first."""
+    from orthrus_plugins.attention_common import DEFAULT_LAUNCH, LAUNCH_CANDIDATES, Launch
+    assert LAUNCH_CANDIDATES[0] == "" and Launch.from_spec("") == Launch.from_spec("default") == DEFAULT_LAUNCH
+    for spec in LAUNCH_CANDIDATES[1:] + ("merge_rows=8,partials=bfloat16,num_warps=4",):
+        launch = Launch.from_spec(spec)
+        assert launch != DEFAULT_LAUNCH and Launch.from_spec(launch.spec()) == launch
+        assert sorted(launch.spec().split(",")) == sorted(spec.split(","))
+    assert Launch.from_spec("partials=float32").partials is torch.float32 and DEFAULT_LAUNCH.spec() == ""
 
 
 def test_info_reads_only_the_manifest(models):

@@ -93,6 +93,37 @@ def test_triton_batched_attention_matches_reference_and_is_row_invariant(dtype, 
         assert torch.equal(alone, out[rows_i]), i
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("spec", ["num_stages=2,max_registers=128", "partials=float32"])
+def test_attention_ops_launch_attribute_runs_that_launch(causal, spec):
+    """The ops' ``launch`` attribute (an engine's ``attention_launch``; these are the autotuner's candidates) reaches
+    the kernels: the op called with it is bitwise the kernel called with that launch, within bf16 tolerance of the
+    reference, and a row alone is bitwise its row in the batch."""
+    from orthrus_plugins.attention_common import LAUNCH_CANDIDATES, Launch, reference
+    from orthrus_plugins.attention_common import kernel as ta
+    assert spec in LAUNCH_CANDIDATES
+    g = torch.Generator(device="cuda").manual_seed(11 + causal)
+    t, hq, hkv, d, cap = 32, 32, 8, 128, 4300
+
+    def r(*shape):
+        return torch.randn(*shape, device="cuda", generator=g, dtype=torch.float32).to(torch.bfloat16)
+    lens, slots = torch.tensor([4133, 77, 1000], device="cuda"), torch.tensor([2, 0, 1], device="cuda")
+    q, k, v = r(3 * t, hq, d), r(3 * t, hkv, d), r(3 * t, hkv, d)
+    kc, vc = r(2, 3, hkv, cap, d), r(2, 3, hkv, cap, d)
+    op = torch.ops.orthrus.cached_attention if causal else torch.ops.orthrus.diffusion_attention
+    expected = reference("test", q, k, v, kc.clone(), vc.clone(), lens.cpu(), 1, d ** -0.5, causal, slots.cpu())
+    kc_op, vc_op = kc.clone(), vc.clone()
+    out = op(q, k, v, kc_op, vc_op, lens, 1, d ** -0.5, splits=16, slots=slots, launch=spec)
+    direct = ta.attention(q, k, v, kc.clone(), vc.clone(), lens, 1, d ** -0.5, causal, splits=16, slots=slots,
+                          launch=Launch.from_spec(spec))
+    assert torch.equal(out, direct)
+    err = (out.double() - expected.double()).abs().max().item()
+    assert err <= tolerance(torch.bfloat16) * (1 + expected.double().abs().max().item()), err
+    alone = op(q[t:2 * t], k[t:2 * t], v[t:2 * t], kc.clone(), vc.clone(), lens[1:2], 1, d ** -0.5, splits=16,
+               slots=slots[1:2], launch=spec)
+    assert torch.equal(alone, out[t:2 * t])
+
+
 @pytest.mark.parametrize("batch", [1, 3, 8])
 def test_bf16_batched_passes_rows_match_alone(tiny_gpu, batch):
     """Every row of a batched bf16 verify pass against the same block alone: equal within bf16 rounding (GEMMs at
@@ -180,11 +211,15 @@ def test_two_engines_with_different_kernel_options_in_one_process(tiny_gpu):
     a = Engine.load(tiny_gpu["bf16"])
     b = Engine.load(tiny_gpu["bf16"])
     other = 8 if a.options.attention_splits != 8 else 32
-    b.with_options(b.options.replace(attention_splits=other, attention_block_n=32, backend="none"))
-    assert kernel_attributes(b.programs["verify"])["cached_attention"] == {("splits", other), ("block_n", 32)}
+    spec = "num_stages=2,max_registers=128"  # one of the autotuner's launches
+    b.with_options(b.options.replace(attention_splits=other, attention_block_n=32, attention_launch=spec,
+                                     backend="none"))
+    assert kernel_attributes(b.programs["verify"])["cached_attention"] == {("splits", other), ("block_n", 32),
+                                                                           ("launch", spec)}
     ids = a.encode(heldout(1)[0]["text"])
     ra, rb = a.generate(ids, max_new_tokens=64), b.generate(ids, max_new_tokens=64)
     assert a.generate(ids, max_new_tokens=64).output_ids == ra.output_ids  # a still runs its own setting
+    assert b.generate(ids, max_new_tokens=64, use_drafts=False).output_ids == rb.output_ids  # b: Orthrus == own AR
     print(f"splits {a.options.attention_splits} vs {other} (and 32-key tiles): same tokens "
           f"{ra.output_ids == rb.output_ids}")
 

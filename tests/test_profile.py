@@ -188,10 +188,12 @@ def test_bench_profile_cli(models, capsys):
 
 def test_autotune_tries_every_attention_option_at_every_batch_size(models):
     """The build-time autotuner on a real engine (CPU: host-clock timings): every splits × query block candidate,
-    then the other key tile at the best of them, is timed at every context × batch size, the engine ends with the
-    fastest, and its output is unchanged."""
+    then the other key tile at the best of them, then the kernels' other launches at the best of those, is timed at
+    every context × batch size, the engine ends with the fastest, and its output is unchanged."""
     from orthrus_export.autotune import autotune
+    from orthrus_plugins.attention_common import LAUNCH_CANDIDATES
     from orthrus_runtime import Engine
+    from orthrus_runtime.program import kernel_attributes
     engine = Engine.load(models.engine_path("gqa1_tied"))  # its own: autotune re-specialises it in place
     try:
         prompt = list(range(5, 25))
@@ -203,15 +205,19 @@ def test_autotune_tries_every_attention_option_at_every_batch_size(models):
         assert [(c["attention_splits"], c["attention_query_block"], c["attention_block_n"]) for c in grid] == \
             [(8, 0, 64), (8, 32, 64), (16, 0, 64), (16, 32, 64)]
         best_grid = min(grid, key=lambda c: sum(c["cycle_ms"]))
-        assert len(t["candidates"]) == 5 and (t["candidates"][4]["attention_splits"],
-                                              t["candidates"][4]["attention_query_block"],
-                                              t["candidates"][4]["attention_block_n"]) == \
-            (best_grid["attention_splits"], best_grid["attention_query_block"], 32)
+        keys = ("attention_splits", "attention_query_block", "attention_block_n", "attention_launch")
+        assert len(t["candidates"]) == 7 and all(c["attention_launch"] == "" for c in t["candidates"][:5])
+        assert tuple(t["candidates"][4][k] for k in keys) == \
+            (best_grid["attention_splits"], best_grid["attention_query_block"], 32, "")
+        best_tile = min(t["candidates"][:5], key=lambda c: sum(c["cycle_ms"]))
+        assert [tuple(c[k] for k in keys) for c in t["candidates"][5:]] == \
+            [(*(best_tile[k] for k in keys[:3]), spec) for spec in LAUNCH_CANDIDATES[1:]]
         assert all(len(c["cycle_ms"]) == 4 and min(c["cycle_ms"]) > 0 for c in t["candidates"])
         best = min(t["candidates"], key=lambda c: sum(c["cycle_ms"]))
-        keys = ("attention_splits", "attention_query_block", "attention_block_n")
         assert tuple(getattr(engine.options, k) for k in keys) == tuple(best[k] for k in keys) == \
             tuple(t[k] for k in keys)
+        assert (("launch", best["attention_launch"]) in kernel_attributes(engine.programs["draft"])[
+            "diffusion_attention"]) == bool(best["attention_launch"])
         assert engine.generate(prompt, 12).output_ids == before
     finally:
         engine.close()

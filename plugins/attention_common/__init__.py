@@ -12,10 +12,79 @@ Both ops come in two layouts (see their contracts):
   chunks of one prompt): the causal op writes every row's K/V before any row attends.
 """
 
+from dataclasses import dataclass
+
 import torch
 
 DEFAULT_SPLITS = 16  # the attention ops' default ``splits`` (key ranges); engines record their own (tuned) value
 DEFAULT_BLOCK_N = 64  # the attention ops' default ``block_n`` (keys per kernel loop iteration); engines may set 32
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How the kernels are launched (not what they compute: every choice gives the same function, each its own
+    summation order — and ``partials`` its own rounding of each split's output; a row's result never depends on the
+    other rows for any of them). ``None``: the default
+    (``num_warps`` 8 for a [M_BLOCK, D] accumulator of at least 128×64 elements, else 4; ``num_stages`` Triton's).
+    ``scripts/sweep_attention_launch.py`` and ``scripts/bench_attention_splits.py --launches`` time the alternatives
+    on a GPU. The ops take it as their ``launch`` attribute, a :meth:`from_spec` string (an engine's
+    ``attention_launch`` option, which the build's autotuner chooses among ``LAUNCH_CANDIDATES``)."""
+    block_n: int = DEFAULT_BLOCK_N  # keys per loop iteration of the split kernel
+    num_warps: int | None = None
+    num_stages: int | None = None
+    # query rows per merge program: one program a head serialised 36 us a layer on an H100; 16 rows gave 27.7 us
+    # at batch 1 (verify, 16 splits), 4 rows 24.4 us, bitwise the same output (benchmarks/h100-attention-launch.json)
+    merge_rows: int = 4
+    # the dtype of the split partials' outputs (each split's attention output, normalised by its own sum) as stored
+    # for the merge; None: the inputs' (bf16 engines bf16, fp32 engines fp32), as vLLM's split attention stores
+    # them. In fp32, at 16 splits, they were as many bytes as the K/V they summarise (a program's 128 query rows of
+    # 128 values against its 256 keys' K and V in bf16); bf16 halves that traffic for one rounding of each split's
+    # output, the same in a row's decode step and verify block. Maxima and sums stay fp32.
+    partials: torch.dtype | None = None
+    # a cap on the split kernel's registers a thread (Triton's maxnreg), None: the compiler's choice. Statically
+    # (scripts/kernel_report.py --attention-launch): at 128 every 8B and 1.7B split launch compiles without spills,
+    # where the compiler's choice is 174-224 at 8 warps, one program an SM; with num_stages 2 (96 KB of shared
+    # memory at 8B) two programs then fit an SM. Measured on the H100 (8B, 16 splits; the one-tile merge then, the
+    # same in every launch): the cap alone slower (verify 25.0 -> 27.3 us at batch 1, 159 -> 172 at batch 8); with two
+    # stages slower at batch 1 (27.9) and 6-12 us faster at batch 8 (verify 150, draft 182 vs 194, decode 101 vs 107;
+    # benchmarks/h100-2026-12-07-night-attention-*.log): an option, not the default.
+    max_registers: int | None = None
+
+    @classmethod
+    def from_spec(cls, spec: str) -> "Launch":
+        """A launch from ``"field=value,..."`` over the defaults (``"default"`` or ``""``: the defaults), e.g.
+        ``"num_stages=2,max_registers=128"`` or ``"partials=float32"``. ValueError (one line) for anything else:
+        an unknown field, a value that is not a positive integer (block sizes and warps: powers of two), partials
+        other than float32, bfloat16 or float16."""
+        fields = {}
+        for item in filter(None, spec.replace("default", "").split(",")):
+            name, _, value = item.partition("=")
+            dtype = getattr(torch, value, None) if name == "partials" else None
+            ok = (dtype in (torch.float32, torch.bfloat16, torch.float16) if name == "partials"
+                  else value.isdigit() and int(value) > 0)
+            if ok and name in ("block_n", "merge_rows", "num_warps"):
+                ok = int(value) & (int(value) - 1) == 0
+            if name not in cls.__dataclass_fields__ or not ok:
+                raise ValueError(f"attention launch spec {spec!r}: {item!r} is not field=value of "
+                                 f"{', '.join(cls.__dataclass_fields__)} (a positive integer, a power of two for "
+                                 "block_n, merge_rows and num_warps; float32, bfloat16 or float16 for partials)")
+            fields[name] = dtype if name == "partials" else int(value)
+        return cls(**fields)
+
+    def spec(self) -> str:
+        """The :meth:`from_spec` string of this launch: its fields that differ from the defaults ("" for none)."""
+        return ",".join(f"{name}={str(value).removeprefix('torch.')}" for name, value in
+                        ((f, getattr(self, f)) for f in self.__dataclass_fields__)
+                        if value != getattr(DEFAULT_LAUNCH, name))
+
+
+# launches the build's autotuner times (at the best splits and key tile), the default first: two programs an SM at
+# batch 8 (6-12 us faster a call on the H100, 2-3 us slower at batch 1) and fp32 split outputs (bf16 ones were 6-11%
+# slower at batch 1, 10% faster at batch 8: the README's "GPU engines")
+LAUNCH_CANDIDATES = ("", "num_stages=2,max_registers=128", "partials=float32")
+
+
+DEFAULT_LAUNCH = Launch()
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,

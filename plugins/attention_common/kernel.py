@@ -31,13 +31,14 @@ Contracts are those of the ops (see their packages, which register :func:`attent
 implementations). Accumulation in float32, each split's output stored in the inputs' dtype; inputs fp32/bf16/fp16.
 """
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from functools import lru_cache
 
 import torch
 import triton
 import triton.language as tl
 
-from orthrus_plugins.attention_common import DEFAULT_BLOCK_N, DEFAULT_SPLITS, batched_view
+from orthrus_plugins.attention_common import DEFAULT_BLOCK_N, DEFAULT_LAUNCH, DEFAULT_SPLITS, Launch, batched_view
 
 SPLIT_CHOICES = (4, 8, 16, 32, 64)  # the ops' ``splits`` attribute (an engine option, tuned at build)
 QUERY_BLOCK_CHOICES = (0, 16, 32, 64)  # the ops' ``query_block`` attribute: query rows per program (0: all of them)
@@ -45,51 +46,6 @@ CAUSAL_BLOCK_TOKENS = 32  # cached mode, query_block 0: a program's query tile h
 # the tokens per row (Orthrus's block: a verify block fills it, a decode step pads it)
 
 
-@dataclass(frozen=True)
-class Launch:
-    """How the kernels are launched (not what they compute: every choice gives the same function, each its own
-    summation order — and ``partials`` its own rounding of each split's output; a row's result never depends on the
-    other rows for any of them). ``None``: the default
-    (``num_warps`` 8 for a [M_BLOCK, D] accumulator of at least 128×64 elements, else 4; ``num_stages`` Triton's).
-    ``scripts/sweep_attention_launch.py`` times the alternatives on a GPU."""
-    block_n: int = DEFAULT_BLOCK_N  # keys per loop iteration of the split kernel
-    num_warps: int | None = None
-    num_stages: int | None = None
-    # query rows per merge program: one program a head serialised 36 us a layer on an H100; 16 rows gave 27.7 us
-    # at batch 1 (verify, 16 splits), 4 rows 24.4 us, bitwise the same output (benchmarks/h100-attention-launch.json)
-    merge_rows: int = 4
-    # the dtype of the split partials' outputs (each split's attention output, normalised by its own sum) as stored
-    # for the merge; None: the inputs' (bf16 engines bf16, fp32 engines fp32), as vLLM's split attention stores
-    # them. In fp32, at 16 splits, they were as many bytes as the K/V they summarise (a program's 128 query rows of
-    # 128 values against its 256 keys' K and V in bf16); bf16 halves that traffic for one rounding of each split's
-    # output, the same in a row's decode step and verify block. Maxima and sums stay fp32.
-    partials: torch.dtype | None = None
-    # a cap on the split kernel's registers a thread (Triton's maxnreg), None: the compiler's choice. Statically
-    # (scripts/kernel_report.py --attention-launch): at 128 every 8B and 1.7B split launch compiles without spills,
-    # where the compiler's choice is 174-224 at 8 warps, one program an SM; with num_stages 2 (96 KB of shared
-    # memory at 8B) two programs then fit an SM. Measured on the H100 (8B, 16 splits; the one-tile merge then, the
-    # same in every launch): the cap alone slower (verify 25.0 -> 27.3 us at batch 1, 159 -> 172 at batch 8); with two
-    # stages slower at batch 1 (27.9) and 6-12 us faster at batch 8 (verify 150, draft 182 vs 194, decode 101 vs 107;
-    # benchmarks/h100-2026-12-07-night-attention-*.log): an option, not the default.
-    max_registers: int | None = None
-
-    @classmethod
-    def from_spec(cls, spec: str) -> "Launch":
-        """A launch from ``"field=value,..."`` over the defaults (``"default"`` or ``""``: the defaults), e.g.
-        ``"num_stages=2,max_registers=128"`` or ``"partials=float32"`` (for benchmarks and reports)."""
-        fields = {}
-        for item in filter(None, spec.replace("default", "").split(",")):
-            name, _, value = item.partition("=")
-            dtype = getattr(torch, value, None) if name == "partials" else None
-            if name not in cls.__dataclass_fields__ or not (isinstance(dtype, torch.dtype) if name == "partials"
-                                                            else value.isdigit()):
-                raise ValueError(f"attention launch spec {spec!r}: {item!r} is not field=value of "
-                                 f"{', '.join(cls.__dataclass_fields__)} (an integer, or a torch dtype for partials)")
-            fields[name] = dtype if name == "partials" else int(value)
-        return cls(**fields)
-
-
-DEFAULT_LAUNCH = Launch()
 
 
 @triton.jit(do_not_specialize=["B"])
@@ -284,7 +240,14 @@ def register(op, causal: bool) -> None:
     """Make ``attention`` (cached mode when ``causal``) the CUDA implementation of the attention op ``op``."""
     @op.register_kernel("cuda")
     def _(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=DEFAULT_SPLITS, slots=None, query_block=0,
-          block_n=DEFAULT_BLOCK_N):
-        launch = DEFAULT_LAUNCH if block_n == DEFAULT_LAUNCH.block_n else replace(DEFAULT_LAUNCH, block_n=block_n)
+          block_n=DEFAULT_BLOCK_N, launch=""):
         return attention(q, k, v, k_cache, v_cache, cache_len, layer, scale, causal=causal, splits=splits,
-                         slots=slots, query_block=query_block, launch=launch)
+                         slots=slots, query_block=query_block, launch=op_launch(block_n, launch))
+
+
+@lru_cache(maxsize=None)
+def op_launch(block_n: int, spec: str) -> Launch:
+    """The kernels' launch for the ops' ``block_n`` and ``launch`` attributes (the spec's other fields over the
+    defaults; ``block_n`` is its own attribute)."""
+    launch = DEFAULT_LAUNCH if not spec else Launch.from_spec(spec)
+    return launch if block_n == launch.block_n else replace(launch, block_n=block_n)

@@ -3,7 +3,7 @@
 Contract
 --------
 ``diffusion_attention(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=16, slots=None,
-query_block=0, block_n=64) -> out``
+query_block=0, block_n=64, launch="") -> out``
 
 - ``q``: ``[B, Hq, D]``; ``k``, ``v``: ``[B, Hkv, D]`` — the block's diffusion-view projections, already
   normed and rotated (RoPE at positions ``cache_len … cache_len+B-1``). ``Hq`` is a multiple of ``Hkv`` (GQA).
@@ -18,6 +18,9 @@ query_block=0, block_n=64) -> out``
   the reference ignores it.
 - ``block_n`` (int attribute, a kernel setting): keys per loop iteration of the GPU kernel (64 or 32: the order
   of the online softmax, so an engine-wide setting like ``splits``); the reference ignores it.
+- ``launch`` (str attribute, a kernel setting): the GPU kernels' other launch fields over their defaults
+  (``attention_common.Launch.from_spec``: e.g. ``"num_stages=2,max_registers=128"``, ``"partials=float32"``; ``""``
+  the defaults; an engine setting like ``splits``); the reference ignores it.
 - ``slots`` (batched layout, :mod:`orthrus_plugins.attention_common`): int64 ``[b]``; then ``q``/``k``/``v`` hold b
   rows of T = B/b tokens, the caches are ``[L, S, Hkv, C, D]`` and ``cache_len`` is ``[b]``: row ``i`` attends to
   slot ``slots[i]``'s first ``cache_len[i]`` positions and to its own T block keys.
@@ -44,7 +47,7 @@ from orthrus_plugins.attention_common import DEFAULT_BLOCK_N, DEFAULT_SPLITS, re
 def diffusion_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                         v_cache: torch.Tensor, cache_len: torch.Tensor, layer: int, scale: float,
                         splits: int = DEFAULT_SPLITS, slots: torch.Tensor | None = None,
-                        query_block: int = 0, block_n: int = DEFAULT_BLOCK_N) -> torch.Tensor:
+                        query_block: int = 0, block_n: int = DEFAULT_BLOCK_N, launch: str = "") -> torch.Tensor:
     """Reference implementation (any device)."""
     return reference("orthrus::diffusion_attention", q, k, v, k_cache, v_cache, cache_len, layer, scale, False,
                      slots)
@@ -52,7 +55,7 @@ def diffusion_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
 
 @diffusion_attention.register_fake
 def _(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=DEFAULT_SPLITS, slots=None, query_block=0,
-      block_n=DEFAULT_BLOCK_N):
+      block_n=DEFAULT_BLOCK_N, launch=""):
     return q.new_empty(q.shape)  # contiguous, like every real kernel
 
 
