@@ -78,13 +78,12 @@ class Launch:
                         if value != getattr(DEFAULT_LAUNCH, name))
 
 
+DEFAULT_LAUNCH = Launch()
+
 # launches the build's autotuner times (at the best splits and key tile), the default first: two programs an SM at
 # batch 8 (6-12 us faster a call on the H100, 2-3 us slower at batch 1) and fp32 split outputs (bf16 ones were 6-11%
 # slower at batch 1, 10% faster at batch 8: the README's "GPU engines")
 LAUNCH_CANDIDATES = ("", "num_stages=2,max_registers=128", "partials=float32")
-
-
-DEFAULT_LAUNCH = Launch()
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
