@@ -26,8 +26,7 @@ from orthrus_runtime.cycle import Steps
 from orthrus_runtime.engine_format import check_length, check_versions, read_manifest, verify_files
 from orthrus_runtime.errors import OrthrusError
 from orthrus_runtime.profiles import check_device, load_profile
-from orthrus_runtime.program import (KernelOptions, check_attention_launch, deserialize_program, program_weights,
-                                     runnable)
+from orthrus_runtime.program import KernelOptions, deserialize_program, program_weights, runnable
 from orthrus_runtime.scheduler import Drafter, Handle, QueueFull, Request, Sampling, Scheduler  # noqa: F401
 from orthrus_runtime.stats import GenerationStats
 from orthrus_runtime.text import StopStrings, TextDeltas
@@ -151,11 +150,9 @@ class Engine:
 
     def with_options(self, options: KernelOptions) -> "Engine":
         """Re-specialise the programs with other kernel options (and recapture the graphs), in place: the autotuner
-        tries candidates this way. Not while a generation runs; options that cannot apply raise before anything
-        changes."""
+        tries candidates this way. Not while a generation runs."""
         if self.backend != "torch":
             raise OrthrusError("kernel options apply to the torch backend only")
-        check_attention_launch(options.attention_launch)
         with self._lock:
             if self.scheduler.busy:
                 raise OrthrusError("with_options while requests run: wait for them to finish")

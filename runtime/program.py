@@ -32,6 +32,18 @@ class KernelOptions:
     fp8_quant: str = "fused"               # compiled FP8 programs: "fused" (split_fp8_linear) or "kernel" (the op's)
     compute_dtype: str = "float32"
 
+    def __post_init__(self):
+        """``attention_launch`` is checked here, on any machine, so that no engine holds options its attention
+        kernels would refuse: an unknown field, a value they cannot take, or ``block_n`` (its own option,
+        ``attention_block_n``) is one OrthrusError line."""
+        try:
+            launch = Launch.from_spec(self.attention_launch)
+        except ValueError as e:
+            raise OrthrusError(f"engine option attention_launch: {e}: rebuild the engine") from None
+        if launch.block_n != DEFAULT_BLOCK_N or "block_n" in self.attention_launch:
+            raise OrthrusError(f"engine option attention_launch {self.attention_launch!r} sets block_n, which is "
+                               "its own option (attention_block_n): rebuild the engine")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -112,7 +124,6 @@ _ATTENTION = ("cached_attention", "diffusion_attention")
 def specialize(module: torch.fx.GraphModule, options: KernelOptions) -> torch.fx.GraphModule:
     """Write the engine's kernel options into the program's custom-op nodes (attention ``splits`` and
     ``query_block``, ``block_n``, ``launch``, the FP8 ``kernel``), in place; returns the module."""
-    check_attention_launch(options.attention_launch)
     for node in module.graph.nodes:
         if node.op != "call_function" or not str(node.target).startswith("orthrus."):
             continue
@@ -150,18 +161,6 @@ def split_fp8_linear(module: torch.fx.GraphModule) -> int:
     if found:
         module.recompile()
     return found
-
-
-def check_attention_launch(spec: str) -> None:
-    """OrthrusError (one line) unless ``spec`` is a launch spec the attention ops take (``block_n`` is its own
-    option, ``attention_block_n``)."""
-    try:
-        launch = Launch.from_spec(spec)
-    except ValueError as e:
-        raise OrthrusError(f"engine option attention_launch: {e}: rebuild the engine") from None
-    if launch.block_n != DEFAULT_BLOCK_N or "block_n" in spec:
-        raise OrthrusError(f"engine option attention_launch {spec!r} sets block_n, which is its own option "
-                           "(attention_block_n): rebuild the engine")
 
 
 def _set_argument(node: torch.fx.Node, name: str, value) -> None:

@@ -202,9 +202,9 @@ def test_two_engines_with_different_kernel_options_run_their_own(models):
 @pytest.mark.parametrize("spec, problem", [("stages=2", "not field=value"), ("partials=int8", "not field=value"),
                                            ("merge_rows=3", "not field=value"), ("block_n=32", "its own option")])
 def test_a_bad_attention_launch_option_is_one_clear_error(models, spec, problem):
-    """An engine's ``attention_launch`` option is checked where it is written into the programs, on any machine (a
-    launch the GPU kernels would refuse, or ``block_n``, which has its own option): one line naming the option; the
-    engine keeps its options and still runs."""
+    """An engine's ``attention_launch`` option is checked where kernel options are made, on any machine (a launch
+    the GPU kernels would refuse, or ``block_n``, which has its own option): one line naming the option; the engine
+    keeps its options and still runs."""
     from orthrus_runtime import Engine
     from orthrus_runtime.errors import OrthrusError
     e = Engine.load(models.engine_path("tiny", max_seq_len=256))
