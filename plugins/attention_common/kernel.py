@@ -142,7 +142,9 @@ def _merge_kernel(ACC, MS, LS, O, so_b, so_h, B, M_PAD,
     """Each of ``ROWS`` query rows' ``PARTS`` partial results merged, part by part: the largest max ``m``, each
     part's output weighed by ``exp(max - m) · sum``, divided by the weights' total. (Loading the parts as one
     [parts, rows, D] tile summed along the parts was slower for verify and draft on the H100: 8B batch-8 verify
-    ~125 -> 159 us, draft ~125 -> 194 us; benchmarks/h100-2026-12-07-night-attention-verify-draft.log.)"""
+    ~125 -> 159 us, draft ~125 -> 194 us; benchmarks/h100-2026-12-07-night-attention-verify-draft.log.) The part
+    loops are unrolled: as a loop, each part's loads waited for the previous part's (8 us a batch-1 8B merge on the
+    H100 for ~4 MB of partials, which L2 holds), and the sums are the loop's, in its order."""
     h = tl.program_id(0)
     rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < B * G
@@ -151,11 +153,11 @@ def _merge_kernel(ACC, MS, LS, O, so_b, so_h, B, M_PAD,
     first = (r * tl.num_programs(0) + h) * PARTS
     d = tl.arange(0, D)
     m = tl.full([ROWS], float("-inf"), tl.float32)
-    for sp in range(PARTS):
+    for sp in tl.static_range(PARTS):  # unrolled: every part's loads issued at once, not one round trip a part
         m = tl.maximum(m, tl.load(MS + (first + sp) * M_PAD + rows, mask=row_ok, other=float("-inf")))
     l_tot = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, D], tl.float32)
-    for sp in range(PARTS):
+    for sp in tl.static_range(PARTS):  # (the same sums in the same order as a loop)
         slot = first + sp
         ms = tl.load(MS + slot * M_PAD + rows, mask=row_ok, other=float("-inf"))  # the part's max, sum and output
         ls = tl.load(LS + slot * M_PAD + rows, mask=row_ok, other=0.0)
