@@ -1,5 +1,6 @@
 """The attention Triton kernel against the reference on the CPU, under Triton's interpreter (no GPU needed), at every
-query block and two split counts, and two launch configurations besides the default: batched rows of different
+query block and two split counts, and four launch configurations besides the default (two of them folding several
+splits into one program, bitwise the default's output): batched rows of different
 lengths and slots (two consecutive chunks of one slot among them), fp32 and fp16 (the interpreter mishandles bf16:
 the kernel before query blocks fails there too), causal and diffusion mode, v a strided view and lengths and slots
 strided columns (read in place); outputs poisoned first, cache contents checked, each row bitwise equal to its run
@@ -43,6 +44,10 @@ def check(causal: bool, dtype: torch.dtype, t: int = 8) -> float:
     configs = [(qb, splits, ta.DEFAULT_LAUNCH) for qb in ta.QUERY_BLOCK_CHOICES[:3] for splits in (4, 16)]
     configs += [(0, 16, ta.Launch(block_n=32, num_warps=4, num_stages=2, merge_rows=4)),
                 (0, 4, ta.Launch(block_n=128, num_warps=8, num_stages=1, merge_rows=32))]
+    # folded split programs (off CUDA a device counts as one SM): 16 splits a program here, and 4 (batched) against
+    # 2 (a row alone) at query block 16 — each bitwise the default launch's output
+    configs += [(0, 16, ta.Launch(programs_per_sm=1)), (16, 4, ta.Launch(programs_per_sm=8))]
+    unfolded = {}
     for qb, splits, launch in configs:
         kc2, vc2 = kc.clone(), vc.clone()
         out = torch.full_like(q, float("nan"))
@@ -54,6 +59,10 @@ def check(causal: bool, dtype: torch.dtype, t: int = 8) -> float:
         err = (out.double() - expected.double()).abs().max().item()
         if err > TOLERANCE[dtype] * (1 + expected.double().abs().max().item()):
             raise SystemExit(f"{what}: max difference {err} from the reference")
+        if launch == ta.DEFAULT_LAUNCH:
+            unfolded[qb, splits] = out
+        elif launch.programs_per_sm and not torch.equal(out, unfolded[qb, splits]):
+            raise SystemExit(f"{what}: folded split programs differ from one split a program")
         if not (torch.equal(kc2, kc_ref) and torch.equal(vc2, vc_ref)):
             raise SystemExit(f"{what}: cache contents differ from the reference's")
         for i in (0, 1, 2):  # rows on their own slots: alone, bitwise the same

@@ -37,7 +37,8 @@ def measure(a) -> dict:
     device = torch.device("cuda")
     cfg, engine, export_s, load_s, _ = build_random(a.shape, torch.bfloat16, a.context, precision=a.precision,
                                                     compile=a.compile == "inductor", max_batch_size=max(batches),
-                                                    fp8_kernel=a.fp8_kernel, fp8_quant=a.fp8_quant)
+                                                    fp8_kernel=a.fp8_kernel, fp8_quant=a.fp8_quant,
+                                                    attention_launch=a.attention_launch)
     print(f"qwen3-{a.shape}: traced {export_s:.1f} s, compiled+captured {load_s:.1f} s", flush=True)
     # the roofs, measured in this run: copy bandwidth, and a matmul rate per operand dtype (FP8: e4m3 and the head)
     bw, rate = copy_bandwidth(device), matmul_rates(device, cfg, engine.weights)
@@ -49,7 +50,8 @@ def measure(a) -> dict:
               "fp8_quant": engine.options.fp8_quant if a.precision == "fp8" and a.compile == "inductor" else None,
               # the build's timing of the FP8 kernels (fp8.choose_kernel: candidates, batch invariance, failures)
               "fp8_choice": (engine.manifest.get("fp8") or {}).get("kernel") if a.precision == "fp8" else None,
-              "context": a.context, "compile": a.compile, "copy_bandwidth_GBps": bw / 1e9,
+              "attention_launch": a.attention_launch, "context": a.context, "compile": a.compile,
+              "copy_bandwidth_GBps": bw / 1e9,
               "matmul_TFLOPs": tflops,
               "steps": profile_engine(engine, [a.context], batches, a.steps.split(","), a.iters, bw, a.top,
                                       log=lambda m: print(m, flush=True), matmul_rate=rate)}
@@ -95,6 +97,8 @@ def main() -> int:
                     help="compiled FP8 programs: quantization fused by Inductor (the runtime's default) or the op's "
                          "own launch (the comparison)")
     ap.add_argument("--compile", choices=["none", "inductor"], default="none")
+    ap.add_argument("--attention-launch", default="", help="the engine option attention_launch (Launch.from_spec, "
+                    "e.g. programs_per_sm=1; default: the kernels' own launch)")
     ap.add_argument("--iters", type=int, default=30, help="graph replays timed per step (median)")
     ap.add_argument("--top", type=int, default=12, help="kernels kept per step in the JSON")
     ap.add_argument("--from", dest="src", default=None, help="re-read an earlier profile instead of measuring")

@@ -230,6 +230,19 @@ def test_attention_launch_specs_round_trip():
     assert Launch.from_spec("partials=float32").partials is torch.float32 and DEFAULT_LAUNCH.spec() == ""
 
 
+def test_attention_launch_fold_keeps_programs_per_sm():
+    """``Launch.fold``: the largest power of two dividing the splits that keeps ``programs_per_sm`` programs an SM;
+    none without the field. 8B heads at 16 splits on 132 SMs: batch 8 (1,024 programs) folds 4 at one program an SM,
+    2 at two; batch 1 (128) never."""
+    from orthrus_plugins.attention_common import DEFAULT_LAUNCH, Launch
+    one, two = Launch.from_spec("programs_per_sm=1"), Launch.from_spec("programs_per_sm=2")
+    assert DEFAULT_LAUNCH.fold(16, 1024, 132) == 1 and one.spec() == "programs_per_sm=1"
+    assert (one.fold(16, 1024, 132), two.fold(16, 1024, 132), one.fold(16, 128, 132)) == (4, 2, 1)
+    assert one.fold(16, 8 * 16 * 64, 132) == 16 and one.fold(5, 10 ** 6, 1) == 1  # whole splits only
+    with pytest.raises(ValueError, match="programs_per_sm"):
+        Launch.from_spec("programs_per_sm=0")
+
+
 def test_info_reads_only_the_manifest(models):
     """`info` imports no torch (it reads one JSON file)."""
     path = models.engine_path("tiny", max_seq_len=256)

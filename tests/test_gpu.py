@@ -124,6 +124,41 @@ def test_attention_ops_launch_attribute_runs_that_launch(causal, spec):
     assert torch.equal(alone, out[t:2 * t])
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("programs_per_sm", [1, 2])
+def test_attention_folded_split_programs_bitwise_unfolded(causal, programs_per_sm):
+    """``Launch.programs_per_sm`` folds consecutive splits into one program as rows grow: 8 rows at 8B heads and 16
+    splits fold (4 or 2 splits a program on 132 SMs) and each row equals, bitwise, that row alone (128 programs: not
+    folded) and the whole batch at the default launch; within bf16 tolerance of the reference."""
+    from orthrus_plugins.attention_common import Launch, reference
+    from orthrus_plugins.attention_common import kernel as ta
+    g = torch.Generator(device="cuda").manual_seed(5 + causal)
+    rows, t, hq, hkv, d, cap = 8, 32, 32, 8, 128, 4200
+    launch = Launch(programs_per_sm=programs_per_sm)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert launch.fold(16, hkv * 16 * rows, sms) > 1 and launch.fold(16, hkv * 16, sms) == 1
+
+    def r(*shape):
+        return torch.randn(*shape, device="cuda", generator=g, dtype=torch.float32).to(torch.bfloat16)
+    lens = torch.randint(0, 4096, (rows,), device="cuda", generator=g)
+    slots = torch.randperm(rows, device="cuda", generator=g)
+    q, k, v = r(rows * t, hq, d), r(rows * t, hkv, d), r(rows * t, hkv, d)
+    kc, vc = r(2, rows, hkv, cap, d), r(2, rows, hkv, cap, d)
+    expected = reference("test", q, k, v, kc.clone(), vc.clone(), lens.cpu(), 1, d ** -0.5, causal, slots.cpu())
+    out = torch.full_like(q, float("nan"))
+    ta.attention(q, k, v, kc.clone(), vc.clone(), lens, 1, d ** -0.5, causal, splits=16, slots=slots, out=out,
+                 launch=launch)
+    unfolded = ta.attention(q, k, v, kc.clone(), vc.clone(), lens, 1, d ** -0.5, causal, splits=16, slots=slots)
+    assert torch.equal(out, unfolded)
+    err = (out.double() - expected.double()).abs().max().item()
+    assert err <= tolerance(torch.bfloat16) * (1 + expected.double().abs().max().item()), err
+    for i in range(rows):
+        rows_i = slice(i * t, (i + 1) * t)
+        alone = ta.attention(q[rows_i], k[rows_i], v[rows_i], kc.clone(), vc.clone(), lens[i:i + 1], 1, d ** -0.5,
+                             causal, splits=16, slots=slots[i:i + 1], launch=launch)
+        assert torch.equal(alone, out[rows_i]), i
+
+
 @pytest.mark.parametrize("batch", [1, 3, 8])
 def test_bf16_batched_passes_rows_match_alone(tiny_gpu, batch):
     """Every row of a batched bf16 verify pass against the same block alone: equal within bf16 rounding (GEMMs at

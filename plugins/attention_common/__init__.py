@@ -49,6 +49,21 @@ class Launch:
     # stages slower at batch 1 (27.9) and 6-12 us faster at batch 8 (verify 150, draft 182 vs 194, decode 101 vs 107;
     # benchmarks/h100-2026-12-07-night-attention-*.log): an option, not the default.
     max_registers: int | None = None
+    # the split kernel's programs as the rows grow: each takes FOLD consecutive key-range splits (the largest power
+    # of two dividing the splits that keeps at least this many programs an SM), one after the other, each from
+    # scratch and stored as its own part — the same partials and the same merge as one split a program, so a row's
+    # result never depends on the fold (bitwise; the GPU tests compare rows alone, unfolded, with their batched
+    # rows). None: one split a program. A batch-8 8B verify call was 1,024 programs of four 64-key iterations,
+    # each loading its 128 query rows and filling its pipeline first; at batch 1 (128 programs) nothing folds.
+    programs_per_sm: int | None = None
+
+    def fold(self, splits: int, programs: int, sms: int) -> int:
+        """Splits a split-kernel program takes: ``programs`` at one split each, on a device of ``sms`` SMs."""
+        fold = 1
+        while (self.programs_per_sm and splits % (2 * fold) == 0
+               and programs // (2 * fold) >= self.programs_per_sm * sms):
+            fold *= 2
+        return fold
 
     @classmethod
     def from_spec(cls, spec: str) -> "Launch":

@@ -65,14 +65,25 @@ def _cache_write_kernel(K, V, KC, VC, LEN, SLOT, layer_off, sk_t, sk_h, sv_t, sv
     tl.store(VC + dst, tl.load(V + t * sv_t + h * sv_h + d).to(VC.dtype.element_ty))
 
 
+@triton.jit
+def _store_part(ACC, MS, LS, part, M_PAD, rows, row_ok, d, m_i, l_i, acc, D: tl.constexpr):
+    """One part's partial result (max, sum, output normalised by the sum) for the query rows only (a decode step's
+    tile is mostly padding)."""
+    tl.store(MS + part * M_PAD + rows, m_i, mask=row_ok)
+    tl.store(LS + part * M_PAD + rows, l_i, mask=row_ok)
+    acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # normalised: at most the largest |v| (fp16 cannot overflow)
+    tl.store(ACC + (part * M_PAD + rows[:, None]) * D + d[None, :], acc.to(ACC.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
 @triton.jit(do_not_specialize=["B", "M_PAD"])  # run-time: one binary for every token count (decode and verify)
 def _split_kernel(Q, KC, VC, KB, VB, LEN, SLOT, ACC, MS, LS, layer_off, scale,
                   sq_b, sq_h, sc_slot, sc_h, sc_s, sb_b, sb_h, svb_b, svb_h, s_len, s_slot, B, M_PAD,
                   G: tl.constexpr, D: tl.constexpr, M_BLOCK: tl.constexpr,
-                  BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PARTS: tl.constexpr, CAUSAL: tl.constexpr,
-                  PREC: tl.constexpr):
+                  BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PARTS: tl.constexpr, FOLD: tl.constexpr,
+                  CAUSAL: tl.constexpr, PREC: tl.constexpr):
     h = tl.program_id(0)
-    split = tl.program_id(1) // (M_PAD // M_BLOCK)
+    group = tl.program_id(1) // (M_PAD // M_BLOCK)  # FOLD consecutive splits (or the diffusion block's own keys)
     qb = tl.program_id(1) % (M_PAD // M_BLOCK)  # the query block
     r = tl.program_id(2)                # the batch row
     Q += r * B * sq_b
@@ -87,38 +98,42 @@ def _split_kernel(Q, KC, VC, KB, VB, LEN, SLOT, ACC, MS, LS, layer_off, scale,
     one = tl.arange(0, 1)               # the row's cache length and slot, as scalars from device memory
     n = tl.max(tl.load(LEN + r * s_len + one).to(tl.int32), 0)
     slot_off = tl.max(tl.load(SLOT + r * s_slot + one), 0).to(tl.int64) * sc_slot
-    m_i = tl.full([M_BLOCK], float("-inf"), tl.float32)
-    l_i = tl.zeros([M_BLOCK], tl.float32)
-    acc = tl.zeros([M_BLOCK, D], tl.float32)
+    first = (r * tl.num_programs(0) + h) * PARTS  # the row and head's first part
     cols = tl.arange(0, BLOCK_N)
-    if split < SPLITS:
+    if group < SPLITS // FOLD:
         # each query row splits its own visible keys (causal: n + i + 1) into SPLITS chunks of whole BLOCK_N tiles
         # at absolute key positions, so a verify block's row i is split, tiled and summed exactly as the one-token
         # decode step of that token (its n + 1 keys) is; rows of one program differ in chunk size only where their
         # key counts straddle a multiple of SPLITS·BLOCK_N, and the program walks the union of their ranges
         total = n + i + 1 if CAUSAL else n + i * 0
         chunk = tl.cdiv(total, SPLITS * BLOCK_N) * BLOCK_N
-        start = split * chunk
-        end = tl.minimum(start + chunk, total)
-        lo = tl.min(tl.where(row_ok, start, 2147483647), 0)
-        hi = tl.max(tl.where(row_ok, end, 0), 0)
         base = KC + layer_off + slot_off + h * sc_h
         vbase = VC + layer_off + slot_off + h * sc_h
-        for s0 in range(lo, hi, BLOCK_N):
-            kidx = s0 + cols
-            kok = kidx < hi
-            k = tl.load(base + kidx[:, None] * sc_s + d[None, :], mask=kok[:, None], other=0.0)
-            v = tl.load(vbase + kidx[:, None] * sc_s + d[None, :], mask=kok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * scale
-            ok = (kidx[None, :] >= start[:, None]) & (kidx[None, :] < end[:, None])  # the causal mask within
-            s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.where(m_new == float("-inf"), 1.0, tl.exp(m_i - m_new))
-            p = tl.where(ok, tl.exp(s - m_new[:, None]), 0.0)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC).to(tl.float32)
-            m_i = m_new
-    elif not CAUSAL:  # the diffusion block's own keys, all visible
+        for j in range(FOLD):  # each split from scratch, stored as its own part: FOLD changes no arithmetic
+            split = group * FOLD + j
+            start = split * chunk
+            end = tl.minimum(start + chunk, total)
+            lo = tl.min(tl.where(row_ok, start, 2147483647), 0)
+            hi = tl.max(tl.where(row_ok, end, 0), 0)
+            m_i = tl.full([M_BLOCK], float("-inf"), tl.float32)
+            l_i = tl.zeros([M_BLOCK], tl.float32)
+            acc = tl.zeros([M_BLOCK, D], tl.float32)
+            for s0 in range(lo, hi, BLOCK_N):
+                kidx = s0 + cols
+                kok = kidx < hi
+                k = tl.load(base + kidx[:, None] * sc_s + d[None, :], mask=kok[:, None], other=0.0)
+                v = tl.load(vbase + kidx[:, None] * sc_s + d[None, :], mask=kok[:, None], other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * scale
+                ok = (kidx[None, :] >= start[:, None]) & (kidx[None, :] < end[:, None])  # the causal mask within
+                s = tl.where(ok, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                alpha = tl.where(m_new == float("-inf"), 1.0, tl.exp(m_i - m_new))
+                p = tl.where(ok, tl.exp(s - m_new[:, None]), 0.0)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC).to(tl.float32)
+                m_i = m_new
+            _store_part(ACC, MS, LS, first + split, M_PAD, rows, row_ok, d, m_i, l_i, acc, D)
+    elif not CAUSAL:  # the diffusion block's own keys, all visible: the last part
         kok = cols < B
         k = tl.load(KB + cols[:, None] * sb_b + h * sb_h + d[None, :], mask=kok[:, None], other=0.0)
         v = tl.load(VB + cols[:, None] * svb_b + h * svb_h + d[None, :], mask=kok[:, None], other=0.0)
@@ -128,12 +143,7 @@ def _split_kernel(Q, KC, VC, KB, VB, LEN, SLOT, ACC, MS, LS, layer_off, scale,
         p = tl.where(kok[None, :], tl.exp(s - m_i[:, None]), 0.0)
         l_i = tl.sum(p, 1)
         acc = tl.dot(p.to(v.dtype), v, input_precision=PREC).to(tl.float32)
-    slot = (r * tl.num_programs(0) + h) * PARTS + split
-    tl.store(MS + slot * M_PAD + rows, m_i, mask=row_ok)  # the query rows only: a decode step's tile is mostly
-    tl.store(LS + slot * M_PAD + rows, l_i, mask=row_ok)  # padding
-    acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # normalised: at most the largest |v| (fp16 cannot overflow)
-    tl.store(ACC + (slot * M_PAD + rows[:, None]) * D + d[None, :], acc.to(ACC.dtype.element_ty),
-             mask=row_ok[:, None])
+        _store_part(ACC, MS, LS, first + SPLITS, M_PAD, rows, row_ok, d, m_i, l_i, acc, D)
 
 
 @triton.jit(do_not_specialize=["B", "M_PAD"])
@@ -219,13 +229,14 @@ def attention(q, k, v, k_cache, v_cache, cache_len, layer: int, scale: float, ca
     ms = torch.empty(acc.shape[:2], device=q.device, dtype=torch.float32)
     ls = torch.empty(acc.shape[:2], device=q.device, dtype=torch.float32)
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype) if out is None else out  # contiguous, as the fake
-    _split_kernel[(hkv, parts * (m_pad // m_block), rows)](
+    fold = launch.fold(splits, hkv * splits * (m_pad // m_block) * rows, _sms(q.device))
+    _split_kernel[(hkv, (splits // fold + parts - splits) * (m_pad // m_block), rows)](
         # the layer's offset computed here: past 2**31 elements (35 layers of an 8B cache with 17 slots of 4k
         # positions) Triton passes it as a 64-bit integer, where an in-kernel layer * stride would overflow int32
         q, k_cache, v_cache, k, v, lens, slots, acc, ms, ls, layer * k_cache.stride(0), scale,
         q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), lens.stride(0), slots.stride(0), b, m_pad,
-        G=g, D=d, M_BLOCK=m_block, BLOCK_N=launch.block_n, SPLITS=splits, PARTS=parts, CAUSAL=causal,
+        G=g, D=d, M_BLOCK=m_block, BLOCK_N=launch.block_n, SPLITS=splits, PARTS=parts, FOLD=fold, CAUSAL=causal,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 engines stay exact
         # a [M_BLOCK, D] fp32 accumulator: spread it over 8 warps
         num_warps=launch.num_warps or (8 if m_block * d >= 128 * 64 else 4),
@@ -245,6 +256,12 @@ def register(op, causal: bool) -> None:
           block_n=DEFAULT_BLOCK_N, launch=""):
         return attention(q, k, v, k_cache, v_cache, cache_len, layer, scale, causal=causal, splits=splits,
                          slots=slots, query_block=query_block, launch=op_launch(block_n, launch))
+
+
+@lru_cache(maxsize=None)
+def _sms(device: torch.device) -> int:
+    """The device's SMs (1 off CUDA: Triton's interpreter, where every fold is then taken)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 @lru_cache(maxsize=None)
