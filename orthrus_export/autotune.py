@@ -5,9 +5,9 @@ acceptance, one CUDA-graph replay: ``Engine.time_step("cycle", …)``), median o
 context and batch size, summed over them. Candidates: the attention kernels' key-range splits × query blocks (query
 rows per program) at 64-key tiles, then the other key tiles at the best of those (32-key tiles won 10-17% of a
 batch-8 attention call on an H100 and lost 2% at batch 1: ``benchmarks/h100-attention-launch.json``), then the
-kernels' other launches (``LAUNCH_CANDIDATES``: two programs an SM, fp32 split outputs) at the best of those, all
-timed on the first backend (re-specialising the traced programs is cheap), then every other pass backend
-(Inductor) at the best attention options, so each backend is compiled once. The engine ends with the fastest
+kernels' other launches (``LAUNCH_CANDIDATES``: two programs an SM, fp32 split outputs, folded split programs) at
+the best of those, all timed on the first backend (re-specialising the traced programs is cheap), then every other
+pass backend (Inductor) at the best attention options, so each backend is compiled once. The engine ends with the fastest
 options; every candidate is recorded. Options are engine-wide, never chosen per batch size: that keeps a row's
 result independent of what it is batched with.
 """

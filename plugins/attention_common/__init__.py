@@ -96,9 +96,10 @@ class Launch:
 DEFAULT_LAUNCH = Launch()
 
 # launches the build's autotuner times (at the best splits and key tile), the default first: two programs an SM at
-# batch 8 (6-12 us faster a call on the H100, 2-3 us slower at batch 1) and fp32 split outputs (bf16 ones were 6-11%
-# slower at batch 1, 10% faster at batch 8: the README's "GPU engines")
-LAUNCH_CANDIDATES = ("", "num_stages=2,max_registers=128", "partials=float32")
+# batch 8 (6-12 us faster a call on the H100, 2-3 us slower at batch 1), fp32 split outputs (bf16 ones were 6-11%
+# slower at batch 1, 10% faster at batch 8: the README's "GPU engines") and folded split programs (not yet timed on a
+# GPU; bitwise the default's output, so the autotuner's timing alone decides)
+LAUNCH_CANDIDATES = ("", "num_stages=2,max_registers=128", "partials=float32", "programs_per_sm=1")
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
