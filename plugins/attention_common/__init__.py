@@ -55,6 +55,9 @@ class Launch:
     # result never depends on the fold (bitwise; the GPU tests compare rows alone, unfolded, with their batched
     # rows). None: one split a program. A batch-8 8B verify call was 1,024 programs of four 64-key iterations,
     # each loading its 128 query rows and filling its pipeline first; at batch 1 (128 programs) nothing folds.
+    # Measured on the H100 (8B, 16 splits): programs_per_sm=1 took a batch-8 verify call alone 125.2 -> 119.1 us,
+    # draft 116.5 -> 111.3, batch 1 unchanged; the compiled batch-8 cycle 25.26 -> 25.04 ms, within run-to-run
+    # noise (benchmarks/h100-2026-12-07-eighth-*): an option and an autotuner candidate, not the default.
     programs_per_sm: int | None = None
 
     def fold(self, splits: int, programs: int, sms: int) -> int:
@@ -97,8 +100,8 @@ DEFAULT_LAUNCH = Launch()
 
 # launches the build's autotuner times (at the best splits and key tile), the default first: two programs an SM at
 # batch 8 (6-12 us faster a call on the H100, 2-3 us slower at batch 1), fp32 split outputs (bf16 ones were 6-11%
-# slower at batch 1, 10% faster at batch 8: the README's "GPU engines") and folded split programs (not yet timed on a
-# GPU; bitwise the default's output, so the autotuner's timing alone decides)
+# slower at batch 1, 10% faster at batch 8: the README's "GPU engines") and folded split programs (5% faster a
+# batch-8 call alone, within noise in the cycle; bitwise the default's output, so the autotuner's timing decides)
 LAUNCH_CANDIDATES = ("", "num_stages=2,max_registers=128", "partials=float32", "programs_per_sm=1")
 
 
