@@ -7,8 +7,8 @@ rows per program) at 64-key tiles, then the other key tiles at the best of those
 batch-8 attention call on an H100 and lost 2% at batch 1: ``benchmarks/h100-attention-launch.json``), then the
 kernels' other launches (``LAUNCH_CANDIDATES``: two programs an SM, fp32 split outputs, folded split programs) at
 the best of those, all timed on the first backend (re-specialising the traced programs is cheap), then every other
-pass backend (Inductor) at the best attention options, so each backend is compiled once. The engine ends with the fastest
-options; every candidate is recorded. Options are engine-wide, never chosen per batch size: that keeps a row's
+pass backend (Inductor) at the best attention options, so each backend is compiled once. The engine ends with the
+fastest options; every candidate is recorded. Options are engine-wide, never chosen per batch size: that keeps a row's
 result independent of what it is batched with.
 """
 
