@@ -37,10 +37,10 @@ class KernelOptions:
         kernels would refuse: an unknown field, a value they cannot take, or ``block_n`` (its own option,
         ``attention_block_n``) is one OrthrusError line."""
         try:
-            launch = Launch.from_spec(self.attention_launch)
+            Launch.from_spec(self.attention_launch)
         except ValueError as e:
             raise OrthrusError(f"engine option attention_launch: {e}: rebuild the engine") from None
-        if launch.block_n != DEFAULT_BLOCK_N or "block_n" in self.attention_launch:
+        if "block_n" in self.attention_launch:  # only a spec naming it can set it
             raise OrthrusError(f"engine option attention_launch {self.attention_launch!r} sets block_n, which is "
                                "its own option (attention_block_n): rebuild the engine")
 
