@@ -75,7 +75,7 @@ def check(qkv, q_weight, k_weight, cos, sin, num_heads: int, num_kv_heads: int) 
                          f"{tuple(k_weight.shape)}, {tuple(cos.shape)}, {tuple(sin.shape)}")
 
 
-@torch.library.custom_op("orthrus::qk_norm_rope", mutates_args=())
+@torch.library.custom_op("orthrus::qk_norm_rope", mutates_args=(), tags=(torch.Tag.flexible_layout,))
 def qk_norm_rope(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor, num_heads: int, num_kv_heads: int, eps: float
                  ) -> tuple[torch.Tensor, torch.Tensor]:
