@@ -52,8 +52,6 @@ def forward(cfg: ModelConfig, view: str, w: dict[str, torch.Tensor], tokens: tor
         q, k = torch.ops.orthrus.qk_norm_rope(qkv, w[f"{p}{view}.q_norm"], w[f"{p}{view}.k_norm"], cos, sin,
                                               cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps)
         v = qkv[:, cfg.q_size + cfg.kv_size:].reshape(-1, cfg.num_kv_heads, cfg.head_dim)
-        if slots is not None:  # a hint for the GPU kernel: the weight read next (``Launch.prefetch_mb``)
-            extra["prefetch"] = w[f"{p}{view}.o"]
         if view == "ar":
             o = torch.ops.orthrus.cached_attention(q, k, v, k_cache, v_cache, start, n, scale, **extra)
         else:

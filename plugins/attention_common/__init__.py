@@ -59,13 +59,6 @@ class Launch:
     # draft 116.5 -> 111.3, batch 1 unchanged; the compiled batch-8 cycle 25.26 -> 25.04 ms, within run-to-run
     # noise (benchmarks/h100-2026-12-07-eighth-*): an option and an autotuner candidate, not the default.
     programs_per_sm: int | None = None
-    # MB of the op's ``prefetch`` tensor (the o projection's weight, which the pass reads right after attention)
-    # that the split kernel's programs ask the L2 cache for before attending, split evenly among them (Hopper's bulk
-    # prefetch: nothing returns to the SM). At batch 1 the kernel moves its ~17 MB of K/V (8B, 4k keys) at a third
-    # of HBM bandwidth, latency-bound, while the o projection (33.5 MB at 8B) starts cold; the prefetch fills the
-    # idle bandwidth with the weight (an L2 of 50 MB on the H100 holds part of it beside the K/V). None: no
-    # prefetch. A hint: no result depends on it (the GPU tests compare outputs with and without, bitwise).
-    prefetch_mb: int | None = None
 
     def fold(self, splits: int, programs: int, sms: int) -> int:
         """Splits a split-kernel program takes: ``programs`` at one split each, on a device of ``sms`` SMs."""

@@ -77,18 +77,11 @@ def _store_part(ACC, MS, LS, part, M_PAD, rows, row_ok, d, m_i, l_i, acc, D: tl.
 
 
 @triton.jit(do_not_specialize=["B", "M_PAD"])  # run-time: one binary for every token count (decode and verify)
-def _split_kernel(Q, KC, VC, KB, VB, LEN, SLOT, ACC, MS, LS, PF, layer_off, scale,
-                  sq_b, sq_h, sc_slot, sc_h, sc_s, sb_b, sb_h, svb_b, svb_h, s_len, s_slot, B, M_PAD, pf_bytes,
+def _split_kernel(Q, KC, VC, KB, VB, LEN, SLOT, ACC, MS, LS, layer_off, scale,
+                  sq_b, sq_h, sc_slot, sc_h, sc_s, sb_b, sb_h, svb_b, svb_h, s_len, s_slot, B, M_PAD,
                   G: tl.constexpr, D: tl.constexpr, M_BLOCK: tl.constexpr,
                   BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PARTS: tl.constexpr, FOLD: tl.constexpr,
-                  CAUSAL: tl.constexpr, PREC: tl.constexpr, PF_PIECES: tl.constexpr):
-    if PF_PIECES:  # first, ask the L2 cache for this program's share of PF (Launch.prefetch_mb): PF_PIECES pieces of
-        # pf_bytes, one a thread; Hopper's bulk prefetch returns nothing to the SM, so the program goes on at once
-        prog = (tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(0) + tl.program_id(0)
-        piece = (prog * PF_PIECES + tl.arange(0, PF_PIECES)).to(tl.int64)
-        tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n mov.u32 $0, 0;", "=r,l,r",
-                                  [PF + piece * pf_bytes, tl.full([PF_PIECES], pf_bytes, tl.int32)], dtype=tl.int32,
-                                  is_pure=False, pack=1)
+                  CAUSAL: tl.constexpr, PREC: tl.constexpr):
     h = tl.program_id(0)
     group = tl.program_id(1) // (M_PAD // M_BLOCK)  # FOLD consecutive splits (or the diffusion block's own keys)
     qb = tl.program_id(1) % (M_PAD // M_BLOCK)  # the query block
@@ -192,16 +185,14 @@ def _merge_kernel(ACC, MS, LS, O, so_b, so_h, B, M_PAD,
 
 def attention(q, k, v, k_cache, v_cache, cache_len, layer: int, scale: float, causal: bool,
               splits: int = DEFAULT_SPLITS, slots=None, out=None, query_block: int = 0,
-              launch: Launch = DEFAULT_LAUNCH, prefetch=None):
+              launch: Launch = DEFAULT_LAUNCH):
     """Launch both kernels, either layout (:mod:`orthrus_plugins.attention_common`). Cached mode (``causal``) first
     writes every row's K/V at its slot and ``cache_len`` (device indices, no host read). ``splits``: key-range splits
     (one of SPLIT_CHOICES). ``query_block``: query rows per program (one of QUERY_BLOCK_CHOICES; 0, or more than a
     row has: all of a row's query rows in one program; in cached mode 0 is the rows of a ``CAUSAL_BLOCK_TOKENS``-token
     block, whatever the tokens per row, so that decode steps and verify blocks run the same tiles). ``out``: a tensor
     to write the result into (tests poison it). ``launch``: block sizes, warps and stages (:class:`Launch`;
-    benchmarks try others). ``prefetch``: a tensor the pass reads next (its o projection's weight), whose first
-    ``launch.prefetch_mb`` MB the split kernel's programs ask the L2 cache for before attending (a hint: no result
-    depends on it; on devices of compute capability 9.0 or later)."""
+    benchmarks try others)."""
     if splits not in SPLIT_CHOICES:
         raise ValueError(f"attention splits must be one of {SPLIT_CHOICES}, got {splits}")
     if query_block not in QUERY_BLOCK_CHOICES:
@@ -240,19 +231,16 @@ def attention(q, k, v, k_cache, v_cache, cache_len, layer: int, scale: float, ca
     ls = torch.empty(acc.shape[:2], device=q.device, dtype=torch.float32)
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype) if out is None else out  # contiguous, as the fake
     fold = launch.fold(splits, hkv * splits * (m_pad // m_block) * rows, _sms(q.device))
-    grid = (hkv, (splits // fold + parts - splits) * (m_pad // m_block), rows)
-    warps = launch.num_warps or (8 if m_block * d >= 128 * 64 else 4)  # a [M_BLOCK, D] fp32 accumulator: 8 warps
-    pf, pf_bytes, pf_pieces = _prefetch_pieces(prefetch, launch.prefetch_mb, grid[0] * grid[1] * grid[2], 32 * warps)
-    pf = pf if pf_pieces else q  # (no prefetch: one binary whatever was passed)
-    _split_kernel[grid](
+    _split_kernel[(hkv, (splits // fold + parts - splits) * (m_pad // m_block), rows)](
         # the layer's offset computed here: past 2**31 elements (35 layers of an 8B cache with 17 slots of 4k
         # positions) Triton passes it as a 64-bit integer, where an in-kernel layer * stride would overflow int32
-        q, k_cache, v_cache, k, v, lens, slots, acc, ms, ls, pf, layer * k_cache.stride(0), scale,
+        q, k_cache, v_cache, k, v, lens, slots, acc, ms, ls, layer * k_cache.stride(0), scale,
         q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1), lens.stride(0), slots.stride(0), b, m_pad, pf_bytes,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), lens.stride(0), slots.stride(0), b, m_pad,
         G=g, D=d, M_BLOCK=m_block, BLOCK_N=launch.block_n, SPLITS=splits, PARTS=parts, FOLD=fold, CAUSAL=causal,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 engines stay exact
-        PF_PIECES=pf_pieces, num_warps=warps,
+        # a [M_BLOCK, D] fp32 accumulator: spread it over 8 warps
+        num_warps=launch.num_warps or (8 if m_block * d >= 128 * 64 else 4),
         **({} if launch.num_stages is None else {"num_stages": launch.num_stages}),
         **({} if launch.max_registers is None else {"maxnreg": launch.max_registers}))
     merge_rows = launch.merge_rows  # programs over the query rows only, not the padding
@@ -266,26 +254,9 @@ def register(op, causal: bool) -> None:
     """Make ``attention`` (cached mode when ``causal``) the CUDA implementation of the attention op ``op``."""
     @op.register_kernel("cuda")
     def _(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=DEFAULT_SPLITS, slots=None, query_block=0,
-          block_n=DEFAULT_BLOCK_N, launch="", prefetch=None):
+          block_n=DEFAULT_BLOCK_N, launch=""):
         return attention(q, k, v, k_cache, v_cache, cache_len, layer, scale, causal=causal, splits=splits,
-                         slots=slots, query_block=query_block, launch=op_launch(block_n, launch), prefetch=prefetch)
-
-
-def _prefetch_pieces(t, mb, programs: int, threads: int):
-    """``(tensor, bytes a piece, pieces a program)`` for the split kernel's L2 prefetch of ``t``'s first ``mb`` MB:
-    one piece a thread, whole 16-byte units; no prefetch (pieces 0) without ``t`` or ``mb``, off CUDA devices of
-    compute capability 9.0 or later, for a tensor that is not contiguous and 16-byte aligned, or under a piece."""
-    if (t is None or not mb or not _bulk_prefetch(t.device) or not t.is_contiguous() or t.data_ptr() % 16
-            or t.numel() == 0):
-        return t, 0, 0
-    piece = min(mb << 20, t.numel() * t.element_size()) // (programs * threads) // 16 * 16
-    return (t.reshape(-1).view(torch.uint8), piece, threads) if piece else (t, 0, 0)
-
-
-@lru_cache(maxsize=None)
-def _bulk_prefetch(device: torch.device) -> bool:
-    """Whether the device has Hopper's bulk L2 prefetch (compute capability 9.0 or later)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+                         slots=slots, query_block=query_block, launch=op_launch(block_n, launch))
 
 
 @lru_cache(maxsize=None)

@@ -3,7 +3,7 @@
 Contract
 --------
 ``diffusion_attention(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=16, slots=None,
-query_block=0, block_n=64, launch="", prefetch=None) -> out``
+query_block=0, block_n=64, launch="") -> out``
 
 - ``q``: ``[B, Hq, D]``; ``k``, ``v``: ``[B, Hkv, D]`` — the block's diffusion-view projections, already
   normed and rotated (RoPE at positions ``cache_len … cache_len+B-1``). ``Hq`` is a multiple of ``Hkv`` (GQA).
@@ -21,9 +21,6 @@ query_block=0, block_n=64, launch="", prefetch=None) -> out``
 - ``launch`` (str attribute, a kernel setting): the GPU kernels' other launch fields over their defaults
   (``attention_common.Launch.from_spec``: e.g. ``"num_stages=2,max_registers=128"``, ``"partials=float32"``; ``""``
   the defaults; an engine setting like ``splits``); the reference ignores it.
-- ``prefetch`` (optional tensor, a scheduling hint): the weight the pass reads right after this op (the layer's o
-  projection; the batched programs pass it); the GPU kernel asks the L2 cache for its first ``prefetch_mb`` MB
-  (a ``launch`` field) while attending. No result depends on it; the reference ignores it.
 - ``slots`` (batched layout, :mod:`orthrus_plugins.attention_common`): int64 ``[b]``; then ``q``/``k``/``v`` hold b
   rows of T = B/b tokens, the caches are ``[L, S, Hkv, C, D]`` and ``cache_len`` is ``[b]``: row ``i`` attends to
   slot ``slots[i]``'s first ``cache_len[i]`` positions and to its own T block keys.
@@ -50,8 +47,7 @@ from orthrus_plugins.attention_common import DEFAULT_BLOCK_N, DEFAULT_SPLITS, re
 def diffusion_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                         v_cache: torch.Tensor, cache_len: torch.Tensor, layer: int, scale: float,
                         splits: int = DEFAULT_SPLITS, slots: torch.Tensor | None = None,
-                        query_block: int = 0, block_n: int = DEFAULT_BLOCK_N, launch: str = "",
-                     prefetch: torch.Tensor | None = None) -> torch.Tensor:
+                        query_block: int = 0, block_n: int = DEFAULT_BLOCK_N, launch: str = "") -> torch.Tensor:
     """Reference implementation (any device)."""
     return reference("orthrus::diffusion_attention", q, k, v, k_cache, v_cache, cache_len, layer, scale, False,
                      slots)
@@ -59,7 +55,7 @@ def diffusion_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
 
 @diffusion_attention.register_fake
 def _(q, k, v, k_cache, v_cache, cache_len, layer, scale, splits=DEFAULT_SPLITS, slots=None, query_block=0,
-      block_n=DEFAULT_BLOCK_N, launch="", prefetch=None):
+      block_n=DEFAULT_BLOCK_N, launch=""):
     return q.new_empty(q.shape)  # contiguous, like every real kernel
 
 
