@@ -200,7 +200,8 @@ def test_two_engines_with_different_kernel_options_run_their_own(models):
 
 
 @pytest.mark.parametrize("spec, problem", [("stages=2", "not field=value"), ("partials=int8", "not field=value"),
-                                           ("merge_rows=3", "not field=value"), ("block_n=32", "its own option")])
+                                           ("merge_rows=3", "merge_rows must be a power of two"),
+                                           ("block_n=32", "its own option")])
 def test_a_bad_attention_launch_option_is_one_clear_error(models, spec, problem):
     """An engine's ``attention_launch`` option is checked where kernel options are made, on any machine (a launch
     the GPU kernels would refuse, or ``block_n``, which has its own option): one line naming the option; the engine
@@ -241,6 +242,9 @@ def test_attention_launch_fold_keeps_programs_per_sm():
     assert one.fold(16, 8 * 16 * 64, 132) == 16 and one.fold(5, 10 ** 6, 1) == 1  # whole splits only
     with pytest.raises(ValueError, match="programs_per_sm"):
         Launch.from_spec("programs_per_sm=0")
+    for bad in ({"block_n": 48}, {"merge_rows": 3}, {"num_warps": 6}):  # however made, not only from a spec
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be a power of two"):
+            Launch(**bad)
 
 
 def test_info_reads_only_the_manifest(models):

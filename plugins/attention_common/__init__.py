@@ -60,6 +60,13 @@ class Launch:
     # noise (benchmarks/h100-2026-12-07-eighth-*): an option and an autotuner candidate, not the default.
     programs_per_sm: int | None = None
 
+    def __post_init__(self):
+        """However a launch is made (a spec, ``replace``, a benchmark), its tiles and warps are powers of two."""
+        for name in ("block_n", "merge_rows", "num_warps"):
+            value = getattr(self, name)
+            if value is not None and (value < 1 or value & (value - 1)):
+                raise ValueError(f"{name} must be a power of two, got {value}")
+
     def fold(self, splits: int, programs: int, sms: int) -> int:
         """Splits a split-kernel program takes: ``programs`` at one split each, on a device of ``sms`` SMs."""
         fold = 1
@@ -80,14 +87,15 @@ class Launch:
             dtype = getattr(torch, value, None) if name == "partials" else None
             ok = (dtype in (torch.float32, torch.bfloat16, torch.float16) if name == "partials"
                   else value.isdigit() and int(value) > 0)
-            if ok and name in ("block_n", "merge_rows", "num_warps"):
-                ok = int(value) & (int(value) - 1) == 0
             if name not in cls.__dataclass_fields__ or not ok:
                 raise ValueError(f"attention launch spec {spec!r}: {item!r} is not field=value of "
                                  f"{', '.join(cls.__dataclass_fields__)} (a positive integer, a power of two for "
                                  "block_n, merge_rows and num_warps; float32, bfloat16 or float16 for partials)")
             fields[name] = dtype if name == "partials" else int(value)
-        return cls(**fields)
+        try:
+            return cls(**fields)
+        except ValueError as e:  # a block size or warp count not a power of two (__post_init__)
+            raise ValueError(f"attention launch spec {spec!r}: {e}") from None
 
     def spec(self) -> str:
         """The :meth:`from_spec` string of this launch: its fields that differ from the defaults ("" for none)."""

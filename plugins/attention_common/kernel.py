@@ -198,8 +198,6 @@ def attention(q, k, v, k_cache, v_cache, cache_len, layer: int, scale: float, ca
     if query_block not in QUERY_BLOCK_CHOICES:
         raise ValueError(f"attention query_block must be one of {QUERY_BLOCK_CHOICES}, got {query_block}")
     k_cache, v_cache, lens, slots = batched_view(k_cache, v_cache, cache_len, slots)
-    if launch.merge_rows & (launch.merge_rows - 1) or launch.block_n & (launch.block_n - 1):
-        raise ValueError(f"attention launch block sizes must be powers of two, got {launch}")
     # lengths and slots are read in place (the runtime passes int64 columns of its row buffers: strided from two
     # rows on) and q, k, v as the strided views they come as (v is a slice of the QKV product): copying any of them
     # was a kernel launch per call (0.3 ms of an 8B batch-1 cycle on the H100, 0.5 ms at batch 8)
