@@ -242,9 +242,19 @@ def test_attention_launch_fold_keeps_programs_per_sm():
     assert one.fold(16, 8 * 16 * 64, 132) == 16 and one.fold(5, 10 ** 6, 1) == 1  # whole splits only
     with pytest.raises(ValueError, match="programs_per_sm"):
         Launch.from_spec("programs_per_sm=0")
-    for bad in ({"block_n": 48}, {"merge_rows": 3}, {"num_warps": 6}):  # however made, not only from a spec
-        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be a power of two"):
-            Launch(**bad)
+
+
+@pytest.mark.parametrize("field, value", [("block_n", 48), ("merge_rows", 3), ("num_warps", 6)])
+def test_every_attention_launch_has_power_of_two_tiles(field, value):
+    """A launch however made (a spec, ``Launch(...)``, ``replace``) is refused with a tile or warp count that is not
+    a power of two: checked once, where launches are made."""
+    from dataclasses import replace
+
+    from orthrus_plugins.attention_common import DEFAULT_LAUNCH, Launch
+    for make in (lambda: Launch(**{field: value}), lambda: replace(DEFAULT_LAUNCH, **{field: value}),
+                 lambda: Launch.from_spec(f"{field}={value}")):
+        with pytest.raises(ValueError, match=f"{field} must be a power of two, got {value}"):
+            make()
 
 
 def test_info_reads_only_the_manifest(models):
