@@ -38,7 +38,8 @@ def measure(a) -> dict:
     cfg, engine, export_s, load_s, _ = build_random(a.shape, torch.bfloat16, a.context, precision=a.precision,
                                                     compile=a.compile == "inductor", max_batch_size=max(batches),
                                                     fp8_kernel=a.fp8_kernel, fp8_quant=a.fp8_quant,
-                                                    attention_launch=a.attention_launch)
+                                                    attention_launch=a.attention_launch,
+                                                    attention_block_n=a.attention_block_n)
     print(f"qwen3-{a.shape}: traced {export_s:.1f} s, compiled+captured {load_s:.1f} s", flush=True)
     # the roofs, measured in this run: copy bandwidth, and a matmul rate per operand dtype (FP8: e4m3 and the head)
     bw, rate = copy_bandwidth(device), matmul_rates(device, cfg, engine.weights)
@@ -50,7 +51,8 @@ def measure(a) -> dict:
               "fp8_quant": engine.options.fp8_quant if a.precision == "fp8" and a.compile == "inductor" else None,
               # the build's timing of the FP8 kernels (fp8.choose_kernel: candidates, batch invariance, failures)
               "fp8_choice": (engine.manifest.get("fp8") or {}).get("kernel") if a.precision == "fp8" else None,
-              "attention_launch": a.attention_launch, "context": a.context, "compile": a.compile,
+              "attention_launch": a.attention_launch, "attention_block_n": engine.options.attention_block_n,
+              "context": a.context, "compile": a.compile,
               "copy_bandwidth_GBps": bw / 1e9,
               "matmul_TFLOPs": tflops,
               "steps": profile_engine(engine, [a.context], batches, a.steps.split(","), a.iters, bw, a.top,
@@ -99,6 +101,8 @@ def main() -> int:
     ap.add_argument("--compile", choices=["none", "inductor"], default="none")
     ap.add_argument("--attention-launch", default="", help="the engine option attention_launch (Launch.from_spec, "
                     "e.g. programs_per_sm=1; default: the kernels' own launch)")
+    ap.add_argument("--attention-block-n", type=int, default=None, help="the engine option attention_block_n (keys a "
+                    "split-kernel iteration: 64 or 32; default: the kernels' own)")
     ap.add_argument("--iters", type=int, default=30, help="graph replays timed per step (median)")
     ap.add_argument("--top", type=int, default=12, help="kernels kept per step in the JSON")
     ap.add_argument("--from", dest="src", default=None, help="re-read an earlier profile instead of measuring")
