@@ -19,6 +19,11 @@ other tokens — on a GPU by construction (one program per token and head, one i
 block's query computes what the decode step of that token computes whatever a compiler would have made of the norm
 (Inductor autotunes rows this short per compiled program).
 
+Layout: the op is tagged ``flexible_layout`` — its inputs may come in any strides (the CUDA launch reads row strides
+and copies only an input whose last stride is not 1). At a custom op's default (exact strides) Inductor copied the
+``cos``/``sin`` a pass gathers once for every layer's call: 36 gather launches a batch-1 8B cycle where one a pass
+does (``tests/test_plugins.py::test_compiled_layers_gather_the_rope_tables_once``).
+
 Implementations: the reference (:func:`reference`, any device: the torch ops the engines' forward ran inline before
 this op existed, so CPU engines compute the same bits); on CUDA a Triton kernel (``kernel.py``), one launch for both
 sets of heads. ONNX (``onnx.py``): standard ops (the same arithmetic), in both export modes.
