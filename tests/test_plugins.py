@@ -145,7 +145,8 @@ def naive_qk_norm_rope(x, w, cos, sin, eps):
 def test_compiled_layers_gather_the_rope_tables_once():
     """``orthrus::qk_norm_rope`` takes any layout (``flexible_layout``): Inductor realizes the cos/sin rows a pass
     gathers once for all its layers. At the default (exact strides) it wrote a copy for every layer's call — in the
-    8B batch-1 GPU cycle 36 launches of ~1.7 us. Compiled (caches off: the op's tag is not in their keys) == eager."""
+    8B batch-1 GPU cycle 36 launches of ~1.7 us. Compiled (caches off: an entry cached before the tag was seen to be
+    served) == eager."""
     import re
 
     from torch._inductor import config
