@@ -206,7 +206,8 @@ def test_autotune_tries_every_attention_option_at_every_batch_size(models):
             [(8, 0, 64), (8, 32, 64), (16, 0, 64), (16, 32, 64)]
         best_grid = min(grid, key=lambda c: sum(c["cycle_ms"]))
         keys = ("attention_splits", "attention_query_block", "attention_block_n", "attention_launch")
-        assert len(t["candidates"]) == 4 + len(LAUNCH_CANDIDATES) and all(c["attention_launch"] == "" for c in t["candidates"][:5])
+        assert len(t["candidates"]) == 4 + len(LAUNCH_CANDIDATES)
+        assert all(c["attention_launch"] == "" for c in t["candidates"][:5])
         assert tuple(t["candidates"][4][k] for k in keys) == \
             (best_grid["attention_splits"], best_grid["attention_query_block"], 32, "")
         best_tile = min(t["candidates"][:5], key=lambda c: sum(c["cycle_ms"]))
