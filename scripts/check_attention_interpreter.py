@@ -4,7 +4,7 @@ splits into one program, bitwise the default's output): batched rows of differen
 lengths and slots (two consecutive chunks of one slot among them), fp32 and fp16 (the interpreter mishandles bf16:
 the kernel before query blocks fails there too), causal and diffusion mode, v a strided view and lengths and slots
 strided columns (read in place); outputs poisoned first, cache contents checked, each row bitwise equal to its run
-alone; in cached mode also rows of one token (decode steps, their query rows padded to a block's).
+alone (whose K/V the split kernel writes itself: its cache checked too); in cached mode also rows of one token (decode steps, their query rows padded to a block's).
 Exit 1 on the first failure.
 
     pip install --target /tmp/tritonpkg triton "numpy<2.3"  # not dependencies (the CPU wheels of torch need no
@@ -67,11 +67,18 @@ def check(causal: bool, dtype: torch.dtype, t: int = 8) -> float:
             raise SystemExit(f"{what}: cache contents differ from the reference's")
         for i in (0, 1, 2):  # rows on their own slots: alone, bitwise the same
             rows_i = slice(i * t, (i + 1) * t)
-            alone = ta.attention(q[rows_i], k[rows_i], v[rows_i], kc.clone(), vc.clone(), lens[i:i + 1], 1,
+            kc1, vc1 = kc.clone(), vc.clone()
+            alone = ta.attention(q[rows_i], k[rows_i], v[rows_i], kc1, vc1, lens[i:i + 1], 1,
                                  d ** -0.5, causal, splits=splits, slots=slots[i:i + 1], query_block=qb,
                                  launch=launch)
             if not torch.equal(alone, out[rows_i]):
                 raise SystemExit(f"{what}: row {i} alone differs from the batched call")
+            # a lone row's K/V are written by the split kernel itself: its slot as the reference's, the rest untouched
+            own = (slice(None), slots[i])
+            kc_own, vc_own = kc.clone(), vc.clone()
+            kc_own[own], vc_own[own] = kc_ref[own], vc_ref[own]
+            if not (torch.equal(kc1, kc_own) and torch.equal(vc1, vc_own)):
+                raise SystemExit(f"{what}: row {i} alone left cache contents other than the reference's")
         worst = max(worst, err)
     return worst
 

@@ -88,9 +88,14 @@ def test_triton_batched_attention_matches_reference_and_is_row_invariant(dtype, 
     assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
     for i in (0, 1, 2):  # rows on their own slots: alone, bitwise the same
         rows_i = slice(i * t, (i + 1) * t)
-        alone = ta.attention(q[rows_i], k[rows_i], v[rows_i], kc.clone(), vc.clone(), lens[i:i + 1], 1, d ** -0.5,
+        kc1, vc1 = kc.clone(), vc.clone()
+        alone = ta.attention(q[rows_i], k[rows_i], v[rows_i], kc1, vc1, lens[i:i + 1], 1, d ** -0.5,
                              causal, slots=slots[i:i + 1], query_block=query_block, launch=launch)
         assert torch.equal(alone, out[rows_i]), i
+        # a lone row's K/V are written by the split kernel itself: its slot as the reference's, the rest untouched
+        kc_own, vc_own = kc.clone(), vc.clone()
+        kc_own[:, slots[i]], vc_own[:, slots[i]] = kc_ref[:, slots[i]], vc_ref[:, slots[i]]
+        assert torch.equal(kc1, kc_own) and torch.equal(vc1, vc_own), i
 
 
 @pytest.mark.parametrize("causal", [False, True])

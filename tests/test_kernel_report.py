@@ -72,7 +72,10 @@ def test_one_binary_per_kernel_whatever_the_row_count(report):
     binaries = report["binaries"]
     gemm = {g: b for g, b in binaries.items() if g.startswith("_gemm_kernel:") and "fp8_matmul" in g}
     assert len(gemm) == 4 and all(len(b) == 2 for b in gemm.values()), gemm  # 32-row tiles, 128-row tiles
-    assert all(len(b) == 1 for g, b in binaries.items() if g not in gemm), binaries
+    # the cached split kernel: a lone row's binary writes the row's K/V itself (WRITE), a batch's does not
+    split = "_split_kernel: cached attention"
+    assert len(binaries[split]) == 2, binaries[split]
+    assert all(len(b) == 1 for g, b in binaries.items() if g not in gemm and g != split), binaries
     assert all(len(k) == 1 for k in report["arithmetic"].values()), report["arithmetic"]
     assert {"_split_kernel: cached attention", "_merge_kernel: cached attention", "_qk_norm_rope_kernel: qk_norm_rope",
             "_gemm_kernel: down fp8_matmul [M, 12288] x [4096, 12288]"} <= set(binaries)
@@ -82,14 +85,19 @@ def test_one_binary_per_kernel_whatever_the_row_count(report):
             tile = 128 if rows >= 128 else 32
             assert r["constants"]["M_TILE"] == tile, r
             assert set(r["mma_shapes"]) == {f"QGMMA.64x{tile}x32.F32.E4M3.E4M3"}, r
-    decode = {r["binary"] for r in report["launches"] if r["launch"].endswith("decode attention (cached, 4096 keys)")}
-    verify = {r["binary"] for r in report["launches"] if r["launch"].endswith("verify attention (cached, 4096 keys)")}
-    assert decode == verify and len(decode) == 3  # cache write, split, merge
+    for rows in (1, 8):  # a decode step and a verify block of as many rows: the same binaries
+        decode, verify = ({r["binary"] for r in report["launches"]
+                           if r["launch"] == f"S={rows} {step} attention (cached, 4096 keys)"}
+                          for step in ("decode", "verify"))
+        assert decode == verify and len(decode) == (2 if rows == 1 else 3), rows  # (cache write,) split, merge
+    lone = {r["constants"]["WRITE"] for r in report["launches"] if r["kernel"] == "_split_kernel"
+            and r["launch"].startswith("S=1 ") and r["constants"]["CAUSAL"]}
+    assert lone == {True}
 
 
 def test_several_binaries_and_spills_are_problems():
-    """The checks can fail: two binaries in one group, two K loops of the GEMM in one group, a spill, an oversized
-    CTA."""
+    """The checks can fail: two binaries in one group, two K loops of the GEMM in one group, two split kernels that
+    differ in more than their stores, a spill, an oversized CTA."""
     records = [{"kernel": "k", "group": "g", "binary": "a"}, {"kernel": "k", "group": "g", "binary": "b"},
                {"kernel": "k", "group": "h", "binary": "a"}]
     assert kernel_report.distinct_binaries(records) == {"k: g": ["a", "b"], "k: h": ["a"]}
@@ -102,6 +110,11 @@ def test_several_binaries_and_spills_are_problems():
     arith = kernel_report.distinct_binaries(gemms, kernel_report.arithmetic)["_gemm_kernel: g"]
     assert len(kernel_report.distinct_binaries(gemms[:2], kernel_report.arithmetic)["_gemm_kernel: g"]) == 1
     assert len(arith) == 3 and '"mma": ["QGMMA.64xNx32.F32.E4M3.E4M3"]' in arith[0] + arith[1] + arith[2]
+    split = [{"kernel": "_split_kernel", "group": "g", "binary": b, "mma_shapes": {"HGMMA.64x64x16.F32.BF16": 8},
+              "constants": {"BLOCK_N": bn, "CAUSAL": True, "WRITE": w}}
+             for b, bn, w in (("a", 64, True), ("b", 64, False), ("c", 32, False))]
+    assert len(kernel_report.distinct_binaries(split[:2], kernel_report.arithmetic)["_split_kernel: g"]) == 1
+    assert len(kernel_report.distinct_binaries(split, kernel_report.arithmetic)["_split_kernel: g"]) == 2
     assert kernel_report.ctas_per_sm(4, 64, 147456) == 1  # the 8B FP8 GEMM: its 144 KB of stages
     assert kernel_report.ctas_per_sm(4, 32, 1024) == 16   # 128 threads: 2048 threads an SM
     assert kernel_report.ctas_per_sm(8, 255, 1024) == 1   # 255 registers x 256 threads: the whole register file

@@ -81,7 +81,7 @@ def _split_kernel(Q, KC, VC, KB, VB, LEN, SLOT, ACC, MS, LS, layer_off, scale,
                   sq_b, sq_h, sc_slot, sc_h, sc_s, sb_b, sb_h, svb_b, svb_h, s_len, s_slot, B, M_PAD,
                   G: tl.constexpr, D: tl.constexpr, M_BLOCK: tl.constexpr,
                   BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PARTS: tl.constexpr, FOLD: tl.constexpr,
-                  CAUSAL: tl.constexpr, PREC: tl.constexpr):
+                  CAUSAL: tl.constexpr, WRITE: tl.constexpr, PREC: tl.constexpr):
     h = tl.program_id(0)
     group = tl.program_id(1) // (M_PAD // M_BLOCK)  # FOLD consecutive splits (or the diffusion block's own keys)
     qb = tl.program_id(1) % (M_PAD // M_BLOCK)  # the query block
@@ -121,8 +121,17 @@ def _split_kernel(Q, KC, VC, KB, VB, LEN, SLOT, ACC, MS, LS, layer_off, scale,
             for s0 in range(lo, hi, BLOCK_N):
                 kidx = s0 + cols
                 kok = kidx < hi
-                k = tl.load(base + kidx[:, None] * sc_s + d[None, :], mask=kok[:, None], other=0.0)
-                v = tl.load(vbase + kidx[:, None] * sc_s + d[None, :], mask=kok[:, None], other=0.0)
+                if CAUSAL:  # the row's own new keys (n on) from K and V as given, the same values the cache gets
+                    old = (kidx < n)[:, None]
+                    knew = (kidx - n)[:, None] * sb_b + h * sb_h + d[None, :]
+                    k = tl.load(tl.where(old, base + kidx[:, None] * sc_s + d[None, :], KB + knew),
+                                mask=kok[:, None], other=0.0)
+                    v = tl.load(tl.where(old, vbase + kidx[:, None] * sc_s + d[None, :],
+                                         VB + (kidx - n)[:, None] * svb_b + h * svb_h + d[None, :]),
+                                mask=kok[:, None], other=0.0)
+                else:
+                    k = tl.load(base + kidx[:, None] * sc_s + d[None, :], mask=kok[:, None], other=0.0)
+                    v = tl.load(vbase + kidx[:, None] * sc_s + d[None, :], mask=kok[:, None], other=0.0)
                 s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * scale
                 ok = (kidx[None, :] >= start[:, None]) & (kidx[None, :] < end[:, None])  # the causal mask within
                 s = tl.where(ok, s, float("-inf"))
@@ -144,6 +153,16 @@ def _split_kernel(Q, KC, VC, KB, VB, LEN, SLOT, ACC, MS, LS, layer_off, scale,
         l_i = tl.sum(p, 1)
         acc = tl.dot(p.to(v.dtype), v, input_precision=PREC).to(tl.float32)
         _store_part(ACC, MS, LS, first + SPLITS, M_PAD, rows, row_ok, d, m_i, l_i, acc, D)
+    if WRITE:  # a lone row's K/V written into the cache by one program a head (no program of this launch reads them
+        # there: every program takes the row's own keys from K and V), in place of a launch of its own before
+        if (group == SPLITS // FOLD - 1) & (qb == 0):
+            wrow = tl.arange(0, 32)  # the rows written at a time
+            for j0 in range(0, B, 32):
+                j = j0 + wrow
+                jok = (j < B)[:, None]
+                dst = layer_off + slot_off + h * sc_h + (n + j).to(tl.int64)[:, None] * sc_s + d[None, :]
+                tl.store(KC + dst, tl.load(KB + j[:, None] * sb_b + h * sb_h + d[None, :], mask=jok), mask=jok)
+                tl.store(VC + dst, tl.load(VB + j[:, None] * svb_b + h * svb_h + d[None, :], mask=jok), mask=jok)
 
 
 @triton.jit(do_not_specialize=["B", "M_PAD"])
@@ -210,7 +229,13 @@ def attention(q, k, v, k_cache, v_cache, cache_len, layer: int, scale: float, ca
     hkv = k.shape[1]
     g = hq // hkv
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    if causal:  # cache[layer, slot_i, :, len_i + j] = k[i·b + j], every row's before any row attends
+    if causal and k_cache.dtype != k.dtype:
+        raise ValueError(f"attention: the caches' dtype {k_cache.dtype} is not k's {k.dtype}")
+    # cache[layer, slot_i, :, len_i + j] = k[i·b + j]: a lone row's by the split kernel (no launch of its own: 36 a
+    # cycle of an 8B engine at batch 1), several rows' by a launch before any row attends (rows may share a slot:
+    # consecutive prefill chunks of one prompt, each reading the chunks before it from the cache)
+    write = causal and rows == 1
+    if causal and not write:
         _cache_write_kernel[(n, hkv)](k, v, k_cache, v_cache, lens, slots, layer * k_cache.stride(0),
                                       k.stride(0), k.stride(1), v.stride(0), v.stride(1), lens.stride(0),
                                       slots.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
@@ -236,7 +261,7 @@ def attention(q, k, v, k_cache, v_cache, cache_len, layer: int, scale: float, ca
         q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), lens.stride(0), slots.stride(0), b, m_pad,
         G=g, D=d, M_BLOCK=m_block, BLOCK_N=launch.block_n, SPLITS=splits, PARTS=parts, FOLD=fold, CAUSAL=causal,
-        PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 engines stay exact
+        WRITE=write, PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 engines stay exact
         # a [M_BLOCK, D] fp32 accumulator: spread it over 8 warps
         num_warps=launch.num_warps or (8 if m_block * d >= 128 * 64 else 4),
         **({} if launch.num_stages is None else {"num_stages": launch.num_stages}),
