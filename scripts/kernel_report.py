@@ -12,7 +12,8 @@ binaries over the engine's row counts: one binary for a decode step, a verify bl
 batch invariance by construction (the same instructions for every row). The FP8 GEMM may take wider tiles from
 ``WIDE_ROWS`` rows (a second binary): for it what must be one is each output element's K loop (``K_LOOP``) and
 its matrix instructions' M and K (``arithmetic``). The attention's split kernel has a second binary for a lone row
-(it writes the row's K/V into the cache itself), the same but for those stores (``STORES_ONLY``).
+(it takes the row's new K/V from the projections and writes them into the cache itself), the same but for those
+loads and stores (``LOADS_AND_STORES``).
 
 Static facts, not timings: ``sms_used`` below the SM count names a launch that leaves SMs idle, whatever its speed.
 ``--check`` exits 1 when a launch does not compile for the target, needs more shared memory than a CTA may have,
@@ -223,10 +224,11 @@ def kernel_launches(name: str, batches: list[int], context: int, attention_launc
 # kernels whose tiles may follow the row count (plugins/fp8_linear/kernel.py, wide_config), and the constants that
 # fix each output element's arithmetic, which may not: the K steps, the K slices, the operand order
 K_LOOP = {"_gemm_kernel": ("BLOCK_K", "K_PER_SPLIT", "SPLIT_K", "SWAP", "SCALED")}
-# kernels with a specialization that adds stores only (plugins/attention_common/kernel.py: a lone row's split kernel
-# writes its K/V into the cache, WRITE; a batch's get a launch of their own), which may follow the row count: what may
-# not is every other constant and the matrix instructions
-STORES_ONLY = {"_split_kernel": ("WRITE",)}
+# kernels with a specialization that moves data only (plugins/attention_common/kernel.py: a lone row's split kernel
+# loads its new keys from K and V, not the cache, and writes them into the cache, WRITE; a batch's rows get a launch
+# of their own for that), which may follow the row count: what may not is every other constant and the matrix
+# instructions (the GPU tests show a row alone bitwise equal to its batched row)
+LOADS_AND_STORES = {"_split_kernel": ("WRITE",)}
 
 
 def distinct_binaries(records: list[dict], what=lambda r: r["binary"]) -> dict:
@@ -239,12 +241,12 @@ def distinct_binaries(records: list[dict], what=lambda r: r["binary"]) -> dict:
 
 
 def arithmetic(r: dict) -> str:
-    """What must not change over row counts in the launch ``r``: its binary; for a kernel of ``STORES_ONLY`` its
+    """What must not change over row counts in the launch ``r``: its binary; for a kernel of ``LOADS_AND_STORES`` its
     constants but those and its matrix instructions; for a kernel of ``K_LOOP`` the
     constants of its K loop and its matrix instructions but for their N (``QGMMA.64x32x32`` and ``QGMMA.64x128x32``
     both sum 32 e4m3 products into an fp32 element; N is the row tile, with the weight tile on the MMA's M side)."""
-    if r["kernel"] in STORES_ONLY:
-        return json.dumps({**{c: v for c, v in r["constants"].items() if c not in STORES_ONLY[r["kernel"]]},
+    if r["kernel"] in LOADS_AND_STORES:
+        return json.dumps({**{c: v for c, v in r["constants"].items() if c not in LOADS_AND_STORES[r["kernel"]]},
                            "mma": r.get("mma_shapes", {})}, sort_keys=True)
     keep = K_LOOP.get(r["kernel"])
     if not keep:
@@ -304,7 +306,7 @@ def main(argv=None) -> int:
     for group, kinds in arithmetics.items():
         if len(kinds) > 1:
             kernel = group.split(":")[0]
-            what = "K loops" if kernel in K_LOOP else "arithmetics" if kernel in STORES_ONLY else "binaries"
+            what = "K loops" if kernel in K_LOOP else "arithmetics" if kernel in LOADS_AND_STORES else "binaries"
             problems.append(f"{group}: {len(kinds)} {what} over row counts ({', '.join(kinds)})")
     for p in problems:
         print("PROBLEM", p)

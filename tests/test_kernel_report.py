@@ -97,7 +97,7 @@ def test_one_binary_per_kernel_whatever_the_row_count(report):
 
 def test_several_binaries_and_spills_are_problems():
     """The checks can fail: two binaries in one group, two K loops of the GEMM in one group, two split kernels that
-    differ in more than their stores, a spill, an oversized CTA."""
+    differ in more than their lone-row loads and stores, a spill, an oversized CTA."""
     records = [{"kernel": "k", "group": "g", "binary": "a"}, {"kernel": "k", "group": "g", "binary": "b"},
                {"kernel": "k", "group": "h", "binary": "a"}]
     assert kernel_report.distinct_binaries(records) == {"k: g": ["a", "b"], "k: h": ["a"]}
