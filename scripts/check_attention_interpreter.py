@@ -4,8 +4,8 @@ splits into one program, bitwise the default's output): batched rows of differen
 lengths and slots (two consecutive chunks of one slot among them), fp32 and fp16 (the interpreter mishandles bf16:
 the kernel before query blocks fails there too), causal and diffusion mode, v a strided view and lengths and slots
 strided columns (read in place); outputs poisoned first, cache contents checked, each row bitwise equal to its run
-alone (whose K/V the split kernel writes itself: its cache checked too); in cached mode also rows of one token (decode steps, their query rows padded to a block's).
-Exit 1 on the first failure.
+alone (whose K/V the split kernel writes itself: its cache checked too); in cached mode also rows of one token
+(decode steps, their query rows padded to a block's). Exit 1 on the first failure.
 
     pip install --target /tmp/tritonpkg triton "numpy<2.3"  # not dependencies (the CPU wheels of torch need no
     # Triton); NumPy 2.3 on refuses the interpreter's size-1 loop bounds

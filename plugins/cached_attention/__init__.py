@@ -28,13 +28,13 @@ query_block=0, block_n=64, launch="") -> out``
 - ``out``: ``[B, Hq, D]``, q's dtype. Query ``i`` attends to cache positions ``[0, cache_len + i]`` (causal).
 
 Rejected speculative K/V are not erased: the caller simply passes a smaller ``cache_len`` next time and the
-stale positions are overwritten. Dtypes: float32, bfloat16, float16 (the caches in k's); accumulation in float32 (the GPU kernel rounds
-each key split's output to the input dtype before merging them in float32).
+stale positions are overwritten. Dtypes: float32, bfloat16, float16 (the caches in k's); accumulation in float32
+(the GPU kernel rounds each key split's output to the input dtype before merging them in float32).
 
 Implementations: the reference (below, any device); on CUDA the split-K Triton kernel shared with
-``orthrus::diffusion_attention`` (:mod:`orthrus_plugins.attention_common.kernel`: every row takes its own new keys
-from ``k``/``v``, the cache's positions before them from the cache; a lone row's K/V are written by the split kernel,
-several rows' by a launch before it). ONNX (``onnx.py``): an
+``orthrus::diffusion_attention`` (:mod:`orthrus_plugins.attention_common.kernel`: a lone row takes its new keys
+from ``k``/``v`` and the split kernel writes them into the cache; several rows' K/V are written by a launch before
+they attend). ONNX (``onnx.py``): an
 ``orthrus``-domain ``CachedAttention`` node (inputs one layer's ``[Hkv, C, D]`` caches; outputs ``out``,
 ``k_cache_out``, ``v_cache_out``; attributes ``layer``, ``scale``) or, decomposed, standard ops; ONNX Runtime runs
 that node with the reference (``onnxruntime.py``).
