@@ -220,13 +220,13 @@ def hf_generate_tokens_per_s(cfg: ModelConfig, dtype, prompt_len=512, new=32) ->
 
 def build_random(name, dtype, max_ctx, compile=False, autotune_contexts=None, log=print, precision="bf16",
                  max_batch_size: int = 1, fp8_kernel: str | None = None, fp8_quant: str = "fused",
-                 attention_launch: str = "", attention_block_n: int | None = None):
+                 attention_launch: str = "", attention_block_n: int | None = None, split_reductions: bool = True):
     """An in-memory engine at a published shape with random weights, run by the same ``orthrus_runtime.Engine``.
     With ``autotune_contexts`` the build-time autotuner picks the backend (``compile`` ignored) and the attention
     splits, as ``orthrus-export build`` does; ``fp8_kernel`` overrides the FP8 kernel the build's timing picks,
     ``fp8_quant`` the compiled programs' activation quantization ("kernel": the op's own launch, for comparisons),
     ``attention_launch`` the engine option of that name (``Launch.from_spec``), ``attention_block_n`` that one (None:
-    its default).
+    its default), ``split_reductions`` that one (compiled programs).
     Returns ``(cfg, engine, export seconds, load seconds, tuning record or None)``."""
     from orthrus_runtime import Engine
     from orthrus_runtime.program import KernelOptions
@@ -247,7 +247,7 @@ def build_random(name, dtype, max_ctx, compile=False, autotune_contexts=None, lo
     options = KernelOptions(backend="inductor" if compile and not autotune_contexts else "none",
                             compute_dtype=str(dtype).removeprefix("torch."),
                             fp8_kernel=fp8_kernel or (fp8 or {}).get("kernel", {}).get("name", "auto"),
-                            fp8_quant=fp8_quant, attention_launch=attention_launch,
+                            fp8_quant=fp8_quant, attention_launch=attention_launch, split_reductions=split_reductions,
                             **({} if attention_block_n is None else {"attention_block_n": attention_block_n}))
     manifest = {"name": f"qwen3-{name}", "precision": precision, "model": {"config": cfg.to_dict()}, "fp8": fp8,
                 "build": {"max_seq_len": max_seq_len, "cache_capacity": capacity, "options": options.to_dict(),

@@ -31,6 +31,11 @@ class KernelOptions:
     fp8_kernel: str = "auto"               # orthrus::fp8_linear's (and fp8_matmul's) CUDA kernel (FP8 engines)
     fp8_quant: str = "fused"               # compiled FP8 programs: "fused" (split_fp8_linear) or "kernel" (the op's)
     compute_dtype: str = "float32"
+    # compiled programs: Inductor may split a reduction over few long rows into partial reductions and a final one
+    # (its default, True); False: one launch a row. The FP8 SiLU·up rows' amax took three launches a layer (5.9 us
+    # at batch 1 on the H100, benchmarks/h100-2026-12-08-tenth-profile-8b-fp8-picked-b1-*): an option to time
+    # (scripts/profile_gpu.py --no-split-reductions), not yet timed
+    split_reductions: bool = True
 
     def __post_init__(self):
         """``attention_launch`` is checked here, on any machine, so that no engine holds options its attention
@@ -186,6 +191,20 @@ def kernel_attributes(module: torch.fx.GraphModule) -> dict[str, set]:
     return out
 
 
+def inductor_options(options: KernelOptions, fused_fp8: bool) -> dict:
+    """Inductor's options for a program compiled with ``options`` (``fused_fp8``: its FP8 projections split for
+    Inductor to fuse their quantization, :func:`split_fp8_linear`); {} for Inductor's defaults."""
+    inductor = {}
+    if fused_fp8:
+        # eager's bf16 roundings kept inside fused kernels: without them the quantized rows depend on what
+        # Inductor fuses, which differs between a program's shapes (a compiled CPU FP8 tiny: verify vs decode
+        # logits 0.45 apart, Orthrus != own AR on 1 of 6 prompts; with them: 0.0 and 6/6)
+        inductor["emulate_precision_casts"] = True
+    if not options.split_reductions:
+        inductor["split_reductions"] = False
+    return inductor
+
+
 def runnable(ep: torch.export.ExportedProgram, options: KernelOptions):
     """The callable the runtime runs for one program: the graph module with the options written in, compiled by
     Inductor (``torch.compile(fullgraph=True)`` of *this* graph, compiled on the first call) when the options say so.
@@ -199,12 +218,8 @@ def runnable(ep: torch.export.ExportedProgram, options: KernelOptions):
     if options.fp8_quant not in ("fused", "kernel"):
         raise OrthrusError(f"unknown fp8_quant {options.fp8_quant!r} in the engine's options: rebuild the engine")
     if options.backend == "inductor":
-        if options.fp8_quant == "fused" and split_fp8_linear(module):
-            # eager's bf16 roundings kept inside fused kernels: without them the quantized rows depend on what
-            # Inductor fuses, which differs between a program's shapes (a compiled CPU FP8 tiny: verify vs decode
-            # logits 0.45 apart, Orthrus != own AR on 1 of 6 prompts; with them: 0.0 and 6/6)
-            return torch.compile(module, fullgraph=True, dynamic=None, options={"emulate_precision_casts": True})
-        return torch.compile(module, fullgraph=True, dynamic=None)
+        inductor = inductor_options(options, options.fp8_quant == "fused" and split_fp8_linear(module) > 0)
+        return torch.compile(module, fullgraph=True, dynamic=None, **({"options": inductor} if inductor else {}))
     if options.backend != "none":
         raise OrthrusError(f"unknown pass backend {options.backend!r} in the engine's options: rebuild the engine")
     return module

@@ -39,7 +39,8 @@ def measure(a) -> dict:
                                                     compile=a.compile == "inductor", max_batch_size=max(batches),
                                                     fp8_kernel=a.fp8_kernel, fp8_quant=a.fp8_quant,
                                                     attention_launch=a.attention_launch,
-                                                    attention_block_n=a.attention_block_n)
+                                                    attention_block_n=a.attention_block_n,
+                                                    split_reductions=not a.no_split_reductions)
     print(f"qwen3-{a.shape}: traced {export_s:.1f} s, compiled+captured {load_s:.1f} s", flush=True)
     # the roofs, measured in this run: copy bandwidth, and a matmul rate per operand dtype (FP8: e4m3 and the head)
     bw, rate = copy_bandwidth(device), matmul_rates(device, cfg, engine.weights)
@@ -52,6 +53,7 @@ def measure(a) -> dict:
               # the build's timing of the FP8 kernels (fp8.choose_kernel: candidates, batch invariance, failures)
               "fp8_choice": (engine.manifest.get("fp8") or {}).get("kernel") if a.precision == "fp8" else None,
               "attention_launch": a.attention_launch, "attention_block_n": engine.options.attention_block_n,
+              "split_reductions": engine.options.split_reductions,
               "context": a.context, "compile": a.compile,
               "copy_bandwidth_GBps": bw / 1e9,
               "matmul_TFLOPs": tflops,
@@ -103,6 +105,8 @@ def main() -> int:
                     "e.g. programs_per_sm=1; default: the kernels' own launch)")
     ap.add_argument("--attention-block-n", type=int, default=None, help="the engine option attention_block_n (keys a "
                     "split-kernel iteration: 64 or 32; default: the kernels' own)")
+    ap.add_argument("--no-split-reductions", action="store_true", help="the engine option split_reductions off "
+                    "(compiled programs: no reduction split into partial ones)")
     ap.add_argument("--iters", type=int, default=30, help="graph replays timed per step (median)")
     ap.add_argument("--top", type=int, default=12, help="kernels kept per step in the JSON")
     ap.add_argument("--from", dest="src", default=None, help="re-read an earlier profile instead of measuring")

@@ -212,6 +212,15 @@ def test_compiled_programs_run_fp8_linear_split_and_equal(monkeypatch):
     # a new build records fused; a manifest from before the option runs as it was built and self-checked
     assert KernelOptions.from_dict(KernelOptions(backend="inductor").to_dict()).fp8_quant == "fused"
     assert KernelOptions.from_dict({"backend": "inductor", "fp8_kernel": "triton"}).fp8_quant == "kernel"
+    # Inductor's options: eager's roundings where the quantization is fused; reductions unsplit only when asked
+    # (a manifest from before that option: Inductor's default)
+    from orthrus_runtime.program import inductor_options
+    assert inductor_options(KernelOptions(backend="inductor"), fused_fp8=False) == {}
+    assert inductor_options(KernelOptions(backend="inductor"), fused_fp8=True) == {"emulate_precision_casts": True}
+    unsplit = KernelOptions.from_dict(KernelOptions(backend="inductor", split_reductions=False).to_dict())
+    assert inductor_options(unsplit, fused_fp8=True) == {"emulate_precision_casts": True, "split_reductions": False}
+    assert KernelOptions.from_dict({"backend": "inductor"}).split_reductions
+    assert torch.equal(runnable(ep, unsplit)(x, q, s, nw), eager)
 
 
 def test_compiled_fp8_engine_is_exact_against_its_own_ar(tmp_path):
