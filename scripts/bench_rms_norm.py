@@ -16,10 +16,9 @@ the choice) and reports whether its generated code loops over the row (``looped`
 Exit 1 when a variant's rows differ across row counts or from float64. On the CPU (torch 2.13, C++ code) both
 variants' 1-row compile gave a row that is not bitwise the 4- and 32-row calls' (hidden 64 and 4,096, bf16), where
 those two agree; with ``--emulate-precision-casts`` (Inductor's option that keeps eager's bf16 roundings, as the
-engines' fused-FP8 programs compile) the rows agreed at every row count (and in one check were eager's bits). So it
-is a rounding Inductor elides
-differently at one row, not the reduction's order. On the GPU the same check says whether BF16 programs (compiled
-without that option; a decode step's graph is static at batch 1) have it too.
+engines' fused-FP8 programs compile) the rows agreed at every row count (and in one check were eager's bits). So
+it is a rounding Inductor elides differently at one row, not the reduction's order. On the GPU the same check says
+whether BF16 programs (compiled without that option; a decode step's graph is static at batch 1) have it too.
 """
 
 import argparse
