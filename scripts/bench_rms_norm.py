@@ -22,6 +22,7 @@ whether BF16 programs (compiled without that option; a decode step's graph is st
 """
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -57,10 +58,7 @@ def compiled(variant: str, args: tuple, emulate: bool) -> tuple:
     torch._dynamo.reset()
     fn = torch.compile(layer_norm_step, fullgraph=True, dynamic=False,
                        options={"fx_graph_cache": False, "emulate_precision_casts": emulate})
-    if variant == "persistent":
-        with V.set_choices_handler(Persistent()):
-            out, code = run_and_get_code(fn, *args)
-    else:
+    with V.set_choices_handler(Persistent()) if variant == "persistent" else contextlib.nullcontext():
         out, code = run_and_get_code(fn, *args)
     source = "\n".join(code)
     looped = "r0_offset in range" in source if args[0].is_cuda else None  # (the CPU's code is C++: not told)
